@@ -1,0 +1,97 @@
+"""``fpsolve.solve``: resolve names through the registry, then run the driver."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .driver import DriverConfig, Observer, run
+from .errors import InvalidOptionError
+from .initializers import Initializer
+from .registry import get_plugin_manager, resolve
+from .solution import Solution
+from .solvers.base import FixedPointSolver
+from .stopping import RMS, StoppingRule
+from .system import TriangularSystem
+
+__all__ = ["solve", "make_system"]
+
+
+def make_system(obj: Any, **options: Any) -> TriangularSystem:
+    """Turn ``obj`` into a :class:`TriangularSystem` through the ``fpsolve_make_system`` adapters."""
+    if isinstance(obj, TriangularSystem):
+        if options:
+            raise InvalidOptionError("options are only for adapters; this is already a TriangularSystem.")
+        return obj
+    system = get_plugin_manager().hook.fpsolve_make_system(obj=obj, options=dict(options))
+    if system is None:
+        raise InvalidOptionError(
+            f"no fpsolve adapter turns a {type(obj).__module__}.{type(obj).__qualname__} into a "
+            "TriangularSystem; build one with fpsolve.TriangularSystem(sampler=..., denoiser=..., shape=...) "
+            "or install a plugin that implements fpsolve_make_system for it."
+        )
+    return system
+
+
+def solve(
+    system: TriangularSystem | Any,
+    solver: str | type[FixedPointSolver] | FixedPointSolver = "taa",
+    *,
+    order: int | None = None,
+    history: int | None = None,
+    ridge: float | None = None,
+    window: int | None = None,
+    tol: float | None = None,
+    stopping: str | type[StoppingRule] | StoppingRule | None = None,
+    initializer: str | type[Initializer] | Initializer | None = None,
+    max_iters: int | None = None,
+    observers: Sequence[Observer] = (),
+    progress: bool = False,
+    **solver_options: Any,
+) -> Solution:
+    """Solve a sampler's trajectory in parallel (or sequentially, with ``solver="sequential"``).
+
+    Args:
+        system: a :class:`TriangularSystem` (or an object an adapter plugin turns into one).
+        solver: a registered name (``"taa"``, ``"fp"``, ``"jacobi"``, ``"picard"``, ``"aa"``,
+            ``"sequential"``, ...), a solver class, or an instance.
+        order, history, ridge, **solver_options: options of the solver (e.g. ``order`` = k of the
+            equations, ``history`` = m); an option the solver does not take is an error.
+        window: positions solved per iteration (``None``: all T).
+        tol: shortcut for the default ``rms`` rule with ``tol1 = tol2 = tol``.
+        stopping: a stopping rule (name, class or instance); default ``rms`` with tol 1e-3.
+        initializer: first guess (name, class or instance); default ``noise_copy``.
+        max_iters: cap on parallel iterations (``None``: T).
+        observers: callables receiving an :class:`~fpsolve.driver.IterationInfo` per iteration.
+        progress: show a progress bar.
+
+    Returns:
+        The :class:`Solution`.
+    """
+    system = make_system(system)
+    options = {k: v for k, v in dict(order=order, history=history, ridge=ridge).items() if v is not None}
+    options.update(solver_options)
+    solver_obj = resolve("solver", solver, options)
+    if tol is not None and stopping is not None:
+        raise InvalidOptionError("give tol= (a shortcut for the rms rule) or stopping=, not both.")
+    if tol is not None:
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+            raise InvalidOptionError(f"tol must be a finite number > 0 (default 1e-3); got {tol!r}.")
+        stopping_obj: StoppingRule = RMS(tol1=float(tol), tol2=float(tol))
+    else:
+        stopping_obj = resolve("stopping rule", stopping if stopping is not None else "rms")
+    initializer_obj = resolve("initializer", initializer if initializer is not None else "noise_copy")
+    observers = list(observers)
+    bar = None
+    if progress:
+        from .progress import ProgressBar
+
+        bar = ProgressBar(f"fpsolve {solver_obj.name}")
+        observers.append(bar)
+    try:
+        return run(system, solver_obj, stopping_obj, initializer_obj,
+                   DriverConfig(window=window, max_iters=max_iters), observers)
+    finally:
+        if bar is not None:
+            bar.close()

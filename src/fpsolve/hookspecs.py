@@ -1,0 +1,71 @@
+"""Every hook fpsolve calls, with its contract.
+
+A plugin is a module or object with functions decorated by :data:`fpsolve.hookimpl`, named after
+these specifications. It may accept fewer arguments than the specification lists (hooks grow by
+adding arguments). Third-party plugins are found through the entry-point group ``fpsolve``;
+fpsolve's own samplers, solvers, stopping rules and initializers register through the same hooks.
+
+Hooks, by phase:
+
+* registration: :func:`fpsolve_register_samplers`, :func:`fpsolve_register_solvers`,
+  :func:`fpsolve_register_stopping_rules`, :func:`fpsolve_register_initializers`;
+* adapters: :func:`fpsolve_make_system` (first non-``None`` result wins);
+* observation: :func:`fpsolve_iteration_end`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .driver import IterationInfo
+    from .initializers import Initializer
+    from .samplers.base import SequentialSampler
+    from .solvers.base import FixedPointSolver
+    from .stopping import StoppingRule
+    from .system import TriangularSystem
+
+hookspec = pluggy.HookspecMarker("fpsolve")
+hookimpl = pluggy.HookimplMarker("fpsolve")
+
+
+@hookspec
+def fpsolve_register_samplers() -> list[type[SequentialSampler]]:
+    """Return the :class:`~fpsolve.SequentialSampler` classes this plugin provides.
+
+    Each class sets ``name`` (its registry name) and may set ``aliases``.
+    """
+
+
+@hookspec
+def fpsolve_register_solvers() -> list[type[FixedPointSolver]]:
+    """Return the :class:`~fpsolve.FixedPointSolver` classes this plugin provides."""
+
+
+@hookspec
+def fpsolve_register_stopping_rules() -> list[type[StoppingRule]]:
+    """Return the :class:`~fpsolve.StoppingRule` classes this plugin provides."""
+
+
+@hookspec
+def fpsolve_register_initializers() -> list[type[Initializer]]:
+    """Return the :class:`~fpsolve.Initializer` classes this plugin provides."""
+
+
+@hookspec(firstresult=True)
+def fpsolve_make_system(obj: Any, options: dict[str, Any]) -> TriangularSystem | None:
+    """Turn a user object (a pipeline, a model wrapper, ...) into a :class:`~fpsolve.TriangularSystem`.
+
+    Return ``None`` for objects this adapter does not handle; the first non-``None`` result is
+    used. ``options`` holds the keyword arguments the caller gave for the system.
+    """
+
+
+@hookspec
+def fpsolve_iteration_end(info: IterationInfo) -> None:
+    """Called after every parallel iteration of every solve, with a read-only summary.
+
+    Use it for progress reporting and traces; it must not modify tensors it is given.
+    """

@@ -1,0 +1,176 @@
+"""Initializers: the first guess of the trajectory.
+
+* ``noise_copy`` (ParaTAA's reference): rows start as a copy of the lowest state already
+  initialised when they enter the window (at first, ``x_T``).
+* ``trajectory``: start from a given trajectory (an earlier solve with the same noise, e.g. a
+  neighbouring prompt), optionally freezing its noisier part and solving only the last steps.
+* ``coarse``: a cheap sequential solve on a subset of the timesteps, interpolated onto the fine
+  grid; its model calls are counted as iterations.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+import torch
+
+from .errors import InvalidOptionError, ShapeError
+from .hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from .system import TriangularSystem
+
+__all__ = ["InitialGuess", "Initializer", "NoiseCopy", "FromTrajectory", "Coarse"]
+
+
+@attrs.define(frozen=True, eq=False)
+class InitialGuess:
+    """An initializer's result.
+
+    Attributes:
+        trajectory: ``[T+1, N, D]`` first guess; ``trajectory[0]`` is ``x_T``.
+        valid_upto: rows ``0..valid_upto`` hold guesses; later rows are filled, as they enter the
+            window, with a copy of the lowest guessed row.
+        anchor: rows ``0..anchor`` are final (not solved again).
+        iterations: rounds of model calls the initializer spent (added to the solution's count).
+        model_evals: denoiser evaluations the initializer spent.
+    """
+
+    trajectory: torch.Tensor = attrs.field(repr=False)
+    valid_upto: int
+    anchor: int = 0
+    iterations: int = 0
+    model_evals: int = 0
+
+
+class Initializer:
+    """Base class of initializers (frozen attrs subclasses set ``name``)."""
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def initialize(self, system: TriangularSystem) -> InitialGuess:
+        """The first guess for ``system``."""
+        raise NotImplementedError
+
+
+def _empty_trajectory(system: TriangularSystem) -> torch.Tensor:
+    noise = system.flat_noise
+    trajectory = torch.empty_like(noise)
+    trajectory[0] = noise[0]
+    return trajectory
+
+
+@attrs.define(frozen=True, eq=False)
+class NoiseCopy(Initializer):
+    """Every row starts as a copy of the lowest initialised state when it enters the window."""
+
+    name = "noise_copy"
+
+    def initialize(self, system: TriangularSystem) -> InitialGuess:
+        """Only ``x_T`` is known; the driver fills rows lazily."""
+        return InitialGuess(_empty_trajectory(system), valid_upto=0)
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class FromTrajectory(Initializer):
+    """Start from a given trajectory.
+
+    Args:
+        trajectory: a :class:`~fpsolve.Solution` or a tensor ``[T+1, *shape]`` /
+            ``[T+1, N, *shape]`` (x_T first), computed with the same noise for the frozen part.
+        solve_last: if given, only the last ``solve_last`` steps are solved; the noisier states
+            are taken as final (ParaTAA's example: T = 50, solve_last = 30).
+    """
+
+    name = "trajectory"
+    aliases = {"from_trajectory": {}}
+
+    trajectory: Any = attrs.field(default=None, repr=False)
+    solve_last: int | None = None
+
+    def initialize(self, system: TriangularSystem) -> InitialGuess:
+        """The given trajectory; ``x_T`` replaced by the system's own unless part is frozen."""
+        if self.trajectory is None:
+            raise InvalidOptionError(
+                "the 'trajectory' initializer needs trajectory=<Solution or tensor [T+1, *shape]>."
+            )
+        given = getattr(self.trajectory, "trajectory", self.trajectory)
+        given = torch.as_tensor(given)
+        steps, samples, size = system.num_steps, system.num_samples, system.state_size
+        if given.shape[0] != steps + 1 or given.numel() != (steps + 1) * samples * size:
+            raise ShapeError(
+                f"trajectory must have T+1 = {steps + 1} states of {samples} x {list(system.shape)} "
+                f"elements; got shape {list(given.shape)}."
+            )
+        trajectory = given.reshape(steps + 1, samples, size).to(device=system.device, dtype=system.dtype).clone()
+        anchor = 0
+        if self.solve_last is not None:
+            if not 1 <= self.solve_last <= steps:
+                raise InvalidOptionError(f"solve_last must lie in 1..T = 1..{steps}; got {self.solve_last}.")
+            anchor = steps - self.solve_last
+        if anchor == 0:
+            trajectory[0] = system.flat_noise[0]
+        return InitialGuess(trajectory, valid_upto=steps, anchor=anchor)
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class Coarse(Initializer):
+    """A sequential solve with ``steps`` of the timesteps (the sampler's ``coarsened``), its
+    states interpolated linearly in the noise level onto the fine grid.
+
+    Args:
+        steps: coarse steps; ``None`` means ``max(2, T // 5)``.
+    """
+
+    name = "coarse"
+
+    steps: int | None = None
+
+    def initialize(self, system: TriangularSystem) -> InitialGuess:
+        """Run the coarse sampler from the same ``x_T`` and interpolate."""
+        from .api import solve  # the public API; imported here to keep module imports acyclic
+        from .system import TriangularSystem
+
+        fine_steps = system.num_steps
+        steps = self.steps if self.steps is not None else max(2, fine_steps // 5)
+        if not 1 <= steps <= fine_steps:
+            raise InvalidOptionError(f"coarse steps must lie in 1..T = 1..{fine_steps}; got {steps}.")
+        coarse_sampler = system.sampler.coarsened(steps)
+        noise = torch.zeros((coarse_sampler.num_steps + 1,) + tuple(system.flat_noise.shape[1:]),
+                            dtype=system.dtype, device=system.device)
+        noise[0] = system.flat_noise[0]
+        coarse_system = TriangularSystem(
+            sampler=coarse_sampler, denoiser=system.denoiser, shape=(system.state_size,),
+            batch=system.num_samples, noise=noise, dtype=system.dtype, device=system.device,
+            model_dtype=system.model_dtype,
+        )
+        coarse = solve(coarse_system, solver="sequential")
+        coarse_states = coarse.trajectory.reshape(coarse_sampler.num_steps + 1, system.num_samples, -1)
+        fine_sigma = system.sampler.state_sigmas().tolist()
+        coarse_sigma = coarse_sampler.state_sigmas().tolist()
+        trajectory = _empty_trajectory(system)
+        for row, sigma in enumerate(fine_sigma):
+            trajectory[row] = _interpolate(coarse_states, coarse_sigma, sigma)
+        trajectory[0] = system.flat_noise[0]
+        return InitialGuess(trajectory, valid_upto=fine_steps, iterations=coarse.iterations,
+                            model_evals=coarse.model_evals)
+
+
+def _interpolate(states: torch.Tensor, sigmas: list[float], sigma: float) -> torch.Tensor:
+    """Linear interpolation in the noise level between the two coarse states around ``sigma``."""
+    if sigma >= sigmas[0]:
+        return states[0]
+    for k in range(len(sigmas) - 1):
+        high, low = sigmas[k], sigmas[k + 1]
+        if low <= sigma <= high:
+            weight = 0.0 if high == low else (high - sigma) / (high - low)
+            return (1 - weight) * states[k] + weight * states[k + 1]
+    return states[-1]
+
+
+@hookimpl
+def fpsolve_register_initializers() -> list[type[Initializer]]:
+    """fpsolve's own initializers."""
+    return [NoiseCopy, FromTrajectory, Coarse]

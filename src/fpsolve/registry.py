@@ -1,0 +1,249 @@
+"""The plugin manager and the name registry built from its hooks.
+
+``import fpsolve`` creates nothing: the plugin manager is made on first use, registers the
+built-in plugin modules, then (once, unless ``FPSOLVE_DISABLE_PLUGIN_AUTOLOAD`` is set) loads
+third-party plugins from the entry-point group ``fpsolve``. The registry of names is rebuilt
+from the registration hooks whenever the set of plugins changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import InvalidOptionError, PluginConflictError, UnknownNameError
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "DISABLE_AUTOLOAD_ENV",
+    "KINDS",
+    "RegistryEntry",
+    "Registry",
+    "get_plugin_manager",
+    "get_registry",
+    "register_plugin",
+    "unregister_plugin",
+    "list_plugins",
+    "resolve",
+]
+
+ENTRY_POINT_GROUP = "fpsolve"
+DISABLE_AUTOLOAD_ENV = "FPSOLVE_DISABLE_PLUGIN_AUTOLOAD"
+
+#: Built-in plugin modules, registered exactly like third-party plugins.
+BUILTIN_PLUGINS = ("fpsolve.samplers", "fpsolve.solvers", "fpsolve.stopping", "fpsolve.initializers")
+
+#: kind -> (registration hook name, dotted path of the base class)
+KINDS: dict[str, tuple[str, str]] = {
+    "sampler": ("fpsolve_register_samplers", "fpsolve.samplers.base:SequentialSampler"),
+    "solver": ("fpsolve_register_solvers", "fpsolve.solvers.base:FixedPointSolver"),
+    "stopping rule": ("fpsolve_register_stopping_rules", "fpsolve.stopping:StoppingRule"),
+    "initializer": ("fpsolve_register_initializers", "fpsolve.initializers:Initializer"),
+}
+
+_lock = threading.RLock()
+_manager: pluggy.PluginManager | None = None
+_registry: Registry | None = None
+
+
+def _base_class(kind: str) -> type:
+    module, _, name = KINDS[kind][1].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, created (and plugins loaded) on first call."""
+    global _manager
+    with _lock:
+        if _manager is None:
+            manager = pluggy.PluginManager("fpsolve")
+            manager.add_hookspecs(hookspecs)
+            for module_name in BUILTIN_PLUGINS:
+                manager.register(importlib.import_module(module_name), name=module_name)
+            if not os.environ.get(DISABLE_AUTOLOAD_ENV):
+                manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            manager.check_pending()
+            _manager = manager
+        return _manager
+
+
+def register_plugin(plugin: object, name: str | None = None) -> str:
+    """Register a plugin object (module or instance with hook implementations) by hand."""
+    global _registry
+    with _lock:
+        registered = get_plugin_manager().register(plugin, name=name)
+        _registry = None
+        if registered is None:
+            raise InvalidOptionError(f"plugin {name or plugin!r} is blocked or already registered.")
+        return registered
+
+
+def unregister_plugin(plugin: object | None = None, name: str | None = None) -> None:
+    """Remove a plugin registered earlier (by object or by name)."""
+    global _registry
+    with _lock:
+        get_plugin_manager().unregister(plugin=plugin, name=name)
+        _registry = None
+
+
+@attrs.define(frozen=True)
+class RegistryEntry:
+    """One registered name: the class, its option presets, and where it came from."""
+
+    kind: str
+    name: str
+    cls: type
+    preset: Mapping[str, Any]
+    plugin: str
+    distribution: str
+    version: str
+    alias_of: str | None = None
+
+
+@attrs.define(frozen=True)
+class Registry:
+    """Names of every registered component, by kind (``sampler``, ``solver``, ...)."""
+
+    entries: Mapping[str, Mapping[str, RegistryEntry]]
+
+    def names(self, kind: str) -> list[str]:
+        """Every registered name of a kind, aliases included, sorted."""
+        return sorted(self.entries[kind])
+
+    def primary(self, kind: str) -> list[RegistryEntry]:
+        """One entry per registered class of a kind (aliases left out)."""
+        return [e for e in self.entries[kind].values() if e.alias_of is None]
+
+    def lookup(self, kind: str, name: str) -> RegistryEntry:
+        """The entry for ``name``; an unknown name lists the valid ones and close matches."""
+        try:
+            return self.entries[kind][name]
+        except KeyError:
+            raise UnknownNameError(kind, name, self.entries[kind]) from None
+
+
+def _distributions(manager: pluggy.PluginManager) -> dict[str, tuple[str, str]]:
+    from importlib import metadata
+
+    result = {}
+    for plugin, dist in manager.list_plugin_distinfo():
+        name = manager.get_name(plugin)
+        if name is not None:
+            result[name] = (dist.metadata["name"], dist.version)
+    try:
+        own = ("fpsolve", metadata.version("fpsolve"))
+    except metadata.PackageNotFoundError:  # running from a source tree
+        own = ("fpsolve", "unknown")
+    for module_name in BUILTIN_PLUGINS:
+        result[module_name] = own
+    return result
+
+
+def _build_registry(manager: pluggy.PluginManager) -> Registry:
+    distributions = _distributions(manager)
+    entries: dict[str, dict[str, RegistryEntry]] = {}
+    for kind, (hook_name, _) in KINDS.items():
+        base = _base_class(kind)
+        table: dict[str, RegistryEntry] = {}
+        # Call each implementation ourselves so every class is attributed to its plugin.
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            classes = impl.function() or []
+            dist, version = distributions.get(impl.plugin_name, (impl.plugin_name, "unknown"))
+            for cls in classes:
+                if not (isinstance(cls, type) and issubclass(cls, base)):
+                    raise PluginConflictError(
+                        f"plugin {impl.plugin_name!r} registered {cls!r} as a {kind}, but it is not a "
+                        f"subclass of {base.__name__}."
+                    )
+                name = getattr(cls, "name", "")
+                if not name:
+                    raise PluginConflictError(
+                        f"plugin {impl.plugin_name!r} registered {cls.__name__} without a 'name'."
+                    )
+                names = [(name, {}, None)] + [(alias, dict(preset), name)
+                                               for alias, preset in getattr(cls, "aliases", {}).items()]
+                for entry_name, preset, alias_of in names:
+                    previous = table.get(entry_name)
+                    if previous is not None and previous.cls is not cls:
+                        raise PluginConflictError(
+                            f"the {kind} name {entry_name!r} is registered twice: by plugin "
+                            f"{previous.plugin!r} ({previous.cls.__module__}.{previous.cls.__qualname__}) "
+                            f"and by plugin {impl.plugin_name!r} ({cls.__module__}.{cls.__qualname__}). "
+                            "Uninstall or block one of them (PluginManager.set_blocked), or rename a class."
+                        )
+                    table[entry_name] = RegistryEntry(kind, entry_name, cls, preset, impl.plugin_name,
+                                                      dist, version, alias_of)
+        entries[kind] = table
+    return Registry(entries)
+
+
+def get_registry() -> Registry:
+    """The current registry of names (built lazily, rebuilt after plugin changes)."""
+    global _registry
+    with _lock:
+        if _registry is None:
+            _registry = _build_registry(get_plugin_manager())
+        return _registry
+
+
+def list_plugins() -> list[RegistryEntry]:
+    """Every registered sampler, solver, stopping rule and initializer, aliases included."""
+    registry = get_registry()
+    return [entry for kind in KINDS for entry in sorted(registry.entries[kind].values(),
+                                                        key=lambda e: e.name)]
+
+
+def option_names(cls: type) -> list[str]:
+    """The keyword options a component class accepts (its attrs fields that take arguments)."""
+    if attrs.has(cls):
+        return [f.alias or f.name for f in attrs.fields(cls) if f.init]
+    return []
+
+
+def _check_options(kind: str, label: str, cls: type, options: Mapping[str, Any]) -> None:
+    valid = option_names(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise InvalidOptionError(
+            f"{kind} {label!r} does not take option(s) {', '.join(unknown)}; its options are: "
+            f"{', '.join(valid) or '(none)'}."
+        )
+
+
+def resolve(kind: str, spec: Any, options: Mapping[str, Any] | None = None) -> Any:
+    """Turn a name, a class or an instance into an instance of a component kind.
+
+    ``options`` are constructor arguments (or, for an instance, fields to replace). Unknown names
+    and unknown options raise errors that list what is valid; an option that contradicts an
+    alias's preset (``solver="jacobi", order=3``) is refused.
+    """
+    options = {k: v for k, v in (options or {}).items()}
+    base = _base_class(kind)
+    if isinstance(spec, base):
+        if options:
+            _check_options(kind, type(spec).__name__, type(spec), options)
+            return attrs.evolve(spec, **options)
+        return spec
+    if isinstance(spec, type) and issubclass(spec, base):
+        _check_options(kind, spec.__name__, spec, options)
+        return spec(**options)
+    if isinstance(spec, str):
+        entry = get_registry().lookup(kind, spec)
+        _check_options(kind, spec, entry.cls, options)
+        for key, value in entry.preset.items():
+            if key in options and options[key] != value:
+                raise InvalidOptionError(
+                    f"{kind} {spec!r} fixes {key}={value!r}; got {key}={options[key]!r}. "
+                    f"Use {entry.alias_of!r} to choose {key} freely."
+                )
+        return entry.cls(**{**entry.preset, **options})
+    raise InvalidOptionError(
+        f"{kind} must be a registered name, a {base.__name__} subclass or instance; got {spec!r}."
+    )

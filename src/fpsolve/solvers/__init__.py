@@ -1,0 +1,29 @@
+"""Built-in fixed-point solvers, registered through the ``fpsolve_register_solvers`` hook.
+
+==============  =====================================================================
+name            what it does
+==============  =====================================================================
+``sequential``  the reference: the sampler step by step (T model calls)
+``fp``          fixed-point iteration on the order-k equations (``order``, default T)
+``jacobi``      ``fp`` with k = 1 (the sampler's own equations)
+``picard``      ``fp`` with k = T (ParaDiGMS' form)
+``aa``          standard Anderson acceleration over the stacked window
+``taa``         triangular Anderson acceleration with the safeguard (ParaTAA)
+==============  =====================================================================
+"""
+
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+from .anderson import AA, TAA
+from .base import FixedPointSolver, WindowView
+from .fp import FP
+from .sequential import Sequential
+
+__all__ = ["FixedPointSolver", "WindowView", "FP", "AA", "TAA", "Sequential"]
+
+
+@hookimpl
+def fpsolve_register_solvers() -> list[type[FixedPointSolver]]:
+    """fpsolve's own solvers."""
+    return [Sequential, FP, AA, TAA]

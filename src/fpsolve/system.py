@@ -1,0 +1,276 @@
+"""TriangularSystem: a sampler, a denoiser and the noise, as one triangular nonlinear system.
+
+The unknowns are the states ``s_1 .. s_T`` (``s_0 = x_T`` is the first noise draw). Internally a
+trajectory is a tensor ``[T+1, N, D]``: position, sample, flattened state. The system knows the
+sampler's coefficients and nothing about windows or solvers; it offers
+
+* :meth:`evaluate`: ONE batched denoiser call over any set of positions and all samples;
+* :meth:`first_order_rhs`: the sampler's own step, ``G1_i = sum A s + sum B e + c xi``;
+* :meth:`order_residual`: the order-k residual from the first-order one.
+
+Order-k residuals. Let ``L`` be the strictly lower-triangular state-coefficient matrix and
+``Psi = (I - L)^{-1}``. Running the frozen-output sampler from the anchor of row ``i`` (``k`` steps
+back, or the solve's anchor if that is nearer) gives, exactly,
+
+    R^k_i = sum_{j in F_i} Psi[i, j] r1_j,      F_i = (max(i - k, anchor), i],
+
+so every order costs one small masked matrix product on the first-order residuals ``r1`` and no
+extra model call. For DDIM, ``Psi[i, j]`` is the product of the step factors ``a`` from j to i,
+which is the unrolled equation (E_k) of the ParaTAA paper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from .errors import DenoiserOutputError, InvalidOptionError, ShapeError
+from .samplers.base import AffineForm, SequentialSampler
+
+__all__ = ["TriangularSystem", "Denoiser"]
+
+#: The denoiser signature: ``x`` ``[B, *shape]`` and integer model timesteps ``t`` ``[B]`` -> eps.
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _as_shape(value: Sequence[int] | int) -> tuple[int, ...]:
+    shape = (int(value),) if isinstance(value, int) else tuple(int(s) for s in value)
+    if not shape or any(s < 1 for s in shape):
+        raise InvalidOptionError(f"shape must be a non-empty tuple of positive sizes; got {value!r}.")
+    return shape
+
+
+def _as_dtype(value: Any) -> torch.dtype:
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise InvalidOptionError(f"dtype must be a floating torch.dtype; got {value!r}.")
+    return value
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class TriangularSystem:
+    """A sampler's whole trajectory as a triangular system of equations.
+
+    Args:
+        sampler: the sequential sampler (its affine form defines the equations).
+        denoiser: ``denoiser(x, t) -> eps`` with ``x`` ``[B, *shape]`` in ``model_dtype`` and ``t``
+            ``[B]`` integer model timesteps; must return a tensor of the same shape and dtype.
+        shape: the shape of ONE sample.
+        batch: number of samples ``N`` solved together; ``None`` means one sample without a
+            batch axis in the results (inferred from ``noise`` when that has a batch axis).
+        generator: draws all noise up front: ``x_T`` first, then one draw per step, as one
+            tensor ``[T+1, (N,) *shape]``.
+        noise: the noise itself instead of a generator: ``noise[0]`` is ``x_T`` and ``noise[i]`` the
+            noise of sequential step ``i``; shape ``[T+1, *shape]`` or ``[T+1, N, *shape]``.
+        dtype: dtype of the solver state (default float64, the reference choice).
+        device: where the state lives and the denoiser is called.
+        model_dtype: dtype of the denoiser's input (e.g. float16 on a GPU); default ``dtype``.
+    """
+
+    sampler: SequentialSampler
+    denoiser: Denoiser = attrs.field(repr=False)
+    shape: tuple[int, ...] = attrs.field(converter=_as_shape)
+    batch: int | None = None
+    generator: torch.Generator | None = attrs.field(default=None, repr=False)
+    noise: torch.Tensor | None = attrs.field(default=None, repr=False)
+    dtype: torch.dtype = attrs.field(default=torch.float64, converter=_as_dtype)
+    device: torch.device = attrs.field(default="cpu", converter=torch.device)
+    model_dtype: torch.dtype | None = None
+    _flat_noise: torch.Tensor = attrs.field(init=False, repr=False)
+    _cache: dict[str, Any] = attrs.field(init=False, repr=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.sampler, SequentialSampler):
+            raise InvalidOptionError(
+                f"sampler must be a SequentialSampler (e.g. fpsolve.samplers.DDIM(...)); got {self.sampler!r}."
+            )
+        if not callable(self.denoiser):
+            raise InvalidOptionError("denoiser must be callable as denoiser(x, t) -> eps.")
+        if self.model_dtype is not None:
+            _as_dtype(self.model_dtype)
+        if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
+            raise InvalidOptionError(f"batch must be a positive int or None; got {self.batch!r}.")
+        if self.noise is not None and self.generator is not None:
+            raise InvalidOptionError("give either noise= or generator=, not both.")
+        object.__setattr__(self, "_flat_noise", self._prepare_noise())
+
+    # -- noise -------------------------------------------------------------------------------
+
+    def _prepare_noise(self) -> torch.Tensor:
+        steps = self.sampler.num_steps + 1
+        if self.noise is None:
+            lead = (steps,) if self.batch is None else (steps, self.batch)
+            gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
+            drawn = torch.randn(lead + self.shape, generator=self.generator, dtype=self.dtype,
+                                device=gen_device)
+            noise = drawn.to(self.device)
+        else:
+            noise = torch.as_tensor(self.noise)
+            if self.batch is None and noise.dim() == len(self.shape) + 2:
+                object.__setattr__(self, "batch", int(noise.shape[1]))
+            expected = (steps,) + (() if self.batch is None else (self.batch,)) + self.shape
+            if tuple(noise.shape) != expected:
+                raise ShapeError(
+                    f"noise must have shape [T+1, {'N, ' if self.batch else ''}*shape] = {list(expected)} "
+                    f"(noise[0] is x_T, noise[i] the noise of step i); got {list(noise.shape)}."
+                )
+            if not noise.is_floating_point() or not torch.isfinite(noise).all():
+                raise ShapeError("noise must be a finite floating-point tensor.")
+            noise = noise.to(device=self.device, dtype=self.dtype)
+        return noise.reshape(steps, self.num_samples, self.state_size)
+
+    # -- sizes ---------------------------------------------------------------------------------
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of sampler steps (unknown states)."""
+        return self.sampler.num_steps
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of samples solved together (1 when ``batch`` is None)."""
+        return 1 if self.batch is None else self.batch
+
+    @property
+    def state_size(self) -> int:
+        """D, the number of elements of one sample."""
+        return math.prod(self.shape)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the denoiser receives."""
+        return self.model_dtype or self.dtype
+
+    @property
+    def flat_noise(self) -> torch.Tensor:
+        """All noise as ``[T+1, N, D]``: ``[0]`` is ``x_T``, ``[i]`` the noise of step ``i``."""
+        return self._flat_noise
+
+    def unflatten(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[..., N, D]`` -> ``[..., *shape]`` (no batch) or ``[..., N, *shape]``."""
+        lead = flat.shape[:-2]
+        if self.batch is None:
+            return flat.reshape(*lead, *self.shape)
+        return flat.reshape(*lead, self.batch, *self.shape)
+
+    # -- coefficients --------------------------------------------------------------------------
+
+    def _cached(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def affine_form(self) -> AffineForm:
+        """The sampler's coefficients (float64, CPU), computed once."""
+        def make() -> AffineForm:
+            form = self.sampler.affine_form()
+            if form.num_steps != self.num_steps:
+                raise InvalidOptionError(
+                    f"{type(self.sampler).__name__}.affine_form() has {form.num_steps} steps but the "
+                    f"sampler has {self.num_steps} timesteps."
+                )
+            return form
+        return self._cached("affine", make)
+
+    def _device_coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            form = self.affine_form
+            to = dict(device=self.device, dtype=self.dtype)
+            return form.state.to(**to), form.output.to(**to), form.noise.to(**to)
+        return self._cached("coefficients", make)
+
+    def propagator(self) -> torch.Tensor:
+        """``Psi = (I - L)^{-1}``, ``[T+1, T+1]`` on the device: how a residual at j moves state i."""
+        def make() -> torch.Tensor:
+            lower = self.affine_form.state_matrix()
+            eye = torch.eye(lower.shape[0], dtype=torch.float64)
+            psi = torch.linalg.solve_triangular(eye - lower, eye, upper=False)
+            return psi.to(device=self.device, dtype=self.dtype)
+        return self._cached("propagator", make)
+
+    @property
+    def timestep_tensor(self) -> torch.Tensor:
+        """The model timesteps as a long tensor on the device, ``[T]``."""
+        return self._cached("timesteps", lambda: torch.tensor(self.sampler.timesteps, dtype=torch.long,
+                                                               device=self.device))
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """``[T+1]`` noise std of each state, on the device, in the state dtype."""
+        return self._cached("sigmas", lambda: self.sampler.state_sigmas().to(self.device, self.dtype))
+
+    @property
+    def step_variances(self) -> torch.Tensor:
+        """``[T+1]`` DDPM posterior variance of the step producing each state."""
+        return self._cached("variances",
+                            lambda: self.sampler.step_variances().to(self.device, self.dtype))
+
+    # -- the three operations ------------------------------------------------------------------
+
+    def evaluate(self, states: torch.Tensor, positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Call the denoiser ONCE on ``states`` ``[P, N, D]`` at state indices ``positions`` ``[P]``.
+
+        Returns the model outputs ``[P, N, D]`` in the state dtype. A result of the wrong type,
+        shape or dtype raises :class:`~fpsolve.errors.DenoiserOutputError`; exceptions raised by
+        the denoiser itself propagate unchanged.
+        """
+        count, samples = states.shape[0], self.num_samples
+        x = states.reshape(count * samples, *self.shape).to(self.input_dtype)
+        index = torch.as_tensor(positions, dtype=torch.long, device=self.device)
+        t = self.timestep_tensor[index].repeat_interleave(samples)
+        with torch.no_grad():
+            out = self.denoiser(x, t)
+        if not isinstance(out, torch.Tensor):
+            raise DenoiserOutputError(
+                f"the denoiser must return a torch.Tensor (eps, shape {list(x.shape)}); got {type(out).__name__}."
+            )
+        if out.shape != x.shape:
+            raise DenoiserOutputError(
+                f"the denoiser returned shape {list(out.shape)} for an input of shape {list(x.shape)}; "
+                "it must return eps with the input's shape [B, *shape]."
+            )
+        if out.dtype != x.dtype:
+            raise DenoiserOutputError(
+                f"the denoiser returned dtype {out.dtype} for an input of dtype {x.dtype}; return the "
+                "input's dtype (cast inside the denoiser if the model computes in another one)."
+            )
+        return out.reshape(count, samples, self.state_size).to(self.dtype)
+
+    def first_order_rhs(self, states: torch.Tensor, outputs: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The sampler's own step for rows ``lo..hi`` (inclusive, ``1 <= lo``): ``[hi-lo+1, N, D]``.
+
+        ``states`` is the full trajectory ``[T+1, N, D]``; ``outputs`` holds the model outputs
+        ``[T, N, D]`` (``outputs[j] = eps(s_j)``); only the lags each row reads are used.
+        """
+        state_coef, output_coef, noise_coef = self._device_coefficients()
+        rows = slice(lo, hi + 1)
+        result = noise_coef[rows, None, None] * self._flat_noise[rows]
+        for lag in range(1, state_coef.shape[1] + 1):
+            first = max(lo, lag)  # rows whose lag reaches before s_0 have zero coefficients
+            if first > hi:
+                continue
+            part = slice(first - lo, hi - lo + 1)
+            src = slice(first - lag, hi - lag + 1)
+            result[part] += state_coef[first:hi + 1, lag - 1, None, None] * states[src]
+            result[part] += output_coef[first:hi + 1, lag - 1, None, None] * outputs[src]
+        return result
+
+    def order_residual(self, first_order: torch.Tensor, lo: int, order: int) -> torch.Tensor:
+        """Order-k residuals of window rows ``lo..`` from their first-order residuals ``[W, N, D]``.
+
+        The anchor is ``lo - 1``: rows closer than ``order`` to it unroll only to the anchor,
+        which is exact because states at and above the anchor are final.
+        """
+        width = first_order.shape[0]
+        if order <= 1:
+            return first_order
+        weights = self.propagator()[lo:lo + width, lo:lo + width]
+        if order < width:
+            offsets = torch.arange(width, device=self.device)
+            band = (offsets[:, None] - offsets[None, :]) < order
+            weights = weights * band
+        return (weights @ first_order.reshape(width, -1)).reshape(first_order.shape)
