@@ -186,7 +186,7 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
             fresh[j] = True
         age[lo:hi + 1] += 1
 
-        current = states[lo:hi + 1]
+        current = states[lo:hi + 1].clone()  # solvers may keep it in their history
         first_rhs = system.first_order_rhs(states, outputs, lo, hi)
         first_order = first_rhs - current
         residual = system.order_residual(first_order, lo, order)
