@@ -61,6 +61,8 @@ def dpm_solver_weights(order: int, lambdas: list[float], alpha_next: float, sigm
             raise InvalidOptionError("a DPM-Solver++ step to sigma = 0 must be first order.")
         return 0.0, [alpha_next]
     h = lambdas[0] - lambdas[1]
+    if h == 0.0:  # a zero-length step (e.g. the last timestep already at the final noise level)
+        return 1.0, [0.0] * order
     ratio = sigma_next / sigma_now
     phi1 = -alpha_next * math.expm1(-h)  # alpha (1 - e^{-h})
     if order == 1:

@@ -1,0 +1,103 @@
+"""Hypothesis strategies for random triangular problems: schedules, samplers, denoisers, systems.
+
+Every strategy takes keyword-only arguments that bound its sizes, so a plugin author can draw
+small problems for fast property tests::
+
+    from hypothesis import given
+    from fpsolve.testing import strategies as fst
+
+    @given(fst.systems(max_steps=10))
+    def test_my_solver_matches_sequential(system): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import torch
+from hypothesis import strategies as st
+
+from ..samplers import DDIM, DDPM, DPMSolver, SequentialSampler
+from ..system import TriangularSystem
+
+__all__ = ["SmoothDenoiser", "schedules", "timestep_lists", "samplers", "denoisers", "systems"]
+
+
+@attrs.define(frozen=True, eq=False)
+class SmoothDenoiser:
+    """A random smooth nonlinear eps-model: ``tanh(x W + b(t)) * sqrt(1 - abar) * gain + c x``.
+
+    Deterministic in ``seed``; works in the input's dtype and device.
+    """
+
+    seed: int
+    dim: int
+    alphas_cumprod: torch.Tensor = attrs.field(repr=False)
+    gain: float = 1.0
+    linear: float = 0.2
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        weight = torch.randn(self.dim, self.dim, generator=generator, dtype=torch.float64) / self.dim**0.5
+        shift = torch.randn(self.dim, generator=generator, dtype=torch.float64)
+        weight, shift = weight.to(x.device, x.dtype), shift.to(x.device, x.dtype)
+        flat = x.reshape(x.shape[0], -1)
+        abar = self.alphas_cumprod.to(x.device)[t.long()].to(x.dtype)[:, None]
+        phase = shift[None] * abar  # a time-dependent bias keeps the model non-autonomous
+        out = torch.tanh(flat @ weight + phase) * (1 - abar).sqrt() * self.gain + self.linear * flat
+        return out.reshape(x.shape)
+
+
+@st.composite
+def schedules(draw: st.DrawFn, *, num_train_steps: int = 1000) -> torch.Tensor:
+    """alphas_cumprod of a linear-beta schedule with a random end beta."""
+    beta_end = draw(st.floats(0.01, 0.03))
+    betas = torch.linspace(1e-4, beta_end, num_train_steps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+@st.composite
+def timestep_lists(draw: st.DrawFn, *, num_train_steps: int = 1000, min_steps: int = 1,
+                   max_steps: int = 12) -> list[int]:
+    """Strictly decreasing timesteps (any spacing, not always ending at 0)."""
+    chosen = draw(st.sets(st.integers(0, num_train_steps - 1), min_size=min_steps, max_size=max_steps))
+    return sorted(chosen, reverse=True)
+
+
+@st.composite
+def samplers(draw: st.DrawFn, *, kinds: Sequence[str] = ("ddim", "ddpm", "dpm_solver"),
+             min_steps: int = 1, max_steps: int = 12) -> SequentialSampler:
+    """A built-in sampler on a random schedule and timestep list."""
+    abar = draw(schedules())
+    steps = draw(timestep_lists(min_steps=min_steps, max_steps=max_steps))
+    final = draw(st.sampled_from([1.0, float(abar[0])]))
+    kind = draw(st.sampled_from(list(kinds)))
+    if kind == "ddim":
+        eta = draw(st.sampled_from([0.0, 1.0, 0.5]))
+        return DDIM(alphas_cumprod=abar, timesteps=steps, eta=eta, final_alpha_cumprod=final)
+    if kind == "ddpm":
+        return DDPM(alphas_cumprod=abar, timesteps=steps, final_alpha_cumprod=final)
+    order = draw(st.integers(1, 3))
+    return DPMSolver(alphas_cumprod=abar, timesteps=steps, order=order, final_alpha_cumprod=final,
+                     lower_order_final=draw(st.booleans()))
+
+
+@st.composite
+def denoisers(draw: st.DrawFn, *, dim: int, alphas_cumprod: torch.Tensor) -> SmoothDenoiser:
+    """A :class:`SmoothDenoiser` for states of ``dim`` elements."""
+    return SmoothDenoiser(draw(st.integers(0, 2**31 - 1)), dim, alphas_cumprod,
+                          gain=draw(st.floats(0.2, 1.5)), linear=draw(st.floats(-0.3, 0.3)))
+
+
+@st.composite
+def systems(draw: st.DrawFn, *, kinds: Sequence[str] = ("ddim", "ddpm", "dpm_solver"), min_steps: int = 1,
+            max_steps: int = 12, max_dim: int = 6, max_batch: int = 3) -> TriangularSystem:
+    """A float64 CPU :class:`TriangularSystem` with a random sampler, denoiser, shape and batch."""
+    sampler = draw(samplers(kinds=kinds, min_steps=min_steps, max_steps=max_steps))
+    dim = draw(st.integers(1, max_dim))
+    batch = draw(st.sampled_from([None] + list(range(1, max_batch + 1))))
+    denoiser = draw(denoisers(dim=dim, alphas_cumprod=sampler.alphas_cumprod))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return TriangularSystem(sampler=sampler, denoiser=denoiser, shape=(dim,), batch=batch,
+                            generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
