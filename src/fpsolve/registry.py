@@ -167,8 +167,10 @@ def _build_registry(manager: pluggy.PluginManager) -> Registry:
                     raise PluginConflictError(
                         f"plugin {impl.plugin_name!r} registered {cls.__name__} without a 'name'."
                     )
+                # Aliases are not inherited: a subclass gets only the aliases it declares itself.
+                own_aliases = vars(cls).get("aliases", {})
                 names = [(name, {}, None)] + [(alias, dict(preset), name)
-                                               for alias, preset in getattr(cls, "aliases", {}).items()]
+                                               for alias, preset in own_aliases.items()]
                 for entry_name, preset, alias_of in names:
                     previous = table.get(entry_name)
                     if previous is not None and previous.cls is not cls:

@@ -1,0 +1,61 @@
+"""Every registered sampler x solver x stopping rule x initializer runs, generated from the registry.
+
+A new plugin joins the matrix by registering; nothing here lists the built-ins by hand, except
+the options a component cannot run without (the ``trajectory`` initializer needs a trajectory).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fpsolve
+from fpsolve.registry import get_registry
+
+from fpsolve.testing.strategies import SmoothDenoiser
+
+from .conftest import ALPHAS_CUMPROD, spaced
+
+STEPS, DIM, BATCH = 10, 4, 2
+
+
+def required_options(kind: str, name: str, system: fpsolve.TriangularSystem) -> dict:
+    """Options without which a component cannot run (kept minimal on purpose)."""
+    if kind == "initializer" and get_registry().lookup(kind, name).cls is fpsolve.initializers.FromTrajectory:
+        guess = fpsolve.solve(system, "sequential").trajectory
+        return {"trajectory": guess + 0.05 * torch.randn_like(guess)}
+    return {}
+
+
+def build_sampler(name: str):
+    cls = get_registry().lookup("sampler", name).cls
+    return cls(alphas_cumprod=ALPHAS_CUMPROD, timesteps=spaced(STEPS))
+
+
+def _names(kind: str, with_aliases: bool = False) -> list[str]:
+    registry = get_registry()
+    return registry.names(kind) if with_aliases else sorted(e.name for e in registry.primary(kind))
+
+
+@pytest.mark.parametrize("initializer", _names("initializer"))
+@pytest.mark.parametrize("stopping", _names("stopping rule"))
+@pytest.mark.parametrize("solver", _names("solver", with_aliases=True))
+@pytest.mark.parametrize("sampler", _names("sampler"))
+def test_mix(sampler, solver, stopping, initializer):
+    system = fpsolve.TriangularSystem(sampler=build_sampler(sampler), denoiser=SmoothDenoiser(1, DIM, ALPHAS_CUMPROD),
+                                      shape=(DIM,), batch=BATCH, generator=torch.Generator().manual_seed(0))
+    reference = fpsolve.solve(system, "sequential")
+    init = fpsolve.registry.resolve("initializer", initializer,
+                                    required_options("initializer", initializer, system))
+    solution = fpsolve.solve(system, solver, stopping=stopping, initializer=init, window=6)
+    assert solution.sample.shape == (BATCH, DIM)
+    assert torch.isfinite(solution.trajectory).all()
+    assert solution.status is not fpsolve.Status.NONFINITE
+    trace = solution.residuals
+    warmup = solution.iterations - len(trace)  # sequential rounds an initializer spent (coarse)
+    assert warmup >= 0 and solution.model_evals == sum(trace.evaluations) + warmup * BATCH
+    if solution.solver.safeguarded:
+        assert len(trace) <= STEPS
+    if solution.converged and stopping == "rms":  # the default rule bounds the error at tol 1e-3
+        error = (solution.sample - reference.sample).abs().max().item()
+        assert error < 0.1, f"{solver}/{stopping}/{initializer}: error {error:.2e} to sequential"
