@@ -48,6 +48,7 @@ def solve(
     max_iters: int | None = None,
     observers: Sequence[Observer] = (),
     progress: bool = False,
+    distributed: Any = None,
     **solver_options: Any,
 ) -> Solution:
     """Solve a sampler's trajectory in parallel (or sequentially, with ``solver="sequential"``).
@@ -65,6 +66,9 @@ def solve(
         max_iters: cap on parallel iterations (``None``: T).
         observers: callables receiving an :class:`~fpsolve.driver.IterationInfo` per iteration.
         progress: show a progress bar.
+        distributed: ``True`` to shard each iteration's model call over the ranks of the default
+            ``torch.distributed`` process group (every rank calls ``solve`` with the same
+            arguments and gets the same solution), or a ``ProcessGroup`` to use that group.
 
     Returns:
         The :class:`Solution`.
@@ -89,9 +93,14 @@ def solve(
 
         bar = ProgressBar(f"fpsolve {solver_obj.name}")
         observers.append(bar)
+    evaluate = None
+    if distributed is not None and distributed is not False:
+        from .distributed import sharded_evaluator
+
+        evaluate = sharded_evaluator(system, distributed)
     try:
         return run(system, solver_obj, stopping_obj, initializer_obj,
-                   DriverConfig(window=window, max_iters=max_iters), observers)
+                   DriverConfig(window=window, max_iters=max_iters), observers, evaluate=evaluate)
     finally:
         if bar is not None:
             bar.close()

@@ -37,9 +37,12 @@ from .solvers.base import FixedPointSolver, WindowView
 from .stopping import StoppingRule, StoppingView, rms_per_row
 from .system import TriangularSystem
 
-__all__ = ["DriverConfig", "IterationInfo", "run", "run_sequential"]
+__all__ = ["DriverConfig", "IterationInfo", "Evaluator", "run", "run_sequential"]
 
 Observer = Callable[["IterationInfo"], Any]
+#: ``evaluate(states [P, N, D], positions) -> outputs [P, N, D]``: ONE batched denoiser call.
+#: The default is :meth:`TriangularSystem.evaluate`; the distributed driver shards it.
+Evaluator = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 
 def _window_option(instance: Any, attribute: Any, value: int | None) -> None:
@@ -133,10 +136,11 @@ class _Recorder:
 
 def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRule,
         initializer: Initializer, config: DriverConfig = DriverConfig(),
-        observers: Sequence[Observer] = ()) -> Solution:
+        observers: Sequence[Observer] = (), evaluate: Evaluator | None = None) -> Solution:
     """Solve ``system`` with a parallel solver; see the module docstring for one iteration."""
     if solver.sequential:
-        return run_sequential(system, observers, solver=solver)
+        return run_sequential(system, observers, solver=solver, evaluate=evaluate)
+    evaluate = evaluate or system.evaluate
     started = time.perf_counter()
     steps, samples = system.num_steps, system.num_samples
     order = solver.resolved_order(steps)
@@ -170,7 +174,7 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
                 fresh[j] = False
             valid_upto = hi
         positions = [j for j in range(max(0, lo - lags), anchor) if not fresh[j]] + list(range(anchor, hi))
-        evaluated = system.evaluate(states[positions], positions)
+        evaluated = evaluate(states[positions], positions)
         parallel += 1
         iterations += 1
         model_evals += len(positions) * samples
@@ -245,8 +249,9 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
 
 
 def run_sequential(system: TriangularSystem, observers: Sequence[Observer] = (),
-                   solver: FixedPointSolver | None = None) -> Solution:
+                   solver: FixedPointSolver | None = None, evaluate: Evaluator | None = None) -> Solution:
     """The reference: T model calls, each over the N samples, each followed by one exact step."""
+    evaluate = evaluate or system.evaluate
     started = time.perf_counter()
     steps, samples = system.num_steps, system.num_samples
     states = torch.empty_like(system.flat_noise)
@@ -256,7 +261,7 @@ def run_sequential(system: TriangularSystem, observers: Sequence[Observer] = (),
     status, message = Status.CONVERGED, "sequential sampling completed"
     calls = 0
     for row in range(1, steps + 1):
-        evaluated = system.evaluate(states[row - 1:row], [row - 1])
+        evaluated = evaluate(states[row - 1:row], [row - 1])
         calls = row
         if not torch.isfinite(evaluated).all():
             status = Status.NONFINITE
