@@ -9,12 +9,19 @@ One iteration, with anchor ``a`` (states ``0..a`` final) and window rows ``lo = 
 3. the first-order residuals ``r1`` and the solver's order-k residuals come from the system;
 4. the stopping rule marks accepted rows; ``U`` is the first row it does not accept;
 5. the solver proposes new values for the window; the safeguard then keeps accepted rows
-   (``< U``) as they are, gives row ``U`` the sampler's exact step from the accepted states,
-   and takes the solver's proposal only below ``U``. The anchor moves to ``U``: at least one row
-   per iteration, so at most T iterations. (Solvers with ``safeguarded = False`` give row ``U``
-   their own proposal and the anchor moves only over accepted rows.) When every row is
-   accepted, the anchor moves to ``hi``; the final state ``x_0``, whose value no model call reads,
-   takes the sampler's exact step.
+   (``< U``) as they are, gives row ``U`` the plain fixed-point step on the solver's order-k
+   equations (exact, since every state it reads is accepted), and takes the solver's proposal
+   only below ``U``. The anchor moves to ``U``: at least one row per iteration, so at most T
+   iterations. (Solvers with ``safeguarded = False`` give row ``U`` their own proposal and the
+   anchor moves only over accepted rows.) When every row is accepted, the anchor moves to
+   ``hi``; the final state ``x_0``, whose value no model call reads, takes the same plain step.
+
+Why the order-k step at ``U`` rather than the sampler's one-step update: accepted rows satisfy
+their equations only to the tolerance, and their small defects add up along the trajectory
+(amplified by ``1/sqrt(abar)`` from the noisy end). The order-k right-hand side at ``U`` is the
+frozen-output run from the anchor, which removes the first-order effect of every accepted
+defect in the window: on a DDIM-100 test problem at tol 1e-10 the error to the sequential
+sample drops from 2e-8 to 2e-10.
 
 Accepted rows keep exactly the values the stopping rule judged, so every stored model output
 above the anchor belongs to its final state. Non-finite model outputs or solver proposals stop
@@ -209,12 +216,12 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
         if boundary is None:
             new_anchor, first_changed = hi, hi - lo + 1
             if hi == steps:
-                updated[-1] = first_rhs[-1]
+                updated[-1] = rhs[-1]
                 first_changed = hi - lo
         else:
             updated[boundary + 1:] = proposal[boundary + 1:]
             if solver.safeguarded:
-                updated[boundary] = first_rhs[boundary]
+                updated[boundary] = rhs[boundary]
                 new_anchor = lo + boundary
             else:
                 updated[boundary] = proposal[boundary]
