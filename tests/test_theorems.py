@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 from hypothesis import given
@@ -168,3 +169,24 @@ def test_ddim_with_eta_one_is_ddpm():
     a, b = ddpm.affine_form(), ddim.affine_form()
     for field in ("state", "output", "noise"):
         torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-12, atol=1e-12)
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class UpdatingFP(fpsolve.solvers.FP):
+    """FP whose accepted rows take the update too (ParaDiGMS' semantics)."""
+
+    name = "updating_fp"
+    update_accepted = True
+
+
+@pytest.mark.parametrize("sampler_id", ["ddim-eta1", "dpm3"])
+def test_solvers_that_update_accepted_rows_stay_exact(sampler_id):
+    kind, options = SAMPLERS[sampler_id]
+    system = make_system(make_sampler(kind, 20, **options), dim=4, batch=2)
+    reference = fpsolve.solve(system, "sequential")
+    solution = fpsolve.solve(system, UpdatingFP(), window=7, tol=1e-13)
+    assert solution.converged and solution.iterations <= 20
+    torch.testing.assert_close(solution.trajectory, reference.trajectory, rtol=0, atol=1e-10)
+    # multistep samplers re-evaluate the model at updated accepted rows they still read
+    keep = fpsolve.solve(system, "fp", window=7, tol=1e-13)
+    assert solution.model_evals >= keep.model_evals

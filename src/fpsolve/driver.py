@@ -213,6 +213,9 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
         proposal, solver_state = solver.step(
             WindowView(parallel, lo, hi, current, rhs, residual, first_order, age[lo:hi + 1]), solver_state)
         updated = current.clone()
+        accepted = hi - lo + 1 if boundary is None else boundary
+        if solver.update_accepted and accepted:
+            updated[:accepted] = proposal[:accepted]
         if boundary is None:
             new_anchor, first_changed = hi, hi - lo + 1
             if hi == steps:
@@ -234,6 +237,8 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
                        f"position {position}, sample {sample}; the last finite iterate is returned")
             break
         states[lo:hi + 1] = updated
+        if solver.update_accepted:
+            first_changed = 0
         for j in range(lo + first_changed, hi + 1):
             fresh[j] = False
         anchor = new_anchor

@@ -214,14 +214,29 @@ class TriangularSystem:
     def evaluate(self, states: torch.Tensor, positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Call the denoiser ONCE on ``states`` ``[P, N, D]`` at state indices ``positions`` ``[P]``.
 
-        Returns the model outputs ``[P, N, D]`` in the state dtype. A result of the wrong type,
-        shape or dtype raises :class:`~fpsolve.errors.DenoiserOutputError`; exceptions raised by
-        the denoiser itself propagate unchanged.
+        Returns the model outputs ``[P, N, D]`` in the state dtype (see :meth:`denoise`).
         """
+        count, samples = states.shape[0], self.num_samples
+        x, t = self.model_inputs(states, positions)
+        return self.denoise(x, t).reshape(count, samples, self.state_size).to(self.dtype)
+
+    def model_inputs(self, states: torch.Tensor,
+                     positions: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's batch for ``states`` ``[P, N, D]``: ``x`` ``[P*N, *shape]`` in the model
+        dtype and ``t`` ``[P*N]`` (position-major: all samples of a position are adjacent)."""
         count, samples = states.shape[0], self.num_samples
         x = states.reshape(count * samples, *self.shape).to(self.input_dtype)
         index = torch.as_tensor(positions, dtype=torch.long, device=self.device)
         t = self.timestep_tensor[index].repeat_interleave(samples)
+        return x, t
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One validated denoiser call on a model batch ``x`` ``[B, *shape]``, ``t`` ``[B]``.
+
+        A result of the wrong type, shape or dtype raises
+        :class:`~fpsolve.errors.DenoiserOutputError`; exceptions raised by the denoiser itself
+        propagate unchanged.
+        """
         with torch.no_grad():
             out = self.denoiser(x, t)
         if not isinstance(out, torch.Tensor):
@@ -238,7 +253,7 @@ class TriangularSystem:
                 f"the denoiser returned dtype {out.dtype} for an input of dtype {x.dtype}; return the "
                 "input's dtype (cast inside the denoiser if the model computes in another one)."
             )
-        return out.reshape(count, samples, self.state_size).to(self.dtype)
+        return out
 
     def first_order_rhs(self, states: torch.Tensor, outputs: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """The sampler's own step for rows ``lo..hi`` (inclusive, ``1 <= lo``): ``[hi-lo+1, N, D]``.

@@ -72,12 +72,15 @@ class FixedPointSolver:
         safeguarded: whether the driver forces the exact step at the first unconverged row, which
             makes the anchor advance every iteration (at most T iterations).
         sequential: ``True`` only for the sequential reference, which the driver runs as a loop.
+        update_accepted: whether rows the stopping rule accepted take the solver's proposal too
+            (ParaDiGMS does this); by default they keep the values the rule judged.
     """
 
     name: ClassVar[str] = ""
     aliases: ClassVar[dict[str, dict[str, Any]]] = {}
     safeguarded: ClassVar[bool] = True
     sequential: ClassVar[bool] = False
+    update_accepted: ClassVar[bool] = False
 
     order: int | None
 
