@@ -6,7 +6,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .driver import DriverConfig, Observer, run
+import attrs
+
+from .driver import DriverConfig, Evaluator, Observer, run
 from .errors import InvalidOptionError
 from .initializers import Initializer
 from .registry import get_plugin_manager, resolve
@@ -41,7 +43,7 @@ def solve(
     order: int | None = None,
     history: int | None = None,
     ridge: float | None = None,
-    window: int | None = None,
+    window: int | str | None = None,
     tol: float | None = None,
     stopping: str | type[StoppingRule] | StoppingRule | None = None,
     initializer: str | type[Initializer] | Initializer | None = None,
@@ -59,9 +61,15 @@ def solve(
             ``"sequential"``, ...), a solver class, or an instance.
         order, history, ridge, **solver_options: options of the solver (e.g. ``order`` = k of the
             equations, ``history`` = m); an option the solver does not take is an error.
-        window: positions solved per iteration (``None``: all T).
-        tol: shortcut for the default ``rms`` rule with ``tol1 = tol2 = tol``.
-        stopping: a stopping rule (name, class or instance); default ``rms`` with tol 1e-3.
+        window: positions solved per iteration (``None``: the solver's
+            :meth:`~fpsolve.FixedPointSolver.default_window`, which is all T for the built-ins).
+            ``"auto"``: measure the model's latency on its device once and take the window with
+            the smallest predicted wall time, or the sequential loop (with a warning) when no
+            window is predicted to beat it; see :mod:`fpsolve.gpu` and :attr:`Solution.plan`.
+        tol: shortcut for the ``rms`` rule with ``tol1 = tol2 = tol``.
+        stopping: a stopping rule (name, class or instance). Default: the solver's
+            :meth:`~fpsolve.FixedPointSolver.default_stopping` if it has one (e.g. the
+            ``paradigms`` plugin solver), else ``rms`` with tol 1e-3.
         initializer: first guess (name, class or instance); default ``noise_copy``.
         max_iters: cap on parallel iterations (``None``: T).
         observers: callables receiving an :class:`~fpsolve.driver.IterationInfo` per iteration.
@@ -83,24 +91,46 @@ def solve(
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
             raise InvalidOptionError(f"tol must be a finite number > 0 (default 1e-3); got {tol!r}.")
         stopping_obj: StoppingRule = RMS(tol1=float(tol), tol2=float(tol))
+    elif stopping is not None:
+        stopping_obj = resolve("stopping rule", stopping)
     else:
-        stopping_obj = resolve("stopping rule", stopping if stopping is not None else "rms")
+        # A solver that reproduces a published method whole brings its own rule and window.
+        default = solver_obj.default_stopping()
+        stopping_obj = default if default is not None else resolve("stopping rule", "rms")
+    if window is None:
+        window = solver_obj.default_window()
     initializer_obj = resolve("initializer", initializer if initializer is not None else "noise_copy")
     observers = list(observers)
+    auto = None
+    if isinstance(window, str):
+        if window != "auto":
+            raise InvalidOptionError(f"window must be an int >= 1, None or 'auto'; got {window!r}.")
+        from .gpu.auto import resolve_auto_window
+
+        auto = resolve_auto_window(system, solver_obj, stopping_obj, distributed=distributed)
+        window, solver_obj = auto.window, auto.solver
+        observers.append(auto.observer)  # what the solve took teaches the next plan
     bar = None
     if progress:
         from .progress import ProgressBar
 
         bar = ProgressBar(f"fpsolve {solver_obj.name}")
         observers.append(bar)
-    evaluate = None
+    evaluate: Evaluator | None = None
     if distributed is not None and distributed is not False:
         from .distributed import sharded_evaluator
 
         evaluate = sharded_evaluator(system, distributed)
+    elif system.device.type == "cuda":  # a model call that does not fit is split, not fatal
+        from .gpu.chunking import ChunkedEvaluator
+
+        evaluate = ChunkedEvaluator(system)
     try:
-        return run(system, solver_obj, stopping_obj, initializer_obj,
-                   DriverConfig(window=window, max_iters=max_iters), observers, evaluate=evaluate)
+        solution = run(system, solver_obj, stopping_obj, initializer_obj,
+                       DriverConfig(window=window, max_iters=max_iters), observers, evaluate=evaluate)
     finally:
         if bar is not None:
             bar.close()
+    steps = system.num_steps
+    return attrs.evolve(solution, window=None if solver_obj.sequential else min(window or steps, steps),
+                        plan=None if auto is None else auto.plan)

@@ -10,7 +10,8 @@ One iteration, with anchor ``a`` (states ``0..a`` final) and window rows ``lo = 
 4. the stopping rule marks accepted rows; ``U`` is the first row it does not accept;
 5. the solver proposes new values for the window; the safeguard then keeps accepted rows
    (``< U``) as they are, gives row ``U`` the plain fixed-point step on the solver's order-k
-   equations (exact, since every state it reads is accepted), and takes the solver's proposal
+   equations (exact, since every state it reads is accepted; a solver may override this value
+   with :meth:`~fpsolve.FixedPointSolver.final_step`), and takes the solver's proposal
    only below ``U``. The anchor moves to ``U``: at least one row per iteration, so at most T
    iterations. (Solvers with ``safeguarded = False`` give row ``U`` their own proposal and the
    anchor moves only over accepted rows.) When every row is accepted, the anchor moves to
@@ -113,6 +114,24 @@ def _first_nonfinite(values: torch.Tensor, positions: Sequence[int]) -> tuple[in
     return positions[bad[0]], bad[1]
 
 
+def _rows(positions: list[int]) -> slice | list[int]:
+    """``positions`` as a slice when consecutive (the usual case): indexing a CUDA tensor with a
+    list first copies the index to the device, a blocking copy that synchronises with the host."""
+    first = positions[0]
+    if positions == list(range(first, first + len(positions))):
+        return slice(first, first + len(positions))
+    return positions
+
+
+def _decision(verdict: torch.Tensor, finite: torch.Tensor) -> tuple[int, bool]:
+    """The iteration's one device-to-host read: the first row the rule did not accept (``W`` if
+    none) and whether the model outputs were finite."""
+    failing = (~verdict).to(torch.int32)
+    first = torch.where(failing.any(), failing.argmax(), failing.numel())
+    index, ok = torch.stack([first, finite.to(first.dtype)]).tolist()
+    return int(index), bool(ok)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -122,27 +141,34 @@ class _Recorder:
     """Collects the residual trace."""
 
     def __init__(self, num_steps: int):
-        self.rows: list[torch.Tensor] = []
+        self.rows: list[tuple[int, int, torch.Tensor]] = []
         self.anchors: list[int] = []
         self.windows: list[tuple[int, int]] = []
         self.evaluations: list[int] = []
         self.num_steps = num_steps
 
     def add(self, lo: int, hi: int, rms: torch.Tensor, anchor: int, evaluations: int) -> None:
-        row = torch.full((self.num_steps + 1,), float("nan"), dtype=torch.float64)
-        row[lo:hi + 1] = rms.detach().to("cpu", torch.float64)
-        self.rows.append(row)
+        # Kept on the device until trace(): a copy to the host here would synchronise every iteration.
+        self.rows.append((lo, hi, rms.detach()))
         self.anchors.append(anchor)
         self.windows.append((lo, hi))
         self.evaluations.append(evaluations)
 
     def trace(self) -> ResidualTrace:
-        matrix = torch.stack(self.rows) if self.rows else torch.empty(0, self.num_steps + 1, dtype=torch.float64)
+        rows = []
+        for lo, hi, rms in self.rows:
+            row = torch.full((self.num_steps + 1,), float("nan"), dtype=torch.float64)
+            row[lo:hi + 1] = rms.to("cpu", torch.float64)
+            rows.append(row)
+        matrix = torch.stack(rows) if rows else torch.empty(0, self.num_steps + 1, dtype=torch.float64)
         return ResidualTrace(matrix, tuple(self.anchors), tuple(self.windows), tuple(self.evaluations))
 
 
+_DEFAULT_CONFIG = DriverConfig()  # frozen, so one shared default is safe
+
+
 def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRule,
-        initializer: Initializer, config: DriverConfig = DriverConfig(),
+        initializer: Initializer, config: DriverConfig = _DEFAULT_CONFIG,
         observers: Sequence[Observer] = (), evaluate: Evaluator | None = None) -> Solution:
     """Solve ``system`` with a parallel solver; see the module docstring for one iteration."""
     if solver.sequential:
@@ -172,7 +198,8 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
 
     while anchor < steps:
         if parallel >= max_iters:
-            status, message = Status.MAX_ITERS, f"reached max_iters={max_iters} with anchor {anchor} of {steps}"
+            status = Status.MAX_ITERS
+            message = f"reached max_iters={max_iters} with anchor {anchor} of {steps}"
             break
         lo, hi = anchor + 1, min(anchor + window, steps)
         if valid_upto < hi:
@@ -181,18 +208,13 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
                 fresh[j] = False
             valid_upto = hi
         positions = [j for j in range(max(0, lo - lags), anchor) if not fresh[j]] + list(range(anchor, hi))
-        evaluated = evaluate(states[positions], positions)
+        rows = _rows(positions)
+        evaluated = evaluate(states[rows].clone() if isinstance(rows, slice) else states[rows], positions)
         parallel += 1
         iterations += 1
         model_evals += len(positions) * samples
-        if not torch.isfinite(evaluated).all():
-            position, sample = _first_nonfinite(evaluated, positions)
-            status = Status.NONFINITE
-            message = (f"the denoiser returned non-finite values at iteration {parallel}, position {position} "
-                       f"(timestep {system.sampler.timesteps[position]}), sample {sample}; "
-                       "the last finite iterate is returned")
-            break
-        outputs[positions] = evaluated
+        finite = torch.isfinite(evaluated).all()  # read together with the decision: one host sync
+        outputs[rows] = evaluated
         for j in positions:
             fresh[j] = True
         age[lo:hi + 1] += 1
@@ -204,14 +226,23 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
         rhs = first_rhs if order == 1 else current + residual
         verdict = stopping.converged(StoppingView(
             parallel, lo, hi, current, first_order, residual,
-            system.sigmas[lo:hi + 1], system.step_variances[lo:hi + 1]))
+            system.sigmas[lo:hi + 1], system.step_variances[lo:hi + 1], system))
         if verdict is None:
             verdict = torch.zeros(hi - lo + 1, dtype=torch.bool, device=system.device)
-        failing = (~verdict).nonzero()
-        boundary = int(failing[0]) if failing.numel() else None  # the single host sync of the decision
-
-        proposal, solver_state = solver.step(
-            WindowView(parallel, lo, hi, current, rhs, residual, first_order, age[lo:hi + 1]), solver_state)
+        view = WindowView(parallel, lo, hi, current, rhs, residual, first_order, age[lo:hi + 1],
+                          states, outputs)
+        proposal, solver_state = solver.step(view, solver_state)
+        # The single host sync of the decision, once all of the iteration's device work is queued.
+        first_failing, outputs_finite = _decision(verdict, finite)
+        if not outputs_finite:
+            position, sample = _first_nonfinite(evaluated, positions)
+            status = Status.NONFINITE
+            message = (f"the denoiser returned non-finite values at iteration {parallel}, "
+                       f"position {position} "
+                       f"(timestep {system.sampler.timesteps[position]}), sample {sample}; "
+                       "the last finite iterate is returned")
+            break
+        boundary = None if first_failing == hi - lo + 1 else first_failing
         updated = current.clone()
         accepted = hi - lo + 1 if boundary is None else boundary
         if solver.update_accepted and accepted:
@@ -219,12 +250,12 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
         if boundary is None:
             new_anchor, first_changed = hi, hi - lo + 1
             if hi == steps:
-                updated[-1] = rhs[-1]
+                updated[-1] = solver.final_step(view, proposal, hi - lo)
                 first_changed = hi - lo
         else:
             updated[boundary + 1:] = proposal[boundary + 1:]
             if solver.safeguarded:
-                updated[boundary] = rhs[boundary]
+                updated[boundary] = solver.final_step(view, proposal, boundary)
                 new_anchor = lo + boundary
             else:
                 updated[boundary] = proposal[boundary]

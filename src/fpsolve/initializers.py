@@ -104,7 +104,8 @@ class FromTrajectory(Initializer):
                 f"trajectory must have T+1 = {steps + 1} states of {samples} x {list(system.shape)} "
                 f"elements; got shape {list(given.shape)}."
             )
-        trajectory = given.reshape(steps + 1, samples, size).to(device=system.device, dtype=system.dtype).clone()
+        trajectory = given.reshape(steps + 1, samples, size)
+        trajectory = trajectory.to(device=system.device, dtype=system.dtype).clone()
         anchor = 0
         if self.solve_last is not None:
             if not 1 <= self.solve_last <= steps:
@@ -121,7 +122,7 @@ class Coarse(Initializer):
     states interpolated linearly in the noise level onto the fine grid.
 
     Args:
-        steps: coarse steps; ``None`` means ``max(2, T // 5)``.
+        steps: coarse steps; ``None`` means ``max(2, T // 5)`` (at most T).
     """
 
     name = "coarse"
@@ -134,7 +135,7 @@ class Coarse(Initializer):
         from .system import TriangularSystem
 
         fine_steps = system.num_steps
-        steps = self.steps if self.steps is not None else max(2, fine_steps // 5)
+        steps = self.steps if self.steps is not None else min(fine_steps, max(2, fine_steps // 5))
         if not 1 <= steps <= fine_steps:
             raise InvalidOptionError(f"coarse steps must lie in 1..T = 1..{fine_steps}; got {steps}.")
         coarse_sampler = system.sampler.coarsened(steps)

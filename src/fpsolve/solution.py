@@ -55,6 +55,10 @@ class Solution:
         residuals: the :class:`ResidualTrace`.
         wall_time: seconds spent in the solve.
         solver: the solver instance used; ``order``: the order k of its equations.
+        window: positions per parallel iteration (set by :func:`fpsolve.solve`; ``None`` for the
+            sequential loop).
+        plan: the :class:`fpsolve.gpu.Plan` of a ``window="auto"`` solve (why this window, or why
+            sequential), else ``None``.
     """
 
     sample: torch.Tensor = attrs.field(repr=False)
@@ -67,6 +71,8 @@ class Solution:
     wall_time: float
     solver: Any = attrs.field(repr=False, default=None)
     order: int = 1
+    window: int | None = None
+    plan: Any = attrs.field(repr=False, default=None)
 
     @property
     def converged(self) -> bool:

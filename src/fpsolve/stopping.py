@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import torch
 
 from .errors import InvalidOptionError
 from .hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from .system import TriangularSystem
 
 __all__ = ["StoppingView", "StoppingRule", "RMS", "Paradigms", "MaxIters", "AllOf", "AnyOf"]
 
@@ -39,6 +42,8 @@ class StoppingView:
         residual: the order-k residual of the solver's equations (the FP update).
         sigmas: ``[W]`` noise std of each row's state.
         step_variances: ``[W]`` DDPM posterior variance of the step producing each row.
+        system: the :class:`~fpsolve.TriangularSystem` being solved, for rules that need more of
+            its schedule than the window rows (e.g. the variance of the step *leaving* a row).
     """
 
     iteration: int
@@ -49,6 +54,7 @@ class StoppingView:
     residual: torch.Tensor
     sigmas: torch.Tensor
     step_variances: torch.Tensor
+    system: TriangularSystem | None = None
 
 
 def rms_per_row(residual: torch.Tensor) -> torch.Tensor:
@@ -58,7 +64,8 @@ def rms_per_row(residual: torch.Tensor) -> torch.Tensor:
 
 def _positive(name: str, allow_zero: bool = False):
     def check(instance: Any, attribute: Any, value: float) -> None:
-        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+        in_range = value >= 0 if allow_zero else value > 0
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and in_range
         if not ok:
             bound = ">= 0" if allow_zero else "> 0"
             raise InvalidOptionError(f"{name} must be a finite number {bound}; got {value!r}.")

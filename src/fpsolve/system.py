@@ -44,6 +44,16 @@ def _as_shape(value: Sequence[int] | int) -> tuple[int, ...]:
     return shape
 
 
+def _as_index(positions: Sequence[int] | torch.Tensor, device: torch.device) -> slice | torch.Tensor:
+    """A slice for consecutive int positions (the driver's usual window), else a long tensor: a
+    list index would be copied to the device by a blocking copy, which synchronises on CUDA."""
+    if isinstance(positions, (list, tuple, range)) and len(positions) and isinstance(positions[0], int):
+        first = positions[0]
+        if list(positions) == list(range(first, first + len(positions))):
+            return slice(first, first + len(positions))
+    return torch.as_tensor(positions, dtype=torch.long, device=device)
+
+
 def _as_dtype(value: Any) -> torch.dtype:
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise InvalidOptionError(f"dtype must be a floating torch.dtype; got {value!r}.")
@@ -77,7 +87,7 @@ class TriangularSystem:
     generator: torch.Generator | None = attrs.field(default=None, repr=False)
     noise: torch.Tensor | None = attrs.field(default=None, repr=False)
     dtype: torch.dtype = attrs.field(default=torch.float64, converter=_as_dtype)
-    device: torch.device = attrs.field(default="cpu", converter=torch.device)
+    device: torch.device = attrs.field(default=torch.device("cpu"), converter=torch.device)
     model_dtype: torch.dtype | None = None
     _flat_noise: torch.Tensor = attrs.field(init=False, repr=False)
     _cache: dict[str, Any] = attrs.field(init=False, repr=False, factory=dict)
@@ -85,7 +95,8 @@ class TriangularSystem:
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.sampler, SequentialSampler):
             raise InvalidOptionError(
-                f"sampler must be a SequentialSampler (e.g. fpsolve.samplers.DDIM(...)); got {self.sampler!r}."
+                "sampler must be a SequentialSampler (e.g. fpsolve.samplers.DDIM(...)); "
+                f"got {self.sampler!r}."
             )
         if not callable(self.denoiser):
             raise InvalidOptionError("denoiser must be callable as denoiser(x, t) -> eps.")
@@ -179,8 +190,8 @@ class TriangularSystem:
     def _device_coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             form = self.affine_form
-            to = dict(device=self.device, dtype=self.dtype)
-            return form.state.to(**to), form.output.to(**to), form.noise.to(**to)
+            device, dtype = self.device, self.dtype
+            return form.state.to(device, dtype), form.output.to(device, dtype), form.noise.to(device, dtype)
         return self._cached("coefficients", make)
 
     def propagator(self) -> torch.Tensor:
@@ -226,8 +237,7 @@ class TriangularSystem:
         dtype and ``t`` ``[P*N]`` (position-major: all samples of a position are adjacent)."""
         count, samples = states.shape[0], self.num_samples
         x = states.reshape(count * samples, *self.shape).to(self.input_dtype)
-        index = torch.as_tensor(positions, dtype=torch.long, device=self.device)
-        t = self.timestep_tensor[index].repeat_interleave(samples)
+        t = self.timestep_tensor[_as_index(positions, self.device)].repeat_interleave(samples)
         return x, t
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -241,7 +251,8 @@ class TriangularSystem:
             out = self.denoiser(x, t)
         if not isinstance(out, torch.Tensor):
             raise DenoiserOutputError(
-                f"the denoiser must return a torch.Tensor (eps, shape {list(x.shape)}); got {type(out).__name__}."
+                f"the denoiser must return a torch.Tensor (eps, shape {list(x.shape)}); "
+                f"got {type(out).__name__}."
             )
         if out.shape != x.shape:
             raise DenoiserOutputError(

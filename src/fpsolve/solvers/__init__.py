@@ -6,7 +6,7 @@ name            what it does
 ``sequential``  the reference: the sampler step by step (T model calls)
 ``fp``          fixed-point iteration on the order-k equations (``order``, default T)
 ``jacobi``      ``fp`` with k = 1 (the sampler's own equations)
-``picard``      ``fp`` with k = T (ParaDiGMS' form)
+``picard``      ``fp`` with k = T (every equation anchored at x_T)
 ``aa``          standard Anderson acceleration over the stacked window
 ``taa``         triangular Anderson acceleration with the safeguard (ParaTAA)
 ==============  =====================================================================

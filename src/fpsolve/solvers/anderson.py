@@ -36,6 +36,10 @@ def _solve_small(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.T
     eye = torch.eye(size, dtype=torch.float64, device=gram.device)
     system = gram.to(torch.float64) + ridge * eye
     rhs = rhs.to(torch.float64).unsqueeze(-1)
+    if ridge > 0:
+        # Positive definite (a Gram matrix plus ridge I), so never singular: skip the error check,
+        # which synchronises with the host on CUDA. Same LU solve, same numbers.
+        return torch.linalg.solve_ex(system, rhs, check_errors=False)[0].squeeze(-1)
     try:
         return torch.linalg.solve(system, rhs).squeeze(-1)
     except torch.linalg.LinAlgError:  # only reachable with ridge = 0: take the least-norm fit

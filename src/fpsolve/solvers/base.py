@@ -9,12 +9,15 @@ solver's proposal (for solvers with ``safeguarded = True``; see :mod:`fpsolve.dr
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import torch
 
 from ..errors import InvalidOptionError
+
+if TYPE_CHECKING:
+    from ..stopping import StoppingRule
 
 __all__ = ["FixedPointSolver", "WindowView", "check_order"]
 
@@ -31,6 +34,9 @@ class WindowView:
         residual: the order-k residual ``R^k``.
         first_order: the first-order residual (the sampler's own equations).
         age: ``[W]`` long, how many iterations (this one included) each row has been in the window.
+        trajectory: the whole current iterate ``[T+1, N, D]`` (read only).
+        outputs: the model outputs ``[T, N, D]``; ``outputs[j]`` is eps at ``trajectory[j]`` for
+            ``j`` in ``lo-1 .. hi-1`` (read only).
     """
 
     iteration: int
@@ -41,6 +47,8 @@ class WindowView:
     residual: torch.Tensor
     first_order: torch.Tensor
     age: torch.Tensor
+    trajectory: torch.Tensor = attrs.field(repr=False, default=None)
+    outputs: torch.Tensor = attrs.field(repr=False, default=None)
 
     @property
     def width(self) -> int:
@@ -74,6 +82,10 @@ class FixedPointSolver:
         sequential: ``True`` only for the sequential reference, which the driver runs as a loop.
         update_accepted: whether rows the stopping rule accepted take the solver's proposal too
             (ParaDiGMS does this); by default they keep the values the rule judged.
+
+    A solver that reproduces a published method whole (window, stopping rule and all) may also
+    override :meth:`default_window`, :meth:`default_stopping` (used by :func:`fpsolve.solve` when
+    the caller gives no ``window`` / ``stopping`` / ``tol``) and :meth:`final_step`.
     """
 
     name: ClassVar[str] = ""
@@ -95,3 +107,23 @@ class FixedPointSolver:
     def step(self, view: WindowView, state: Any) -> tuple[torch.Tensor, Any]:
         """Propose new values ``[W, N, D]`` for the window rows; return them and the new state."""
         raise NotImplementedError
+
+    def final_step(self, view: WindowView, proposal: torch.Tensor, row: int) -> torch.Tensor:
+        """The value ``[N, D]`` that window row ``row`` takes when the driver makes it final.
+
+        Called for the first row the stopping rule did not accept (safeguarded solvers only) and
+        for the last state ``x_0`` once every row is accepted. The default is the plain
+        fixed-point step on the order-k equations, ``view.rhs[row]``: exact, because every state
+        it reads is final. A solver that reproduces a method which keeps its own proposal there
+        (ParaDiGMS) returns ``proposal[row]``; the anchor still advances every iteration.
+        """
+        return view.rhs[row]
+
+    def default_window(self) -> int | None:
+        """The window :func:`fpsolve.solve` uses when the caller gives none (``None``: all T)."""
+        return None
+
+    def default_stopping(self) -> StoppingRule | None:
+        """The stopping rule :func:`fpsolve.solve` uses when the caller gives neither ``stopping``
+        nor ``tol`` (``None``: the ``rms`` rule with tol 1e-3)."""
+        return None

@@ -18,7 +18,8 @@ class FP(FixedPointSolver):
     """Fixed-point iteration ``X <- G^k(X)`` on the order-k equations.
 
     Args:
-        order: k, 1..T; ``None`` (default) means T, the Picard / ParaDiGMS form. The alias
+        order: k, 1..T; ``None`` (default) means T, the Picard form (every equation
+            anchored at x_T). The alias
             ``jacobi`` fixes k = 1 (the sampler's own equations), ``picard`` fixes k = T.
     """
 

@@ -64,7 +64,7 @@ def differences(history: History, lo: int, hi: int) -> tuple[torch.Tensor, torch
     """
     rows = [snapshot.rows(lo, hi) for snapshot in history.snapshots]
     d_states, d_residuals, valid = [], [], []
-    for (x_new, r_new, p_new), (x_old, r_old, p_old) in zip(rows, rows[1:]):
+    for (x_new, r_new, p_new), (x_old, r_old, p_old) in zip(rows, rows[1:], strict=False):
         present = p_new & p_old
         mask = present.view(-1, *([1] * (x_new.dim() - 1))).to(x_new.dtype)
         d_states.append((x_new - x_old) * mask)
