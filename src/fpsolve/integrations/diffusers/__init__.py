@@ -1,0 +1,46 @@
+"""Solve diffusers schedulers and pipelines in parallel, identical to their own sequential output.
+
+Quick start::
+
+    from fpsolve.integrations.diffusers import sample
+    out, solution = sample(pipe, solver="taa", generator=torch.Generator().manual_seed(0),
+                           num_inference_steps=50, output_type="np")
+
+``out`` is what ``pipe(generator=<same seed>, num_inference_steps=50, output_type="np")``
+returns, up to the solver's tolerance. The pieces:
+
+* :func:`sample`: a pipeline call (DDPM, DDIM, DiT, Stable Diffusion) solved in parallel;
+* :func:`scheduler_system`: a scheduler plus a model as a :class:`~fpsolve.TriangularSystem`;
+* :func:`compile_scheduler` / :func:`scheduler_sampler`: a configured scheduler's loop as an
+  fpsolve sampler, measured exactly by probing its ``step`` (see :mod:`.probe`).
+
+Importing this package does not import diffusers; diffusers is imported when it is used.
+"""
+
+from __future__ import annotations
+
+from .api import sample
+from .pipelines import ADAPTERS, PreparedPipeline, prepare_pipeline
+from .sampler import SchedulerProgram, SchedulerSampler, compile_scheduler, scheduler_sampler
+from .schedulers import SPECS, supported_names
+from .system import scheduler_system
+
+__all__ = [
+    "sample",
+    "scheduler_system",
+    "compile_scheduler",
+    "scheduler_sampler",
+    "SchedulerSampler",
+    "SchedulerProgram",
+    "prepare_pipeline",
+    "PreparedPipeline",
+    "supported_names",
+    "supported_pipelines",
+    "SPECS",
+    "ADAPTERS",
+]
+
+
+def supported_pipelines() -> list[str]:
+    """The class names of the supported pipelines, sorted."""
+    return sorted(ADAPTERS)

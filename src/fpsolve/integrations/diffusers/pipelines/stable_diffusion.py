@@ -1,0 +1,144 @@
+"""``StableDiffusionPipeline``: text-to-image with classifier-free guidance, then the VAE decode.
+
+The setup runs the pipeline's own helpers in the pipeline's order (``check_inputs``,
+``encode_prompt``, ``retrieve_timesteps``, ``prepare_latents``, ``prepare_extra_step_kwargs``),
+so prompts, negative prompts, ``prompt_embeds``, ``num_images_per_prompt``, ``clip_skip``, LoRA
+scale, custom ``timesteps``/``sigmas``, user ``latents`` and ``eta`` behave exactly as in
+``pipe(...)``. Inside the system's denoiser the guidance is the pipeline's: one UNet call on
+``[x, x]`` with ``[negative, positive]`` embeddings, ``uncond + g (text - uncond)``, then
+``rescale_noise_cfg`` when ``guidance_rescale > 0``. The tail (decode, safety checker,
+``image_processor.postprocess``, ``output_type``, ``return_dict``) is the pipeline's too.
+Per-step callbacks and IP-Adapter inputs are refused: a parallel solve has no "after step i".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..sampler import compile_scheduler
+from ..system import loop_system
+from .base import PreparedPipeline, bind_call, refuse_arguments
+
+__all__ = ["prepare_stable_diffusion"]
+
+_CALLBACKS = ("callback", "callback_on_step_end")
+_IP_ADAPTER = ("ip_adapter_image", "ip_adapter_image_embeds")
+
+
+def _sd_model(pipe: Any, embeds: torch.Tensor, negative: torch.Tensor | None, guidance_scale: float,
+              guidance_rescale: float, timestep_cond: torch.Tensor | None,
+              cross_attention_kwargs: dict[str, Any] | None):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    batch = embeds.shape[0]
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sample = torch.arange(x.shape[0], device=x.device) % batch  # the system's batch is position-major
+        condition = embeds[sample]
+        if negative is not None:
+            x, t = torch.cat([x, x]), torch.cat([t, t])
+            condition = torch.cat([negative[sample], condition])
+        noise_pred = pipe.unet(x, t, encoder_hidden_states=condition,
+                               timestep_cond=None if timestep_cond is None else timestep_cond[sample],
+                               cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=None,
+                               return_dict=False)[0]
+        if negative is not None:
+            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+            if guidance_rescale > 0.0:
+                noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=guidance_rescale)
+        return noise_pred
+    return model
+
+
+def _finisher(pipe: Any, args: Mapping[str, Any], device: torch.device, dtype: torch.dtype):
+    output_type, generator = args["output_type"], args["generator"]
+
+    def finish(latents: torch.Tensor) -> Any:
+        from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+
+        latents = latents.to(dtype)
+        if not output_type == "latent":
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                    generator=generator)[0]
+            image, has_nsfw_concept = pipe.run_safety_checker(image, device, dtype)
+        else:
+            image, has_nsfw_concept = latents, None
+        if has_nsfw_concept is None:
+            do_denormalize = [True] * image.shape[0]
+        else:
+            do_denormalize = [not has_nsfw for has_nsfw in has_nsfw_concept]
+        image = pipe.image_processor.postprocess(image, output_type=output_type,
+                                                 do_denormalize=do_denormalize)
+        pipe.maybe_free_model_hooks()
+        if not args["return_dict"]:
+            return (image, has_nsfw_concept)
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
+    return finish
+
+
+def _size(pipe: Any, height: int | None, width: int | None) -> tuple[int, int]:
+    """The image size, defaulting to the UNet's sample size times the VAE factor (as the pipeline)."""
+    if height and width:
+        return height, width
+    size = pipe.unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else (size[0], size[1])
+    return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
+
+
+def _batch_size(args: Mapping[str, Any]) -> int:
+    """Prompts in the call: one string, a list, or the rows of ``prompt_embeds``."""
+    prompt = args["prompt"]
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    return args["prompt_embeds"].shape[0]
+
+
+def _encode(pipe: Any, args: Mapping[str, Any], do_cfg: bool, device: torch.device):
+    """``(prompt_embeds, negative_prompt_embeds)`` from the pipeline's own ``encode_prompt``."""
+    attention_kwargs = args["cross_attention_kwargs"]
+    lora_scale = attention_kwargs.get("scale", None) if attention_kwargs is not None else None
+    return pipe.encode_prompt(args["prompt"], device, args["num_images_per_prompt"], do_cfg,
+                              args["negative_prompt"], prompt_embeds=args["prompt_embeds"],
+                              negative_prompt_embeds=args["negative_prompt_embeds"], lora_scale=lora_scale,
+                              clip_skip=args["clip_skip"])
+
+
+def prepare_stable_diffusion(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> PreparedPipeline:
+    """Prepare ``StableDiffusionPipeline.__call__(**call)``."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    args = bind_call(pipe, call, extra=("callback", "callback_steps"))
+    refuse_arguments(pipe, args, _CALLBACKS, "per-step callbacks need the sequential loop")
+    refuse_arguments(pipe, args, _IP_ADAPTER,
+                     "IP-Adapter conditioning is not wired into the parallel denoiser")
+    height, width = _size(pipe, args["height"], args["width"])
+    pipe.check_inputs(args["prompt"], height, width, args.get("callback_steps"), args["negative_prompt"],
+                      args["prompt_embeds"], args["negative_prompt_embeds"], None, None,
+                      args["callback_on_step_end_tensor_inputs"])
+    guidance_scale, guidance_rescale = args["guidance_scale"], args["guidance_rescale"]
+    do_cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+    device = pipe._execution_device
+    embeds, negative = _encode(pipe, args, do_cfg, device)
+    retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
+    samples = _batch_size(args) * args["num_images_per_prompt"]
+    latents = pipe.prepare_latents(samples, pipe.unet.config.in_channels, height, width, embeds.dtype, device,
+                                   args["generator"], args["latents"])
+    step_kwargs = pipe.prepare_extra_step_kwargs(args["generator"], args["eta"])
+    generator = step_kwargs.pop("generator", None)
+    timestep_cond = None
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        scale = torch.tensor(guidance_scale - 1).repeat(samples)
+        timestep_cond = pipe.get_guidance_scale_embedding(
+            scale, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device=device, dtype=latents.dtype)
+    program = compile_scheduler(pipe.scheduler, step_kwargs, input_scaling="model")
+    model = _sd_model(pipe, embeds, negative if do_cfg else None, guidance_scale, guidance_rescale,
+                      timestep_cond, args["cross_attention_kwargs"])
+    system = loop_system(program, model, latents, generator=generator, step_batch=samples,
+                         model_dtype=pipe.unet.dtype, device=device, dtype=dtype)
+    return PreparedPipeline(system, program, _finisher(pipe, args, device, embeds.dtype))

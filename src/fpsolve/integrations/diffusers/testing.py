@@ -1,0 +1,218 @@
+"""Test helpers for the diffusers integration: reference loops, a smooth model, tiny pipelines.
+
+Everything here is built locally from small configs (no downloads). Importing this module
+imports diffusers and transformers; the integration itself never imports it.
+
+* :class:`GaussianDenoiser`: a cheap model with the behaviour of a trained one (it predicts the
+  posterior mean for Gaussian data, plus a small nonlinear term), for any prediction type;
+* :func:`reference_loop`: diffusers' own sequential loop for a scheduler and a model;
+* ``tiny_*``: tiny UNet2DModel / DiT / Stable Diffusion pipelines with seeded random weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+__all__ = ["GaussianDenoiser", "reference_loop", "tiny_unet2d", "tiny_unet_pipeline", "tiny_dit_pipeline",
+           "tiny_sd_pipeline", "tiny_clip_tokenizer", "tiny_vae", "psnr"]
+
+
+@attrs.define(frozen=True, eq=False)
+class GaussianDenoiser:
+    """``model(x, t)`` for data ``N(0, data_std^2)`` on a variance-preserving schedule, plus a twist.
+
+    For ``x = a x0 + s eps`` the posterior means are ``eps = s x / (a^2 c^2 + s^2)`` and
+    ``x0 = a c^2 x / (a^2 c^2 + s^2)``; ``nonlinear * tanh(W x + t / 1000)`` makes the model
+    nonlinear and non-autonomous. ``abar`` at fractional ``t`` is interpolated linearly.
+
+    Args:
+        alphas_cumprod: the training schedule.
+        size: the number of elements of one sample.
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        data_std: ``c``, the data's standard deviation.
+        nonlinear: the size of the nonlinear term; seed: the seed of its weights.
+    """
+
+    alphas_cumprod: torch.Tensor = attrs.field(repr=False)
+    size: int
+    prediction_type: str = "epsilon"
+    data_std: float = 0.5
+    nonlinear: float = 0.05
+    seed: int = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The prediction at ``x`` ``[B, ...]``, timesteps ``t`` ``[B]`` (or a scalar)."""
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        steps = torch.as_tensor(t, dtype=torch.float64).to(x.device).expand(x.shape[0])
+        abar_table = self.alphas_cumprod.to(device=x.device, dtype=torch.float64)
+        low = steps.floor().long().clamp(0, abar_table.numel() - 1)
+        high = (low + 1).clamp(max=abar_table.numel() - 1)
+        frac = steps - low
+        abar = ((1 - frac) * abar_table[low] + frac * abar_table[high])[:, None]
+        a, s, c2 = abar.sqrt(), (1 - abar).clamp_min(0).sqrt(), self.data_std**2
+        denominator = a**2 * c2 + s**2
+        generator = torch.Generator().manual_seed(self.seed)
+        weight = torch.randn(self.size, self.size, generator=generator, dtype=torch.float64) / self.size**0.5
+        twist = self.nonlinear * torch.tanh(flat @ weight.to(x.device) + steps[:, None] / 1000)
+        eps = s * flat / denominator + twist
+        x0 = a * c2 * flat / denominator - twist
+        if self.prediction_type == "epsilon":
+            out = eps
+        elif self.prediction_type == "sample":
+            out = x0
+        elif self.prediction_type == "v_prediction":
+            out = a * eps - s * x0
+        else:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+        return out.to(x.dtype).reshape(x.shape)
+
+
+def reference_loop(scheduler: Any, model: Any, shape: Sequence[int], generator: torch.Generator | None,
+                   step_kwargs: Mapping[str, Any] | None = None, scale_input: bool = True,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """diffusers' sequential loop on a deep copy of ``scheduler``: the final sample ``[*shape]``.
+
+    Initial noise ``randn_tensor(shape) * init_noise_sigma``, then per timestep
+    ``scale_model_input`` (if ``scale_input``), the model, and ``step`` with ``generator``.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    scheduler = copy.deepcopy(scheduler)
+    x = randn_tensor(tuple(shape), generator=generator, dtype=dtype) * scheduler.init_noise_sigma
+    extra = dict(step_kwargs or {})
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        extra["generator"] = generator
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(x, t) if scale_input else x
+            output = model(model_input, t.expand(x.shape[0]))
+            x = scheduler.step(output, t, x, return_dict=False, **extra)[0]
+    return x
+
+
+def psnr(images: Any, reference: Any) -> float:
+    """PSNR in dB of [0, 1] images against a reference (inf when identical)."""
+    values, target = (torch.as_tensor(x, dtype=torch.float64) for x in (images, reference))
+    mse = float((values - target).pow(2).mean())
+    return float("inf") if mse == 0 else -10 * math.log10(mse)
+
+
+def tiny_unet2d(seed: int = 0, channels: int = 1, size: int = 8, output_scale: float = 0.2):
+    """A tiny random ``UNet2DModel``; ``output_scale`` shrinks its output layer.
+
+    A random UNet is a chaotic denoiser (its sampling loop amplifies rounding by orders of
+    magnitude); a small output layer keeps the loop as tame as a trained model's.
+    """
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    unet: Any = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels,
+                            block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                            down_block_types=("DownBlock2D", "DownBlock2D"),
+                            up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(output_scale)
+        unet.conv_out.bias.mul_(output_scale)
+    return unet
+
+
+def tiny_unet_pipeline(kind: str, scheduler: Any, seed: int = 0, **unet_options: Any):
+    """A ``DDPMPipeline`` (``kind="ddpm"``) or ``DDIMPipeline`` (``"ddim"``) with a tiny UNet."""
+    from diffusers import DDIMPipeline, DDPMPipeline
+
+    cls = {"ddpm": DDPMPipeline, "ddim": DDIMPipeline}[kind]
+    pipe: Any = cls(unet=tiny_unet2d(seed, **unet_options), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_vae(seed: int = 0, latent_channels: int = 4, blocks: int = 2):
+    """A tiny random ``AutoencoderKL`` (``2**(blocks-1)`` downsampling)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    widths = (8, 16, 16)[:blocks]
+    vae: Any = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=widths, layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=latent_channels,
+                         norm_num_groups=4, sample_size=16)
+    return vae.eval()
+
+
+def tiny_dit_pipeline(scheduler: Any, seed: int = 0, learned_sigma: bool = True, output_scale: float = 0.2):
+    """A ``DiTPipeline`` with a tiny DiT (4 latent channels, 8x8, patch 2) and a tiny VAE."""
+    from diffusers import DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer: Any = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8 if learned_sigma else 4,
+        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4)
+    transformer.eval()
+    with torch.no_grad():
+        transformer.proj_out_2.weight.mul_(output_scale)
+        transformer.proj_out_2.bias.mul_(output_scale)
+    pipe: Any = DiTPipeline(transformer=transformer, vae=tiny_vae(seed + 1, blocks=1), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_clip_tokenizer(directory: Path, max_length: int = 16):
+    """A ``CLIPTokenizer`` over single letters and digits, loaded from files written to ``directory``.
+
+    The vocabulary holds every lowercase letter and digit, alone and as a word end (``"a</w>"``),
+    and the two special tokens; there are no merges, so each word is spelled out letter by letter,
+    which is enough to turn prompts into distinct token ids.
+    """
+    from transformers import CLIPTokenizer
+
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(characters) + [c + "</w>" for c in characters]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=max_length)
+
+
+def tiny_sd_pipeline(scheduler: Any, directory: Path, seed: int = 0, output_scale: float = 0.2):
+    """A ``StableDiffusionPipeline`` from tiny random components (no safety checker).
+
+    UNet 8x8 latents with cross-attention (dim 16), a 2-block VAE (16x16 images), a 2-layer CLIP
+    text encoder and the character tokenizer of :func:`tiny_clip_tokenizer`.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer(directory)
+    torch.manual_seed(seed)
+    unet: Any = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    unet.eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(output_scale)
+        unet.conv_out.bias.mul_(output_scale)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=2,
+                            max_position_embeddings=tokenizer.model_max_length,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(config).eval()
+    pipe: Any = StableDiffusionPipeline(
+        vae=tiny_vae(seed + 2), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
