@@ -20,13 +20,15 @@ def system_with(denoiser, steps=12, dim=4, **options):
 @pytest.mark.parametrize("solver", ["sequential", "taa"])
 def test_denoiser_returning_the_wrong_shape(solver):
     system = system_with(lambda x, t: x[:, :2])
-    with pytest.raises(DenoiserOutputError, match=r"returned shape \[\d+, 2\] for an input of shape \[\d+, 4\]"):
+    expected = r"returned shape \[\d+, 2\] for an input of shape \[\d+, 4\]"
+    with pytest.raises(DenoiserOutputError, match=expected):
         fpsolve.solve(system, solver)
 
 
 def test_denoiser_returning_the_wrong_dtype():
     system = system_with(lambda x, t: x.float())
-    with pytest.raises(DenoiserOutputError, match="returned dtype torch.float32 for an input of dtype torch.float64"):
+    expected = "returned dtype torch.float32 for an input of dtype torch.float64"
+    with pytest.raises(DenoiserOutputError, match=expected):
         fpsolve.solve(system, "taa")
 
 

@@ -31,7 +31,8 @@ def test_frozen_prefix_solves_only_the_last_steps(kind, options):
     sampler = make_sampler(kind, 30, **options)
     first = make_system(sampler, dim=5, batch=2, seed=3)
     first_solution = fpsolve.solve(first, "taa", tol=1e-12)
-    second = fpsolve.TriangularSystem(sampler=sampler, denoiser=SmoothDenoiser(99, 5, ALPHAS_CUMPROD, gain=0.9),
+    second = fpsolve.TriangularSystem(sampler=sampler,
+                                      denoiser=SmoothDenoiser(99, 5, ALPHAS_CUMPROD, gain=0.9),
                                       shape=(5,), batch=2, noise=first.unflatten(first.flat_noise))
     init = fpsolve.initializers.FromTrajectory(trajectory=first_solution, solve_last=12)
     solution = fpsolve.solve(second, "taa", initializer=init, tol=1e-12)

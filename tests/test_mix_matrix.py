@@ -11,7 +11,6 @@ import torch
 
 import fpsolve
 from fpsolve.registry import get_registry
-
 from fpsolve.testing.strategies import SmoothDenoiser
 
 from .conftest import ALPHAS_CUMPROD, spaced
@@ -42,7 +41,8 @@ def _names(kind: str, with_aliases: bool = False) -> list[str]:
 @pytest.mark.parametrize("solver", _names("solver", with_aliases=True))
 @pytest.mark.parametrize("sampler", _names("sampler"))
 def test_mix(sampler, solver, stopping, initializer):
-    system = fpsolve.TriangularSystem(sampler=build_sampler(sampler), denoiser=SmoothDenoiser(1, DIM, ALPHAS_CUMPROD),
+    system = fpsolve.TriangularSystem(sampler=build_sampler(sampler),
+                                      denoiser=SmoothDenoiser(1, DIM, ALPHAS_CUMPROD),
                                       shape=(DIM,), batch=BATCH, generator=torch.Generator().manual_seed(0))
     reference = fpsolve.solve(system, "sequential")
     init = fpsolve.registry.resolve("initializer", initializer,

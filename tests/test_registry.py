@@ -54,7 +54,8 @@ def test_unknown_name_lists_valid_names_and_close_matches():
 
 
 def test_unknown_option_lists_valid_options(ddim_system):
-    with pytest.raises(InvalidOptionError, match=r"does not take option\(s\) history; its options are: order"):
+    expected = r"does not take option\(s\) history; its options are: order"
+    with pytest.raises(InvalidOptionError, match=expected):
         fpsolve.solve(ddim_system, "fp", history=2)
     with pytest.raises(InvalidOptionError, match="damping"):
         fpsolve.solve(ddim_system, "taa", damping=0.5)

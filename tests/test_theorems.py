@@ -33,7 +33,8 @@ def unrolled_residual(system: fpsolve.TriangularSystem, states: torch.Tensor, ou
         value = form.noise[j] * system.flat_noise[j]
         for lag in range(1, form.lags + 1):
             if j - lag >= 0:
-                value = value + form.state[j, lag - 1] * run[j - lag] + form.output[j, lag - 1] * outputs[j - lag]
+                value = (value + form.state[j, lag - 1] * run[j - lag]
+                         + form.output[j, lag - 1] * outputs[j - lag])
         run[j] = value
     return run[row] - states[row]
 
@@ -144,7 +145,7 @@ def test_anchor_strictly_advances(system, data):
     window = data.draw(st.integers(1, system.num_steps))
     solution = fpsolve.solve(system, name, window=window, tol=1e-6, **history)
     anchors = (0,) + solution.residuals.anchors
-    assert all(b > a for a, b in zip(anchors, anchors[1:]))
+    assert all(b > a for a, b in zip(anchors, anchors[1:], strict=False))
     assert anchors[-1] == system.num_steps and solution.iterations <= system.num_steps
 
 

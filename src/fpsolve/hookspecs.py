@@ -1,3 +1,5 @@
+# mypy: disable-error-code="empty-body"
+# (hook specifications are signatures with docstrings; pluggy never calls their bodies)
 """Every hook fpsolve calls, with its contract.
 
 A plugin is a module or object with functions decorated by :data:`fpsolve.hookimpl`, named after

@@ -169,8 +169,8 @@ def _build_registry(manager: pluggy.PluginManager) -> Registry:
                     )
                 # Aliases are not inherited: a subclass gets only the aliases it declares itself.
                 own_aliases = vars(cls).get("aliases", {})
-                names = [(name, {}, None)] + [(alias, dict(preset), name)
-                                               for alias, preset in own_aliases.items()]
+                names: list[tuple[str, dict[str, Any], str | None]] = [(name, {}, None)]
+                names += [(alias, dict(preset), name) for alias, preset in own_aliases.items()]
                 for entry_name, preset, alias_of in names:
                     previous = table.get(entry_name)
                     if previous is not None and previous.cls is not cls:
@@ -231,7 +231,7 @@ def resolve(kind: str, spec: Any, options: Mapping[str, Any] | None = None) -> A
     if isinstance(spec, base):
         if options:
             _check_options(kind, type(spec).__name__, type(spec), options)
-            return attrs.evolve(spec, **options)
+            return attrs.evolve(spec, **options)  # type: ignore[misc]  # components are attrs classes
         return spec
     if isinstance(spec, type) and issubclass(spec, base):
         _check_options(kind, spec.__name__, spec, options)

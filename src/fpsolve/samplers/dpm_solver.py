@@ -78,10 +78,10 @@ def dpm_solver_weights(order: int, lambdas: list[float], alpha_next: float, sigm
     # D2 = (D1_0 - D1_1)/(r0+r1), step = ratio s + phi1 m0 + phi2 D1 - phi3 D2.
     d10 = [1 / r0, -1 / r0, 0.0]
     d11 = [0.0, 1 / r1, -1 / r1]
-    diff = [x - y for x, y in zip(d10, d11)]
-    d1 = [x + r0 / (r0 + r1) * y for x, y in zip(d10, diff)]
+    diff = [x - y for x, y in zip(d10, d11, strict=True)]
+    d1 = [x + r0 / (r0 + r1) * y for x, y in zip(d10, diff, strict=True)]
     d2 = [y / (r0 + r1) for y in diff]
-    weights = [phi2 * x - phi3 * y for x, y in zip(d1, d2)]
+    weights = [phi2 * x - phi3 * y for x, y in zip(d1, d2, strict=True)]
     weights[0] += phi1
     return ratio, weights
 
@@ -116,7 +116,8 @@ class DPMSolver(VPSampler):
         abar = self.state_alphas_cumprod().tolist()
         alpha = [math.sqrt(a) for a in abar]
         sigma = [math.sqrt(max(1 - a, 0.0)) for a in abar]
-        lam = [math.log(al) - math.log(si) if si > 0 else math.inf for al, si in zip(alpha, sigma)]
+        lam = [math.log(al) - math.log(si) if si > 0 else math.inf
+               for al, si in zip(alpha, sigma, strict=True)]
         size = self.num_steps + 1
         state = torch.zeros(size, 3, dtype=torch.float64)
         output = torch.zeros(size, 3, dtype=torch.float64)

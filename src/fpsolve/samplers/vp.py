@@ -75,7 +75,7 @@ class VPSampler(SequentialSampler):
             raise InvalidOptionError(
                 f"timesteps must lie in [0, {size - 1}] (the length of alphas_cumprod); got {bad[:5]}."
             )
-        for index, (now, nxt) in enumerate(zip(steps, steps[1:])):
+        for index, (now, nxt) in enumerate(zip(steps, steps[1:], strict=False)):
             if nxt >= now:
                 raise InvalidOptionError(
                     "timesteps must be strictly decreasing (noisiest first); "

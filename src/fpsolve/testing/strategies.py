@@ -13,12 +13,13 @@ small problems for fast property tests::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import attrs
 import torch
 from hypothesis import strategies as st
 
-from ..samplers import DDIM, DDPM, DPMSolver, SequentialSampler
+from ..samplers import DDIM, DDPM, DPMSolver, SequentialSampler, VPSampler
 from ..system import TriangularSystem
 
 __all__ = ["SmoothDenoiser", "schedules", "timestep_lists", "samplers", "denoisers", "systems"]
@@ -97,7 +98,8 @@ def systems(draw: st.DrawFn, *, kinds: Sequence[str] = ("ddim", "ddpm", "dpm_sol
     sampler = draw(samplers(kinds=kinds, min_steps=min_steps, max_steps=max_steps))
     dim = draw(st.integers(1, max_dim))
     batch = draw(st.sampled_from([None] + list(range(1, max_batch + 1))))
-    denoiser = draw(denoisers(dim=dim, alphas_cumprod=sampler.alphas_cumprod))
+    # every sampler drawn by samplers() is variance-preserving, so it has a schedule
+    denoiser = draw(denoisers(dim=dim, alphas_cumprod=cast(VPSampler, sampler).alphas_cumprod))
     seed = draw(st.integers(0, 2**31 - 1))
     return TriangularSystem(sampler=sampler, denoiser=denoiser, shape=(dim,), batch=batch,
                             generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
