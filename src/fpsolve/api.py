@@ -69,7 +69,7 @@ def solve(
         tol: shortcut for the ``rms`` rule with ``tol1 = tol2 = tol``.
         stopping: a stopping rule (name, class or instance). Default: the solver's
             :meth:`~fpsolve.FixedPointSolver.default_stopping` if it has one (e.g. the
-            ``paradigms`` plugin solver), else ``rms`` with tol 1e-3.
+            ``paradigms`` plugin solver), else ``rms`` with tol 2e-4.
         initializer: first guess (name, class or instance); default ``noise_copy``.
         max_iters: cap on parallel iterations (``None``: T).
         observers: callables receiving an :class:`~fpsolve.driver.IterationInfo` per iteration.
@@ -89,7 +89,7 @@ def solve(
         raise InvalidOptionError("give tol= (a shortcut for the rms rule) or stopping=, not both.")
     if tol is not None:
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-            raise InvalidOptionError(f"tol must be a finite number > 0 (default 1e-3); got {tol!r}.")
+            raise InvalidOptionError(f"tol must be a finite number > 0 (default 2e-4); got {tol!r}.")
         stopping_obj: StoppingRule = RMS(tol1=float(tol), tol2=float(tol))
     elif stopping is not None:
         stopping_obj = resolve("stopping rule", stopping)

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", default="taa",
                         help="taa (default), fp, picard, jacobi, aa, sequential, ...")
     parser.add_argument("--window", type=int, default=None, help="positions per iteration (default T)")
-    parser.add_argument("--tol", type=float, default=1e-3, help="stopping tolerance (default 1e-3)")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="rms stopping tolerance (default: the rms rule's default, 2e-4)")
     parser.add_argument("--max-iters", type=int, default=None, help="cap on parallel iterations")
     parser.add_argument("--samples", type=int, default=4, help="samples N (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")

@@ -98,13 +98,18 @@ class RMS(StoppingRule):
     """ParaTAA's rule: row s is accepted when the RMS of its first-order residual is at most
     ``max(tol1, tol2 * sigma_s)`` for every sample (sigma_s: the state's noise std).
 
-    ``fpsolve.solve(..., tol=x)`` is this rule with ``tol1 = tol2 = x``.
+    ``fpsolve.solve(..., tol=x)`` is this rule with ``tol1 = tol2 = x``. The defaults (2e-4) are
+    chosen so the final sample stays within 1/255 of the sequential one on the benchmark;
+    ParaTAA's reference scripts use 1e-3.
     """
 
     name = "rms"
 
-    tol1: float = attrs.field(default=1e-3, validator=_positive("tol1"))
-    tol2: float = attrs.field(default=1e-3, validator=_positive("tol2", allow_zero=True))
+    # 2e-4, not the reference scripts' 1e-3: measured on the shipped digits model, 1e-3 left the
+    # final image up to 3 px (on [0, 255]) from the sequential one on DDIM-100, 3e-4 kept every
+    # benchmark cell within 1 px (docs/benchmarks). RMS(tol1=1e-3, tol2=1e-3) is the reference.
+    tol1: float = attrs.field(default=2e-4, validator=_positive("tol1"))
+    tol2: float = attrs.field(default=2e-4, validator=_positive("tol2", allow_zero=True))
 
     def converged(self, view: StoppingView) -> torch.Tensor:
         """Rows whose first-order residual RMS is within tolerance."""

@@ -1,14 +1,13 @@
-"""Hypothesis profile and fpsolve's pytest plugin (fixtures ``fpsolve_conformance``, ``fpsolve_problem``).
+"""Hypothesis profile of the plugin's tests.
 
-``pytest_plugins`` makes the fixtures available before fpsolve declares its ``pytest11`` entry
-point; once it does, the entry point is named after the module and this line is a no-op.
+fpsolve's pytest plugin (fixtures ``fpsolve_conformance``, ``fpsolve_problem``) is loaded through
+fpsolve's ``pytest11`` entry point.
 """
 
 from __future__ import annotations
 
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["fpsolve.testing.pytest_plugin"]
 
 settings.register_profile(
     "fpsolve-paradigms",

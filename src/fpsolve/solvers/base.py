@@ -125,5 +125,5 @@ class FixedPointSolver:
 
     def default_stopping(self) -> StoppingRule | None:
         """The stopping rule :func:`fpsolve.solve` uses when the caller gives neither ``stopping``
-        nor ``tol`` (``None``: the ``rms`` rule with tol 1e-3)."""
+        nor ``tol`` (``None``: the ``rms`` rule with tol 2e-4)."""
         return None
