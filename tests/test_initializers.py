@@ -85,3 +85,19 @@ def test_noise_copy_fills_rows_lazily_with_the_lowest_initialised_state():
                              observers=[lambda info: seen.append((info.lo, info.hi))])
     assert seen[0] == (1, 4) and all(hi - lo + 1 <= 4 for lo, hi in seen)
     assert solution.converged
+
+
+def test_coarse_initializer_keeps_the_sample_shape():
+    """Denoisers may insist on their input shape (image models do): the coarse solve keeps it."""
+    sampler = make_sampler("ddim", 20)
+    inner = SmoothDenoiser(4, 12, ALPHAS_CUMPROD)
+
+    def image_denoiser(x, t):
+        assert x.shape[1:] == (3, 2, 2), x.shape
+        return inner(x, t)
+
+    system = fpsolve.TriangularSystem(sampler=sampler, denoiser=image_denoiser, shape=(3, 2, 2), batch=2,
+                                      generator=torch.Generator().manual_seed(0))
+    reference = fpsolve.solve(system, "sequential")
+    solution = fpsolve.solve(system, "taa", initializer=fpsolve.initializers.Coarse(steps=4), tol=1e-12)
+    torch.testing.assert_close(solution.sample, reference.sample, rtol=0, atol=1e-10)

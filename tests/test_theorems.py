@@ -99,6 +99,8 @@ SOLVERS = {
     "taa-m2": ("taa", {"history": 2}),
     "taa-m3-k6": ("taa", {"history": 3, "order": 6}),
     "aa-safeguarded": ("aa", {"history": 3, "safeguard": True}),
+    "newton": ("newton", {}),
+    "newton-k5": ("newton", {"order": 5}),
 }
 
 

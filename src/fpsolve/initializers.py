@@ -142,10 +142,11 @@ class Coarse(Initializer):
         noise = torch.zeros((coarse_sampler.num_steps + 1,) + tuple(system.flat_noise.shape[1:]),
                             dtype=system.dtype, device=system.device)
         noise[0] = system.flat_noise[0]
+        # Same sample shape and batch as the fine system: denoisers may insist on their shape.
         coarse_system = TriangularSystem(
-            sampler=coarse_sampler, denoiser=system.denoiser, shape=(system.state_size,),
-            batch=system.num_samples, noise=noise, dtype=system.dtype, device=system.device,
-            model_dtype=system.model_dtype,
+            sampler=coarse_sampler, denoiser=system.denoiser, shape=system.shape,
+            batch=system.num_samples, noise=noise.reshape(noise.shape[0], system.num_samples, *system.shape),
+            dtype=system.dtype, device=system.device, model_dtype=system.model_dtype,
         )
         coarse = solve(coarse_system, solver="sequential")
         coarse_states = coarse.trajectory.reshape(coarse_sampler.num_steps + 1, system.num_samples, -1)

@@ -9,6 +9,7 @@ name            what it does
 ``picard``      ``fp`` with k = T (every equation anchored at x_T)
 ``aa``          standard Anderson acceleration over the stacked window
 ``taa``         triangular Anderson acceleration with the safeguard (ParaTAA)
+``newton``      quasi-Newton: a per-state secant estimate of the model Jacobian
 ==============  =====================================================================
 """
 
@@ -18,12 +19,13 @@ from ..hookspecs import hookimpl
 from .anderson import AA, TAA
 from .base import FixedPointSolver, WindowView
 from .fp import FP
+from .newton import QuasiNewton
 from .sequential import Sequential
 
-__all__ = ["FixedPointSolver", "WindowView", "FP", "AA", "TAA", "Sequential"]
+__all__ = ["FixedPointSolver", "WindowView", "FP", "AA", "TAA", "QuasiNewton", "Sequential"]
 
 
 @hookimpl
 def fpsolve_register_solvers() -> list[type[FixedPointSolver]]:
     """fpsolve's own solvers."""
-    return [Sequential, FP, AA, TAA]
+    return [Sequential, FP, AA, TAA, QuasiNewton]

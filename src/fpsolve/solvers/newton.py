@@ -1,0 +1,112 @@
+"""Quasi-Newton iteration: Newton's method with a secant estimate of the model's Jacobian.
+
+Linearising the sampler's step around the current iterate, a correction ``delta`` of the states
+satisfies, row by row (``J_j`` the Jacobian of eps at state ``j``),
+
+    delta_i = sum_l (A[i, l] + B[i, l] J_{i-l}) delta_{i-l} + r1_i.
+
+Fixed-point iteration on the order-T equations (Picard) is this with ``J = 0``: it freezes the
+model outputs. Here ``J_j ~ gamma_j I``, one scalar per state and sample, from the secant
+between the last two model evaluations at that state,
+
+    gamma_j = <e_j - e'_j, x_j - x'_j> / ||x_j - x'_j||^2      (clamped to [-clamp, clamp]),
+
+so each iteration still makes ONE batched model call, and the correction is one batched
+triangular solve over the window. States without a secant yet use ``gamma = 0`` (Picard).
+Measured on the shipped digits model (DDIM-100, tol 2e-4, two seeds): 12-13 iterations
+against 16-17 for ``taa`` (m = 2), both within 1/255 of the sequential image.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from ._validators import order_option, ridge_option
+from .base import FixedPointSolver, WindowView
+
+__all__ = ["QuasiNewton", "NewtonState"]
+
+
+@attrs.define(frozen=True, eq=False)
+class NewtonState:
+    """Secant memory: the previous evaluations ``(x, e)`` at states ``first..``, ``gamma [T+1, N]``,
+    and the sampler's lag coefficients ``A``, ``B`` ``[T+1, K]`` on the device."""
+
+    first: int
+    states: torch.Tensor | None = attrs.field(repr=False)
+    outputs: torch.Tensor | None = attrs.field(repr=False)
+    gamma: torch.Tensor = attrs.field(repr=False)
+    state_coef: torch.Tensor = attrs.field(repr=False)
+    output_coef: torch.Tensor = attrs.field(repr=False)
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class QuasiNewton(FixedPointSolver):
+    """Quasi-Newton with a per-state scalar secant Jacobian (see the module docstring).
+
+    Args:
+        order: k; the correction reaches at most k rows down (``None`` = T, default).
+        clamp: bound on ``|gamma|`` (guards against a secant through nearly equal states).
+    """
+
+    name = "newton"
+    aliases = {"quasi_newton": {}}
+
+    order: int | None = attrs.field(default=None, validator=order_option)
+    clamp: float = attrs.field(default=50.0, validator=ridge_option)
+
+    def init(self, system: object) -> NewtonState:
+        """No secants yet: ``gamma = 0`` everywhere (the first step is Picard's)."""
+        steps, samples = system.num_steps, system.num_samples  # type: ignore[attr-defined]
+        gamma = torch.zeros(steps + 1, samples, dtype=system.dtype, device=system.device)  # type: ignore[attr-defined]
+        state_coef, output_coef, _ = system._device_coefficients()  # type: ignore[attr-defined]
+        return NewtonState(0, None, None, gamma, state_coef, output_coef)
+
+    def step(self, view: WindowView, state: NewtonState) -> tuple[torch.Tensor, NewtonState]:
+        """Update the secants at the evaluated states, then solve for the Newton correction."""
+        lo, hi = view.lo, view.hi
+        first = lo - 1  # the states whose model outputs this iteration evaluated: lo-1 .. hi-1
+        states = view.trajectory[first:hi].clone()
+        outputs = view.outputs[first:hi].clone()
+        gamma = state.gamma.clone()
+        if state.states is not None:
+            start = max(first, state.first)
+            stop = min(hi, state.first + state.states.shape[0])
+            if start < stop:
+                new = slice(start - first, stop - first)
+                old = slice(start - state.first, stop - state.first)
+                d_states = states[new] - state.states[old]
+                d_outputs = outputs[new] - state.outputs[old]  # type: ignore[index]
+                squared = d_states.pow(2).sum(-1)
+                secant = (d_outputs * d_states).sum(-1) / squared.clamp_min(torch.finfo(squared.dtype).tiny)
+                moved = squared > 0
+                gamma[start:stop] = torch.where(moved, secant.clamp(-self.clamp, self.clamp), gamma[start:stop])
+        correction = self._correction(view, gamma, state.state_coef, state.output_coef)
+        return view.states + correction, attrs.evolve(state, first=first, states=states, outputs=outputs,
+                                                      gamma=gamma)
+
+    def _correction(self, view: WindowView, gamma: torch.Tensor, state_coef: torch.Tensor,
+                    output_coef: torch.Tensor) -> torch.Tensor:
+        lo, hi, width = view.lo, view.hi, view.width
+        samples = view.first_order.shape[1]
+        lower = view.first_order.new_zeros(samples, width, width)
+        for lag in range(1, state_coef.shape[1] + 1):
+            if lag >= width:
+                break
+            rows = torch.arange(lag, width, device=lower.device)
+            coefficient = (state_coef[lo + lag:hi + 1, lag - 1, None]
+                           + output_coef[lo + lag:hi + 1, lag - 1, None] * gamma[lo:hi + 1 - lag])  # [W-l, N]
+            lower[:, rows, rows - lag] = coefficient.transpose(0, 1)
+        eye = torch.eye(width, dtype=lower.dtype, device=lower.device)
+        residual = view.first_order.transpose(0, 1)  # [N, W, D]
+        order = self.resolved_order(view.trajectory.shape[0] - 1)
+        if order >= width:
+            solved = torch.linalg.solve_triangular(eye - lower, residual, upper=False, unitriangular=True)
+        else:  # the correction of row i reaches back at most k - 1 rows, like the order-k equations
+            propagator = torch.linalg.solve_triangular(eye - lower, eye.expand_as(lower), upper=False,
+                                                       unitriangular=True)
+            offsets = torch.arange(width, device=lower.device)
+            propagator = propagator * ((offsets[:, None] - offsets[None, :]) < order)
+            solved = propagator @ residual
+        return solved.transpose(0, 1)
