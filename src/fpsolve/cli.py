@@ -17,8 +17,10 @@ __all__ = ["main", "COMMANDS"]
 #: ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fpsolve.demo", "sample a reference model sequentially and with TAA, and compare"),
+    "bench": ("fpsolve.bench.cli", "benchmark samplers x solvers x tolerances against sequential sampling"),
     "plugins": ("fpsolve.plugins_cli", "list every registered sampler, solver, stopping rule, initializer"),
     "train-reference": ("fpsolve.models.digits", "train the shipped digits UNet (reproducible)"),
+    "sample": ("fpsolve.sample_cli", "sample a reference model; under torchrun, sharded over the ranks"),
 }
 
 
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command (modules are imported lazily at run time)."""
     parser = argparse.ArgumentParser(prog="fpsolve", description="Parallel diffusion sampling.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 

@@ -1,0 +1,322 @@
+"""What the benchmark measures: frozen specs of samplers, solvers and cells, and the two plans.
+
+A *cell* is one (model, sampler, solver, tolerance). Solvers whose stopping rule is the RMS rule
+get one cell per tolerance; the others (sequential, the ParaDiGMS rule, ``taa default``) get one
+cell with ``tol=None``. Every cell is run on each seed with a batch of samples, against the
+sequential sample from the same noise.
+
+Specs name things by a short ``key`` (used on the command line, e.g. ``ddim-50``, ``taa-m2``) and
+show a ``label`` (used in tables and plots, e.g. ``DDIM-50``, ``taa m=2``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import attrs
+import torch
+
+from ..errors import InvalidOptionError, UnknownNameError
+from ..models import spaced_timesteps
+from ..samplers import DDIM, DDPM, DPMSolver
+from ..samplers.base import SequentialSampler
+from ..stopping import RMS, Paradigms
+
+__all__ = [
+    "SamplerSpec",
+    "SolverSpec",
+    "Cell",
+    "CurvePlan",
+    "BenchPlan",
+    "SOLVERS",
+    "parse_sampler",
+    "parse_solver",
+    "full_plan",
+    "quick_plan",
+]
+
+
+def _as_tuple(value: Iterable[Any]) -> tuple[Any, ...]:
+    """attrs converter: any iterable (list, generator) -> tuple, so frozen specs stay hashable."""
+    return tuple(value)
+
+
+#: Sampler families: key prefix -> (display name, constructor of the sampler from (abar, timesteps)).
+_FAMILIES: dict[str, tuple[str, Any]] = {
+    "ddim": ("DDIM", lambda abar, steps: DDIM(alphas_cumprod=abar, timesteps=steps, eta=0.0)),
+    "ddpm": ("DDPM", lambda abar, steps: DDPM(alphas_cumprod=abar, timesteps=steps)),
+    "dpm2m": ("DPM++2M", lambda abar, steps: DPMSolver(alphas_cumprod=abar, timesteps=steps, order=2)),
+}
+
+
+@attrs.define(frozen=True)
+class SamplerSpec:
+    """A sampler family and its number of steps T (evenly spaced over the 1000 training steps).
+
+    Attributes:
+        family: ``ddim`` (eta 0), ``ddpm`` (ancestral, posterior variance) or ``dpm2m``
+            (DPM-Solver++ 2M).
+        steps: T.
+    """
+
+    family: str = attrs.field()
+    steps: int = attrs.field()
+
+    @family.validator
+    def _check_family(self, attribute: Any, value: str) -> None:
+        if value not in _FAMILIES:
+            raise UnknownNameError("sampler family", value, _FAMILIES)
+
+    @steps.validator
+    def _check_steps(self, attribute: Any, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 1000:
+            raise InvalidOptionError(f"sampler steps must be an int in 2..1000; got {value!r}.")
+
+    @property
+    def key(self) -> str:
+        """Command-line name, e.g. ``ddim-50``."""
+        return f"{self.family}-{self.steps}"
+
+    @property
+    def label(self) -> str:
+        """Display name, e.g. ``DDIM-50``."""
+        return f"{_FAMILIES[self.family][0]}-{self.steps}"
+
+    @property
+    def family_label(self) -> str:
+        """Display name of the family, e.g. ``DPM++2M``."""
+        return _FAMILIES[self.family][0]
+
+    def build(self, alphas_cumprod: torch.Tensor) -> SequentialSampler:
+        """The sampler on a model's training schedule."""
+        return _FAMILIES[self.family][1](alphas_cumprod, spaced_timesteps(self.steps, alphas_cumprod.numel()))
+
+
+def parse_sampler(text: str) -> SamplerSpec:
+    """``"ddim-50"`` (or the label ``"DDIM-50"``, ``"DPM++2M-25"``) -> :class:`SamplerSpec`."""
+    cleaned = text.strip().lower().replace("dpm++2m", "dpm2m")
+    match = re.fullmatch(r"([a-z0-9]+)-(\d+)", cleaned)
+    if match is None:
+        raise InvalidOptionError(
+            f"sampler {text!r} is not FAMILY-STEPS; use e.g. ddim-50, ddpm-100, dpm2m-25 "
+            f"(families: {', '.join(_FAMILIES)})."
+        )
+    return SamplerSpec(match.group(1), int(match.group(2)))
+
+
+Stopping = Literal["sequential", "tolerance", "paradigms", "default"]
+
+
+@attrs.define(frozen=True)
+class SolverSpec:
+    """A solver configuration of the matrix.
+
+    Attributes:
+        key: command-line name (``taa-m2``); label: display name (``taa m=2``).
+        solver: registered solver name passed to :func:`fpsolve.solve`.
+        options: solver options as ``(name, value)`` pairs; the value ``"T"`` means the sampler's
+            number of steps (so ``fp k=T`` stays k = T whatever the library default becomes).
+        stopping: ``tolerance`` (the RMS rule at each tolerance of the plan), ``paradigms`` (the
+            ParaDiGMS rule at its default tol 0.1), ``default`` (no stopping option at all: the
+            library's default rule) or ``sequential`` (no stopping rule).
+        single_tolerance: run at the plan's first tolerance only.
+    """
+
+    key: str
+    label: str
+    solver: str
+    options: tuple[tuple[str, Any], ...] = ()
+    stopping: Stopping = "tolerance"
+    single_tolerance: bool = False
+
+    @property
+    def uses_tolerance(self) -> bool:
+        """True when the cell's stopping rule is the RMS rule at the plan's tolerances."""
+        return self.stopping == "tolerance"
+
+    def solver_options(self, steps: int) -> dict[str, Any]:
+        """Options for :func:`fpsolve.solve`, with ``"T"`` replaced by ``steps``."""
+        return {name: (steps if value == "T" else value) for name, value in self.options}
+
+    def stopping_rule(self, tol: float | None) -> Any:
+        """The stopping rule of a cell (``None``: leave the library default)."""
+        if self.stopping == "tolerance":
+            if tol is None:
+                raise InvalidOptionError(f"solver {self.key!r} needs a tolerance.")
+            return RMS(tol1=tol, tol2=tol)
+        if self.stopping == "paradigms":
+            return Paradigms()
+        return None
+
+
+#: Every solver configuration the benchmark knows, by key, in display order.
+SOLVERS: dict[str, SolverSpec] = {
+    spec.key: spec
+    for spec in (
+        SolverSpec("sequential", "sequential", "sequential", stopping="sequential"),
+        # The slowest baseline: its tighter-tolerance cells alone would cost a fifth of the full
+        # matrix's model evaluations, and one tolerance is enough to place it.
+        SolverSpec("fp-k1", "fp k=1", "fp", (("order", 1),), single_tolerance=True),
+        SolverSpec("fp-kT", "fp k=T", "fp", (("order", "T"),)),
+        # ParaDiGMS: Picard iteration (k = T) with its own sigma-scaled rule, tol 0.1.
+        SolverSpec("fp-paradigms", "fp k=T + paradigms", "fp", (("order", "T"),), stopping="paradigms"),
+        SolverSpec("aa", "aa m=2", "aa", (("order", "T"), ("history", 2))),
+        SolverSpec("taa-m2", "taa m=2", "taa", (("order", "T"), ("history", 2))),
+        SolverSpec("taa-m3", "taa m=3", "taa", (("order", "T"), ("history", 3))),
+        SolverSpec("taa-m5", "taa m=5", "taa", (("order", "T"), ("history", 5))),
+        # solve(system, "taa") with no options at all: whatever the library's defaults are.
+        SolverSpec("taa-default", "taa default", "taa", (), stopping="default"),
+        # The quasi-Newton solver with the default stopping rule.
+        SolverSpec("newton-default", "newton default", "newton", (), stopping="default"),
+    )
+}
+
+
+def parse_solver(text: str) -> SolverSpec:
+    """A solver key (``taa-m2``) or label (``taa m=2``) -> its :class:`SolverSpec`."""
+    wanted = text.strip()
+    for spec in SOLVERS.values():
+        if wanted in (spec.key, spec.label):
+            return spec
+    raise UnknownNameError("benchmark solver", wanted, SOLVERS)
+
+
+@attrs.define(frozen=True)
+class Cell:
+    """One entry of the matrix: a model, a sampler, a solver and (for the RMS rule) a tolerance."""
+
+    model: str
+    sampler: SamplerSpec
+    solver: SolverSpec
+    tol: float | None = None
+
+    @property
+    def tol_label(self) -> str:
+        """``1e-03``, ``0.1 (paradigms)``, ``default`` or ``-`` (sequential)."""
+        if self.solver.stopping == "tolerance":
+            return f"{self.tol:.0e}"
+        return {"paradigms": "0.1 (paradigms)", "default": "default"}.get(self.solver.stopping, "-")
+
+
+def _positive_int(name: str):
+    def check(instance: Any, attribute: Any, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidOptionError(f"{name} must be an int >= 1; got {value!r}.")
+
+    return check
+
+
+@attrs.define(frozen=True)
+class CurvePlan:
+    """The quality-versus-iterations curves: error to sequential after each of 1..``max_iters``
+    iterations, on seed 0, for each sampler x solver listed (keys).
+
+    Attributes:
+        samplers, solvers: keys of the samplers and solvers to trace (solvers must be parallel).
+        max_iters: N, the largest iteration cap.
+        tiny: the RMS tolerance that makes the cap, not the stopping rule, end the solve.
+    """
+
+    samplers: tuple[str, ...] = attrs.field(converter=_as_tuple)
+    solvers: tuple[str, ...] = attrs.field(converter=_as_tuple)
+    max_iters: int = attrs.field(default=30, validator=_positive_int("curve max_iters"))
+    tiny: float = 1e-10
+
+    @solvers.validator
+    def _check_solvers(self, attribute: Any, value: tuple[str, ...]) -> None:
+        for key in value:
+            if parse_solver(key).stopping == "sequential":
+                raise InvalidOptionError("an iteration-cap curve needs a parallel solver, not 'sequential'.")
+
+
+@attrs.define(frozen=True)
+class BenchPlan:
+    """Everything one ``fpsolve bench`` run measures.
+
+    Attributes:
+        models: reference model names (``digits``, ``gmm``).
+        samplers, solvers: the matrix axes.
+        tolerances: RMS tolerances of the solvers that use the RMS rule.
+        seeds: number of seeds (0..seeds-1); each draws x_T and the step noise of a batch.
+        samples: samples per seed, solved together as one batch.
+        curve: the iteration-cap curves (``None``: none).
+        heatmap: ``(sampler key, solver key)`` of the solve whose residuals are drawn (seed 0).
+        quick: whether this is the reduced ``--quick`` plan (recorded in the report).
+    """
+
+    models: tuple[str, ...] = attrs.field(converter=_as_tuple)
+    samplers: tuple[SamplerSpec, ...] = attrs.field(converter=_as_tuple)
+    solvers: tuple[SolverSpec, ...] = attrs.field(converter=_as_tuple)
+    tolerances: tuple[float, ...] = attrs.field(converter=_as_tuple)
+    seeds: int = attrs.field(default=2, validator=_positive_int("seeds"))
+    samples: int = attrs.field(default=4, validator=_positive_int("samples"))
+    curve: CurvePlan | None = None
+    heatmap: tuple[str, str] | None = None
+    quick: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if not self.models or not self.samplers or not self.solvers:
+            raise InvalidOptionError("a benchmark plan needs at least one model, sampler and solver.")
+        if any(s.uses_tolerance for s in self.solvers) and not self.tolerances:
+            raise InvalidOptionError("solvers that use the RMS rule need at least one tolerance.")
+        for tol in self.tolerances:
+            if not (isinstance(tol, float) and 0 < tol < 1):
+                raise InvalidOptionError(f"tolerances must be floats in (0, 1); got {tol!r}.")
+
+    def cells(self, model: str | None = None, sampler: SamplerSpec | None = None) -> list[Cell]:
+        """The cells in display order (optionally only one model's / one sampler's)."""
+        cells = []
+        for name in self.models:
+            for spec in self.samplers:
+                for solver in self.solvers:
+                    tolerances: Sequence[float | None] = (None,)
+                    if solver.uses_tolerance:
+                        tolerances = self.tolerances[:1] if solver.single_tolerance else self.tolerances
+                    cells += [Cell(name, spec, solver, tol) for tol in tolerances]
+        return [
+            c
+            for c in cells
+            if (model is None or c.model == model) and (sampler is None or c.sampler == sampler)
+        ]
+
+
+def full_plan(models: Sequence[str]) -> BenchPlan:
+    """The committed report's matrix: 6 samplers x 9 solvers x tolerances 1e-3, 1e-4.
+
+    Sized for about fifteen minutes on two shared CPU cores with the digits UNet: two seeds of
+    one sample each (``--seeds``/``--samples`` raise it), curves on DDIM-50 and DDPM-100.
+    """
+    return BenchPlan(
+        models=models,
+        samplers=[
+            parse_sampler(k) for k in ("ddim-25", "ddim-50", "ddim-100", "ddpm-100", "dpm2m-25", "dpm2m-50")
+        ],
+        solvers=list(SOLVERS.values()),
+        tolerances=(1e-3, 1e-4),
+        seeds=2,
+        samples=1,
+        curve=CurvePlan(
+            samplers=("ddim-50", "ddpm-100"),
+            # not fp k=1: at a tolerance this tight it moves one state per iteration (flat curve)
+            solvers=("fp-kT", "aa", "taa-m3", "taa-default"),
+            max_iters=25,
+        ),
+        heatmap=("ddim-100", "taa-default"),
+    )
+
+
+def quick_plan(models: Sequence[str]) -> BenchPlan:
+    """A reduced matrix that runs in well under two minutes on two CPU cores."""
+    return BenchPlan(
+        models=models,
+        samplers=[parse_sampler(k) for k in ("ddim-25", "dpm2m-25")],
+        solvers=[SOLVERS[k] for k in ("sequential", "fp-kT", "fp-paradigms", "taa-m2", "taa-default")],
+        tolerances=(1e-3,),
+        seeds=1,
+        samples=2,
+        curve=CurvePlan(samplers=("ddim-25",), solvers=("fp-kT", "taa-default"), max_iters=12),
+        heatmap=("ddim-25", "taa-default"),
+        quick=True,
+    )
