@@ -152,11 +152,14 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
 def write_markdown(
     result: BenchResult, path: str | Path, plots: Mapping[str, Sequence[str]], command: str
 ) -> Path:
-    """Write the report page: how it was made, the headline, per-sampler tables, the plots."""
+    """Write the report page: how it was made, the headline, the plots, per-sampler tables, and
+    links to the other ``*.md`` reports already in the folder."""
     plan, meta = result.plan, result.meta
-    defaults = sorted(
-        {r.solver for c in result.cells if c.cell.solver.stopping == "default" for r in c.records}
-    )
+    # What each "default" cell resolved to in this run (the library's defaults may change).
+    resolved: dict[str, set[str]] = {}
+    for cell in (c for c in result.cells if c.cell.solver.stopping == "default"):
+        resolved.setdefault(cell.cell.solver.label, set()).update(r.solver for r in cell.records)
+    defaults = "; ".join(f"`{label}` = `{'`, `'.join(sorted(r))}`" for label, r in resolved.items())
     lines = [
         "# Benchmark: parallel sampling against the sequential sampler",
         "",
@@ -176,9 +179,9 @@ def write_markdown(
         "- Solvers: `fp k=1` / `fp k=T` fixed-point iteration on the order-1 / order-T equations; `aa` "
         "standard Anderson; `taa m=...` triangular Anderson with history m, order T; these use the RMS rule "
         "(tol1 = tol2 = tol) at each tolerance (`fp k=1`, the slowest, at the first only). "
-        "`fp k=T + paradigms` is ParaDiGMS' rule at tol 0.1. `taa default` is "
-        '`fpsolve.solve(system, "taa")` with no options'
-        + (f" (here: `{'`, `'.join(defaults)}`, default stopping rule)." if defaults else "."),
+        "`fp k=T + paradigms` is ParaDiGMS' rule at tol 0.1. Stopping `default`: "
+        "`fpsolve.solve(system, name)` with no options at all, so the library's default solver "
+        "options and stopping rule" + (f" (in this run: {defaults})." if defaults else "."),
         "- Plots: iterations against T; the error after n parallel iterations (`MaxIters(n) & "
         "RMS(1e-10)`, seed 0); the per-position residual of one solve by iteration.",
         "",
@@ -208,6 +211,10 @@ def write_markdown(
             rows = [cell_row(c) for c in result.cells if c.cell.model == model and c.cell.sampler == spec]
             lines += [f"### {model} {spec.label}", ""] + _md_table(COLUMNS, rows) + [""]
     path = Path(path)
+    # Other reports written into the same folder (by other scripts) are reached from this page.
+    others = sorted(p for p in path.parent.glob("*.md") if p.name != path.name)
+    if others:
+        lines += ["## Other reports in this folder", ""] + [f"- [{p.stem}]({p.name})" for p in others] + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
