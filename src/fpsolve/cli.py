@@ -2,16 +2,22 @@
 
 Each sub-command lives in its own module and is imported only when used, so ``fpsolve --help``
 stays fast and optional dependencies are needed only by the commands that use them.
+
+Errors are one line on stderr and a non-zero exit status: 2 for a bad command line (an unknown
+command, with the closest match; a bad option; an unusable ``--out``), 1 for a failure while
+running. fpsolve's own errors never show a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "OneLineParser", "unknown_command_message"]
 
 #: sub-command -> (module, one-line help). Each module defines ``add_arguments(parser)`` and
 #: ``run(args) -> int``.
@@ -23,28 +29,84 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("fpsolve.sample_cli", "sample a reference model; under torchrun, sharded over the ranks"),
 }
 
+#: exit status of a bad command line (argparse's convention)
+USAGE_ERROR = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``fpsolve sample: --steps: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``<prog>: <message> (see <prog> --help)`` on one line and exit 2."""
+        self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command (modules are imported lazily at run time)."""
-    parser = argparse.ArgumentParser(prog="fpsolve", description="Parallel diffusion sampling.")
+    parser = OneLineParser(prog="fpsolve", description="Parallel diffusion sampling.")
+    parser.add_argument("--version", action="version", version=f"fpsolve {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def unknown_command_message(name: str) -> str:
+    """``unknown command 'sampel'; did you mean 'sample'?`` (the valid commands when nothing is close)."""
+    close = difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid commands: {', '.join(COMMANDS)}"
+    return f"unknown command {name!r}; {hint}"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fpsolve`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0].startswith("-"):
+        # fpsolve, fpsolve --help, fpsolve --version, or an option before the command
+        if not argv:
+            parser.print_help()
+            return 0
+        try:
+            parser.parse_args(argv[:1])
+        except SystemExit as done:  # --help and --version exit 0, a bad option exits 2
+            return int(done.code or 0)
         parser.print_help()
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return USAGE_ERROR
     name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fpsolve: {unknown_command_message(name)}", file=sys.stderr)
+        return USAGE_ERROR
     module = importlib.import_module(COMMANDS[name][0])
-    command = argparse.ArgumentParser(prog=f"fpsolve {name}", description=COMMANDS[name][1])
+    command = OneLineParser(prog=f"fpsolve {name}", description=COMMANDS[name][1])
     module.add_arguments(command)
-    return int(module.run(command.parse_args(rest)) or 0)
+    try:
+        args = command.parse_args(rest)
+    except SystemExit as done:
+        return int(done.code or 0)
+    from .errors import FpsolveError, InvalidOptionError
+
+    try:
+        return int(module.run(args) or 0)
+    except InvalidOptionError as error:
+        print(f"fpsolve {name}: {_one_line(error)}", file=sys.stderr)
+        return USAGE_ERROR
+    except (FpsolveError, OSError) as error:
+        print(f"fpsolve {name}: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fpsolve {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

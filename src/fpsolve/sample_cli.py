@@ -6,6 +6,10 @@
 Under torchrun (or srun with ``MASTER_ADDR``/``MASTER_PORT`` exported) the process group is
 initialised from the environment: gloo on CPU, nccl on CUDA. Every rank solves; only rank 0
 prints and writes ``--out``. Without those variables the command runs as a single process.
+
+``--out`` chooses the format by its suffix (see :data:`OUT_FORMATS`); a folder gets a file named
+after the run (:func:`default_file_name`). The path is checked before sampling, and the file is
+written atomically (a temporary file renamed into place), so a failure never leaves half a file.
 """
 
 from __future__ import annotations
@@ -22,6 +26,19 @@ import torch
 from .errors import FpsolveError, InvalidOptionError
 
 SAMPLERS = ("ddim", "ddpm", "dpm_solver")
+
+#: ``--out`` suffix -> what the file holds.
+OUT_FORMATS: dict[str, str] = {
+    ".pt": "torch.save of a dict: the samples tensor [N, *shape] under 'samples', and the run's "
+    "settings and counts (model, sampler, steps, solver, window, tol, seed, iterations, status, ...)",
+    ".safetensors": "the samples tensor under 'samples'; the run's settings as string metadata",
+    ".png": "the samples as one image grid (image models such as digits only)",
+}
+
+
+def default_file_name(args: argparse.Namespace, model: str) -> str:
+    """The file a folder given to ``--out`` receives, e.g. ``samples-digits-ddim50-taa-seed0.pt``."""
+    return f"samples-{model}-{args.sampler}{args.steps}-{args.solver}-seed{args.seed}.pt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="window (default: the single-process result, bit for bit, on batch-invariant "
                              "models), samples (each rank its own samples), auto (fpsolve.distributed.plan)")
     parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds a collective may wait for a lost rank before failing (default 600)")
-    parser.add_argument("--out", type=Path, default=None, help="save the samples (torch.save) to this file")
+                        help="seconds (> 0) a collective may wait for a lost rank before failing (default 600)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared or busy CPU, multi-threaded model "
+                             "calls can be many times slower)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="solve this many times and report the median wall time (default 1)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="save the samples; the suffix picks the format: .pt (a dict: 'samples' and the "
+                             "run's settings), .safetensors ('samples', settings as metadata), .png (an image "
+                             "grid, image models only); a folder gets samples-<model>-<sampler><T>-<solver>-"
+                             "seed<seed>.pt. Checked before sampling, written atomically")
 
 
 # -- process group ---------------------------------------------------------------------------------
@@ -131,8 +157,68 @@ def _system(args: argparse.Namespace, ref: Any, device: torch.device) -> Any:
 # -- the command ---------------------------------------------------------------------------------
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse option values that would be ignored or fail late (before any model loads)."""
+    import math
+
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise InvalidOptionError(f"--timeout must be a number of seconds > 0; got {args.timeout:g}.")
+    for name in ("threads", "repeats", "samples", "steps"):
+        if getattr(args, name) < 1:
+            raise InvalidOptionError(f"--{name} must be >= 1; got {getattr(args, name)}.")
+
+
+def resolve_out(args: argparse.Namespace, model: str) -> Path | None:
+    """The file ``--out`` names: a folder (existing, or written with a trailing slash) gets
+    :func:`default_file_name`; the suffix must be one of :data:`OUT_FORMATS`. The folder is
+    created and checked writable here, before sampling."""
+    from .cli_output import check_output_dir
+
+    if args.out is None:
+        return None
+    out = Path(args.out)
+    if out.is_dir() or str(args.out).endswith(("/", os.sep)):
+        out = out / default_file_name(args, model)
+    if out.suffix not in OUT_FORMATS:
+        raise InvalidOptionError(
+            f"--out {args.out}: unknown suffix {out.suffix or '(none)'!r}; use one of "
+            f"{', '.join(OUT_FORMATS)}, or a folder.")
+    check_output_dir(out.parent, f"--out {args.out}")
+    return out
+
+
+def _settings(args: argparse.Namespace, model: str, width: int, world: int, shard: str,
+              solution: Any, wall_time: float) -> dict[str, Any]:
+    return {"model": model, "sampler": args.sampler, "steps": args.steps, "solver": args.solver, "window": width,
+            "tol": args.tol, "seed": args.seed, "world_size": world, "shard": shard,
+            "iterations": solution.iterations, "model_evals": solution.model_evals,
+            "status": solution.status.name, "wall_time": wall_time}
+
+
+def save_samples(out: Path, samples: torch.Tensor, settings: dict[str, Any], to_images: Any) -> Path:
+    """Write ``samples`` to ``out`` in the format of its suffix (:data:`OUT_FORMATS`), atomically."""
+    from .cli_output import atomic_write
+
+    samples = samples.detach().cpu()
+    with atomic_write(out) as temporary:
+        if out.suffix == ".pt":
+            torch.save({"samples": samples, **settings}, temporary)
+        elif out.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({"samples": samples.contiguous()}, str(temporary),
+                      metadata={key: str(value) for key, value in settings.items()})
+        else:
+            from .models.digits import save_digit_grid
+
+            save_digit_grid(to_images(samples), temporary, nrow=min(8, samples.shape[0]), scale=6)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Sample, print a summary on rank 0 and save ``--out`` on rank 0."""
+    import statistics
+
     import torch.distributed as dist
 
     from .distributed import plan, solve_distributed
@@ -141,7 +227,11 @@ def run(args: argparse.Namespace) -> int:
     local_rank = int(launch["LOCAL_RANK"]) if launch else 0
     rank = int(launch["RANK"]) if launch else 0
     created = False
+    previous_threads = torch.get_num_threads()
     try:
+        _check_options(args)
+        out = resolve_out(args, args.model) if rank == 0 else None  # before any model loads
+        torch.set_num_threads(args.threads)
         device = _device(args, local_rank)
         created = _init_group(args, device, launch) if launch else False
         distributed = dist.is_available() and dist.is_initialized()
@@ -152,35 +242,48 @@ def run(args: argparse.Namespace) -> int:
                 print(text, flush=True)
 
         ref = _load_model(args.model, device, say)
+        if out is not None and ref.name != args.model and args.out.is_dir():
+            out = resolve_out(args, ref.name)  # the fallback model names the file
+        from .bench.metrics import image_converter
+
+        to_images = image_converter(ref.to_images, ref.shape)
+        if out is not None and out.suffix == ".png" and to_images is None:
+            raise InvalidOptionError(
+                f"--out {out}: the {ref.name} model's samples are not images; use .pt or .safetensors.")
         system = _system(args, ref, device)
         options: dict[str, Any] = dict(window=args.window, tol=args.tol, max_iters=args.max_iters)
         width = min(args.window or args.steps, args.steps)
         chosen = plan(args.samples, width, world, shard=args.shard)
-        if distributed:
-            solution = solve_distributed(system, args.solver, shard=chosen.mode, **options)
-        else:
-            from .api import solve
+        times = []
+        for _ in range(args.repeats):
+            if distributed:
+                solution = solve_distributed(system, args.solver, shard=chosen.mode, **options)
+            else:
+                from .api import solve
 
-            solution = solve(system, args.solver, **options)
-        per_iteration = solution.wall_time / max(solution.iterations, 1)
+                solution = solve(system, args.solver, **options)
+            times.append(solution.wall_time)
+        wall_time = statistics.median(times)
+        per_iteration = wall_time / max(solution.iterations, 1)
+        timing = f"median of {args.repeats} runs" if args.repeats > 1 else "1 run; --repeats N for a median"
         say(f"model {ref.name}, {args.sampler}-{args.steps}, solver {args.solver}, window {width}, "
             f"{args.samples} samples, seed {args.seed}, {world} process(es) on {device.type}"
             + (f", {chosen.mode.rstrip('s')} sharding ({chosen.reason})" if world > 1 else ""))
         say(f"  {solution.iterations} iterations, {solution.model_evals} model evaluations, "
-            f"{solution.wall_time:.3f} s ({1e3 * per_iteration:.2f} ms per iteration), "
+            f"{wall_time:.3f} s ({1e3 * per_iteration:.2f} ms per iteration; {timing}), "
             f"{solution.status.name.lower()}")
-        if rank == 0 and args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"samples": solution.sample.cpu(), "model": ref.name, "sampler": args.sampler,
-                        "steps": args.steps, "solver": args.solver, "window": width, "tol": args.tol,
-                        "seed": args.seed, "world_size": world, "shard": chosen.mode,
-                        "iterations": solution.iterations, "model_evals": solution.model_evals,
-                        "status": solution.status.name, "wall_time": solution.wall_time}, args.out)
-            say(f"  saved {tuple(solution.sample.shape)} samples to {args.out}")
+        if out is not None:
+            settings = _settings(args, ref.name, width, world, chosen.mode, solution, wall_time)
+            save_samples(out, solution.sample, settings, to_images)
+            say(f"  saved {tuple(solution.sample.shape)} samples to {out}")
         return 0
-    except FpsolveError as error:
-        print(f"fpsolve sample (rank {rank}): {error}", file=sys.stderr, flush=True)
+    except InvalidOptionError as error:
+        print(f"fpsolve sample (rank {rank}): {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        return 2
+    except (FpsolveError, OSError) as error:
+        print(f"fpsolve sample (rank {rank}): {' '.join(str(error).split())}", file=sys.stderr, flush=True)
         return 1
     finally:
+        torch.set_num_threads(previous_threads)  # in-process callers (tests) keep their setting
         if created:
             dist.destroy_process_group()
