@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 
@@ -47,11 +48,19 @@ def assert_png(path) -> None:
     assert matplotlib.image.imread(path).std() > 0.01
 
 
+def figure_panels(path) -> list[float]:
+    """Standard deviation of each quarter (top to bottom) of the figure: every panel is drawn."""
+    image = matplotlib.image.imread(path)
+    return [float(part.std()) for part in np.array_split(image, 4, axis=0)]
+
+
 def test_demo_on_an_image_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "load_reference", lambda name: tiny_image_model())
     threads = torch.get_num_threads()
-    assert main(["demo", "--steps", "20", "--samples", "6", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    argv = ["demo", "--steps", "20", "--samples", "6", "--repeats", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert torch.get_num_threads() == threads  # --threads is restored after the run
     figures = numbers(out)
     assert figures["calls"] == figures["T"] == 20
@@ -60,13 +69,40 @@ def test_demo_on_an_image_model(tmp_path, capsys, monkeypatch):
     assert figures["evals"] >= 6 * figures["iterations"]
     pixels = re.search(r"max pixel difference to sequential: (\d+) \(on \[0, 255\]\)", out)
     assert pixels and int(pixels[1]) <= 3  # TAA at the default tolerance reproduces the sequential grid
-    assert {p.name for p in tmp_path.iterdir()} == {"sequential.png", "taa.png", "residuals.png"}
-    for name in ("sequential.png", "taa.png", "residuals.png"):
-        assert_png(tmp_path / name)
-    grids = [matplotlib.image.imread(tmp_path / name) for name in ("sequential.png", "taa.png")]
-    assert abs(grids[0] - grids[1]).max() <= 4 / 255 + 1e-6
-    # 6 samples in one row of 4x4 tiles, 1-pixel borders, upscaled 6x
-    assert matplotlib.image.imread(tmp_path / "sequential.png").shape[:2] == (6 * 6, 6 * 31)
+    assert out.count("(median of 2 runs)") == 2  # both reported times are medians of the repeats
+    # the CPU times are explained, and the GPU ratio is labelled as a prediction from the tables
+    assert "A CPU runs a batch of B rows about B times slower" in out
+    assert "PREDICTED for one NVIDIA H200 (not measured here)" in out
+    assert re.search(r"CUDA graphs: +sequential [\d.]+ ms, taa [\d.]+ ms -> taa [\d.]+x (faster|slower)", out)
+    assert "taa run 2/2" in captured.err  # the progress bar ran over every solve
+    assert {p.name for p in tmp_path.iterdir()} == {"demo.png"}
+    assert_png(tmp_path / "demo.png")
+    assert min(figure_panels(tmp_path / "demo.png")) > 0.01
+
+
+def test_gpu_prediction_follows_the_latency_table(tmp_path):
+    # a synthetic table: batch-1 calls cost 1 ms, 4 rows 1 ms, 8 rows 2 ms (rows above 8 grow linearly)
+    table = tmp_path / "table.json"
+    ms = {"1": 1.0, "4": 1.0, "8": 2.0}
+    table.write_text(
+        '{"device": "card", "models": {"m": {"params_m": 1.0, "eager": %s, "cudagraph": %s}}}'
+        % (str(ms).replace("'", '"'), str(ms).replace("'", '"'))
+    )
+    # T = 4 steps, 2 samples, 2 iterations: sequential 4 t(2) = 4 ms; the parallel solve evaluates
+    # min(4, 4 - 0) = 4 positions x 2 rows (t(8) = 2 ms), then 4 - 2 = 2 positions x 2 rows (1 ms)
+    (eager, _) = demo.predict_gpu(4, 2, 2, 10**6, table)
+    assert eager["sequential_s"] == pytest.approx(4e-3)
+    assert eager["parallel_s"] == pytest.approx(3e-3)
+    assert eager["ratio"] == pytest.approx(4 / 3)
+
+
+def test_the_packaged_latency_table_is_the_measured_one():
+    import json
+    from pathlib import Path
+
+    packaged = json.loads(demo.LATENCY_TABLE.read_text())["models"]
+    measured = json.loads((Path(__file__).parent / "data" / "h200_latency.json").read_text())["models"]
+    assert {name: {k: v for k, v in row.items() if k != "params_m"} for name, row in packaged.items()} == measured
 
 
 def test_demo_falls_back_to_gmm_without_digits_weights(tmp_path, capsys, monkeypatch):
@@ -76,13 +112,13 @@ def test_demo_falls_back_to_gmm_without_digits_weights(tmp_path, capsys, monkeyp
         return load_reference(name)
 
     monkeypatch.setattr(demo, "load_reference", missing_digits)
-    assert main(["demo", "--steps", "6", "--samples", "2", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--steps", "6", "--samples", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
-    assert "Falling back to the 'gmm' model" in captured.err and "no image grids" in captured.err
+    assert "Falling back to the 'gmm' model" in captured.err
     assert numbers(captured.out)["T"] == 6
     assert "max abs difference to sequential" in captured.out
-    assert [p.name for p in tmp_path.iterdir()] == ["residuals.png"]
-    assert_png(tmp_path / "residuals.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.png"]
+    assert_png(tmp_path / "demo.png")
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):
@@ -90,11 +126,36 @@ def test_demo_rejects_bad_settings(tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
 
 
+def test_demo_refuses_an_unusable_out_before_sampling(tmp_path, capsys, monkeypatch):
+    def no_model(name):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(demo, "load_reference", no_model)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "sub"):
+        assert main(["demo", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("fpsolve demo: --out") and "Traceback" not in err
+
+
+def test_demo_model_choices_come_from_the_model_registry():
+    import argparse
+
+    from fpsolve.models import available_references
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    choices = next(a.choices for a in parser._actions if a.dest == "model")
+    assert list(choices) == available_references()
+
+
 @pytest.mark.skipif(
     not (WEIGHTS_DIR / "digits_unet.safetensors").is_file(), reason="digits weights not built yet"
 )
 def test_demo_with_the_shipped_digits_model(tmp_path, capsys):
-    assert main(["demo", "--steps", "6", "--samples", "2", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--steps", "6", "--samples", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("model digits") and numbers(out)["T"] == 6
-    assert {p.name for p in tmp_path.iterdir()} == {"sequential.png", "taa.png", "residuals.png"}
+    assert "unet-16px-1M" in out  # the 1.2M-parameter digits UNet is predicted with the 1.1M UNet's table
+    assert {p.name for p in tmp_path.iterdir()} == {"demo.png"}

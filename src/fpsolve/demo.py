@@ -1,43 +1,63 @@
 """``fpsolve demo``: the README's main job, on the shipped digits model (no download).
 
 Samples a grid of digits twice from the same noise: sequentially (T model calls in a row) and
-with TAA (``fpsolve.solve(system, "taa")``, default options), then prints the parallel
-iterations, the model evaluations, the reduction in sequential model calls (T / iterations) and
-the largest pixel difference to the sequential grid, and saves both grids and the TAA solve's
-residual heatmap as PNGs. Without the digits weights it falls back to the closed-form ``gmm``
-model (64-dimensional vectors: no image grids then).
+with TAA (``fpsolve.solve(system, "taa")``, default options). It prints the parallel iterations,
+the model evaluations, the reduction in sequential model calls (T / iterations), the largest
+pixel difference to the sequential grid, the measured CPU times (median of ``--repeats`` runs)
+with what they mean, and the wall-time ratio *predicted* for a GPU from latency tables measured
+on an NVIDIA H200 (:data:`LATENCY_TABLE`). It saves one labelled figure, ``demo.png``: the
+sequential grid, the TAA grid, their difference and the TAA solve's residual heatmap with the
+anchor. Without the digits weights it falls back to the closed-form ``gmm`` model (64-dimensional
+vectors, drawn as rows of values instead of images).
+
+The model is chosen by name through :func:`fpsolve.models.load_reference`: every name it
+knows (:func:`fpsolve.models.available_references`) is a valid ``--model``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from . import samplers, solve
 from .bench.metrics import ToImages, compare_samples, image_converter
-from .models import ReferenceModel, load_reference, spaced_timesteps
+from .cli_output import check_output_dir
+from .errors import InvalidOptionError
+from .models import ReferenceModel, available_references, load_reference, spaced_timesteps
+from .progress import JobProgress
 from .system import TriangularSystem
 
-__all__ = ["add_arguments", "run", "DEFAULT_OUT"]
+__all__ = ["add_arguments", "run", "DEFAULT_OUT", "FIGURE_NAME", "LATENCY_TABLE", "predict_gpu"]
 
-#: Where the PNGs go by default.
+#: Where the figure goes by default.
 DEFAULT_OUT = Path("fpsolve-demo")
+#: The figure's file name inside ``--out``.
+FIGURE_NAME = "demo.png"
+#: Denoiser latency by batch size measured on one NVIDIA H200 (see its ``source`` field).
+LATENCY_TABLE = Path(__file__).parent / "data" / "h200_latency.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the demo."""
     parser.add_argument(
         "--model",
-        choices=["digits", "gmm"],
+        choices=available_references(),
         default="digits",
         help="reference model (default digits; gmm when the digits weights are missing)",
     )
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps T (default 50)")
     parser.add_argument("--samples", type=int, default=8, help="digits in the grid (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each solve; times are their median (default 3)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -46,7 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "can be many times slower)",
     )
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"folder for the PNGs (default ./{DEFAULT_OUT}/)"
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"folder for the figure {FIGURE_NAME} (default ./{DEFAULT_OUT}/; checked before sampling)",
     )
 
 
@@ -59,41 +82,18 @@ def _load(name: str) -> ReferenceModel:
     except (FileNotFoundError, ImportError) as error:
         print(
             f"fpsolve demo: the digits model is unavailable ({error}).\n"
-            "  Falling back to the 'gmm' model (64-dimensional vectors): no image grids are saved.",
+            "  Falling back to the 'gmm' model (64-dimensional vectors, drawn as rows of values).",
             file=sys.stderr,
         )
         return load_reference("gmm")
 
 
-def _save_pngs(
-    to_images: ToImages | None,
-    sequential: torch.Tensor,
-    parallel: torch.Tensor,
-    residuals: torch.Tensor,
-    anchors: tuple[int, ...],
-    title: str,
-    out: Path,
-) -> list[Path]:
-    from .bench.plots import plot_residual_heatmap
-
-    written = []
-    if to_images is not None:
-        from .models.digits import save_digit_grid  # grayscale [N, H, W] grids, like the digits
-
-        nrow = min(8, sequential.shape[0])
-        written += [
-            save_digit_grid(to_images(sequential), out / "sequential.png", nrow=nrow, scale=6),
-            save_digit_grid(to_images(parallel), out / "taa.png", nrow=nrow, scale=6),
-        ]
-    written.append(plot_residual_heatmap(residuals.numpy(), out / "residuals.png", title, anchors))
-    return written
-
-
 def run(args: argparse.Namespace) -> int:
-    """Sample sequentially and with TAA from the same noise, report, and save the PNGs."""
-    if args.steps < 2 or args.samples < 1 or args.threads < 1:
-        print("fpsolve demo: --steps must be >= 2, --samples and --threads >= 1.", file=sys.stderr)
-        return 2
+    """Sample sequentially and with TAA from the same noise, report, and save the figure."""
+    for name, low in (("steps", 2), ("samples", 1), ("threads", 1), ("repeats", 1)):
+        if getattr(args, name) < low:
+            raise InvalidOptionError(f"--{name} must be >= {low}; got {getattr(args, name)}.")
+    check_output_dir(args.out)  # before minutes of sampling, not after
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -102,10 +102,55 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(previous_threads)  # in-process callers (tests) keep their setting
 
 
+def _timed(system: TriangularSystem, solver: str, repeats: int, progress: JobProgress) -> tuple[Any, float]:
+    """The solution (identical every run) and the median wall time of ``repeats`` runs."""
+    times, solution = [], None
+    for run_index in range(repeats):
+        label = f"{solver} run {run_index + 1}/{repeats}"
+        solution = solve(system, solver, observers=[progress.observer(label, system.num_steps)])
+        times.append(solution.wall_time)
+    return solution, statistics.median(times)
+
+
+def _parameters(ref: ReferenceModel) -> int | None:
+    return None if ref.unet is None else sum(p.numel() for p in ref.unet.parameters())
+
+
+def predict_gpu(
+    num_steps: int, samples: int, iterations: int, parameters: int | None, table: Path = LATENCY_TABLE
+) -> list[dict[str, Any]]:
+    """Predicted wall times of the sequential loop and of a full-window parallel solve on the GPU
+    of ``table``, for the measured model closest in size to ``parameters`` (the smallest if None).
+
+    Sequential: ``T * t(N)``; parallel: ``iterations`` calls over the unfinished positions of the
+    window (:func:`fpsolve.gpu.planner.predicted_parallel_seconds`). One entry per measured mode
+    (``eager``, ``cudagraph``) with ``sequential_s``, ``parallel_s``, ``ratio`` (sequential /
+    parallel) and the model's name and size.
+    """
+    from .gpu.planner import latency_curve, predicted_parallel_seconds
+
+    data = json.loads(Path(table).read_text())
+    models = data["models"]
+    size_m = (parameters or 0) / 1e6
+    name = min(models, key=lambda m: abs(np.log(models[m]["params_m"] / max(size_m, 1e-3))))
+    found = []
+    for mode in ("eager", "cudagraph"):
+        points = {int(b): ms / 1e3 for b, ms in models[name][mode].items()}
+        curve = latency_curve(points)
+        sequential = num_steps * curve(samples)
+        parallel = predicted_parallel_seconds(curve, num_steps, samples, num_steps, iterations)
+        found.append(
+            dict(mode=mode, model=name, params_m=models[name]["params_m"], device=data["device"],
+                 sequential_s=sequential, parallel_s=parallel, ratio=sequential / parallel)
+        )
+    return found
+
+
 def _demo(args: argparse.Namespace) -> int:
     ref = _load(args.model)
+    steps = args.steps
     sampler = samplers.DDIM(
-        alphas_cumprod=ref.alphas_cumprod, timesteps=spaced_timesteps(args.steps, ref.alphas_cumprod.numel())
+        alphas_cumprod=ref.alphas_cumprod, timesteps=spaced_timesteps(steps, ref.alphas_cumprod.numel())
     )
     system = TriangularSystem(
         sampler=sampler,
@@ -114,17 +159,21 @@ def _demo(args: argparse.Namespace) -> int:
         batch=args.samples,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    sequential = solve(system, "sequential")
-    parallel = solve(system, "taa")  # the library defaults, whatever they are
-    steps = args.steps
+    progress = JobProgress(2 * args.repeats * steps, "fpsolve demo")
+    try:
+        sequential, sequential_s = _timed(system, "sequential", args.repeats, progress)
+        parallel, parallel_s = _timed(system, "taa", args.repeats, progress)  # the library defaults
+    finally:
+        progress.close()
+    timing = f"median of {args.repeats} runs" if args.repeats > 1 else "1 run"
     print(f"model {ref.name}, DDIM-{steps} (eta 0), {args.samples} samples, seed {args.seed}")
     print(
         f"  sequential: {sequential.iterations} model calls in sequence, {sequential.model_evals} model "
-        f"evaluations, {sequential.wall_time:.1f} s"
+        f"evaluations, {sequential_s:.2f} s CPU ({timing})"
     )
     print(
         f"  taa:        {parallel.iterations} parallel iterations, {parallel.model_evals} model evaluations, "
-        f"{parallel.wall_time:.1f} s, {parallel.status.name.lower()}"
+        f"{parallel_s:.2f} s CPU ({timing}), {parallel.status.name.lower()}"
     )
     print(
         f"  sequential model calls reduced {steps / parallel.iterations:.1f}x (T / iterations = "
@@ -137,18 +186,104 @@ def _demo(args: argparse.Namespace) -> int:
             f"  max pixel difference to sequential: {errors.max_abs_pixels:g} (on [0, 255]); "
             f"PSNR {errors.psnr_db:.1f} dB"
         )
+        difference = f"max |difference| {errors.max_abs_pixels:g} of 255"
     else:
         error = (parallel.sample - sequential.sample).abs().max().item()
         print(f"  max abs difference to sequential: {error:.2e} (gmm vectors, no pixels)")
-    title = f"{ref.name} DDIM-{steps}, taa: first-order residual per iteration"
-    for path in _save_pngs(
-        to_images,
-        sequential.sample,
-        parallel.sample,
-        parallel.residuals.first_order,
-        parallel.residuals.anchors,
-        title,
-        args.out,
-    ):
-        print(f"  wrote {path}")
+        difference = f"max |difference| {error:.1e}"
+    extra = parallel.model_evals / sequential.model_evals
+    print(
+        f"  CPU times: taa made {extra:.1f}x the model evaluations of sequential, batched in "
+        f"{parallel.iterations} calls.\n"
+        "    A CPU runs a batch of B rows about B times slower than one row, so on a CPU the "
+        "parallel solve is slower;\n"
+        "    it pays where a batch costs little more than one row: on a GPU."
+    )
+    parameters = _parameters(ref)
+    predictions = predict_gpu(steps, args.samples, parallel.iterations, parameters)
+    first = predictions[0]
+    size = "the closest measured size" if parameters else f"as if {ref.name} were a network of that size"
+    print(
+        f"  PREDICTED for one {first['device']} (not measured here), from latency tables measured there "
+        f"for {first['model']} ({first['params_m']:g}M parameters, {size}):"
+    )
+    for p in predictions:
+        how = "CUDA graphs" if p["mode"] == "cudagraph" else "eager"
+        print(
+            f"    {how + ':':<13} sequential {1e3 * p['sequential_s']:.1f} ms, taa {1e3 * p['parallel_s']:.1f} ms "
+            f"-> taa {p['ratio']:.1f}x {'faster' if p['ratio'] >= 1 else 'slower'}"
+        )
+    titles = (
+        f"sequential: {sequential.iterations} model calls in a row ({sequential_s:.2f} s CPU)",
+        f"taa: {parallel.iterations} parallel iterations, {parallel.model_evals} model evaluations "
+        f"({parallel_s:.2f} s CPU)",
+        f"|taa - sequential|: {difference}",
+        f"taa residual per iteration ({parallel.iterations} iterations, T = {steps})",
+    )
+    title = f"fpsolve demo: {ref.name}, DDIM-{steps}, {args.samples} samples, seed {args.seed}"
+    path = save_figure(
+        to_images, sequential.sample, parallel.sample, parallel.residuals, titles, title, args.out / FIGURE_NAME
+    )
+    print(f"  wrote {path} (the two grids, their difference, and the residual heatmap with the anchor)")
     return 0
+
+
+def _tile(images: np.ndarray, nrow: int, fill: float) -> np.ndarray:
+    """``[N, H, W]`` images as one ``[rows*(H+1)+1, nrow*(W+1)+1]`` grid with 1-pixel borders."""
+    n, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1), fill, dtype=np.float64)
+    for k in range(n):
+        r, c = divmod(k, nrow)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[k]
+    return grid
+
+
+def _pictures(to_images: ToImages | None, sample: torch.Tensor) -> np.ndarray:
+    """``[N, H, W]`` pictures of a batch: images on [0, 255], or each vector as a 1-row strip."""
+    if to_images is not None:
+        return np.asarray(to_images(sample), dtype=np.float64)
+    flat = sample.detach().double().flatten(1).numpy()
+    return flat[:, None, :]
+
+
+def save_figure(
+    to_images: ToImages | None,
+    sequential: torch.Tensor,
+    parallel: torch.Tensor,
+    residuals: Any,
+    titles: tuple[str, str, str, str],
+    title: str,
+    path: Path,
+) -> Path:
+    """The demo's one figure: both grids, their difference and the residual heatmap, labelled."""
+    from matplotlib.figure import Figure
+
+    from .bench.plots import _save, draw_residual_heatmap
+
+    seq, par = _pictures(to_images, sequential), _pictures(to_images, parallel)
+    nrow = min(8, len(seq)) if to_images is not None else 1
+    images = to_images is not None
+    low, high = (0.0, 255.0) if images else (float(min(seq.min(), par.min())), float(max(seq.max(), par.max())))
+    grids = [_tile(seq, nrow, low), _tile(par, nrow, low), _tile(np.abs(par - seq), nrow, 0.0)]
+    aspect = grids[0].shape[0] / grids[0].shape[1]
+    aspect_mode = "equal" if images else "auto"  # digits keep their shape; vectors fill the width
+    fig = Figure(figsize=(9.0, 3 * max(1.3, 8.0 * aspect) + 3.6), layout="constrained")
+    spec = fig.add_gridspec(4, 1, height_ratios=[1, 1, 1, 2.2])
+    for row, (grid, label) in enumerate(zip(grids, titles[:3], strict=True)):
+        ax = fig.add_subplot(spec[row])
+        if row < 2:
+            image = ax.imshow(grid, cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect_mode)
+        else:
+            # the difference on its own scale (at least 1 pixel level), hot = larger
+            image = ax.imshow(grid, cmap="magma", vmin=0, vmax=max(float(grid.max()), 1.0 if images else 1e-12),
+                              interpolation="nearest", aspect=aspect_mode)
+        unit = ("pixel value" if row < 2 else "|difference|") if images else ("value" if row < 2 else "|difference|")
+        fig.colorbar(image, ax=ax, label=unit, fraction=0.04)
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    draw_residual_heatmap(fig, fig.add_subplot(spec[3]), residuals.first_order.numpy(), titles[3],
+                          residuals.anchors)
+    fig.suptitle(title)
+    return _save(fig, path)

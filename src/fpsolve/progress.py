@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["ProgressBar"]
+__all__ = ["ProgressBar", "JobProgress"]
 
 
 class ProgressBar:
@@ -55,3 +55,40 @@ class _PlainBar:
     def close(self) -> None:
         self.stream.write("\n")
         self.stream.flush()
+
+
+class JobProgress:
+    """One bar over several solves (a command's whole job), counted in final states.
+
+    ``job.observer("taa run 1/3", num_steps)`` returns an observer for one solve: it relabels the
+    bar and advances it as the solve's anchor moves, so the bar reaches ``total`` when every
+    solve has finished. tqdm when installed, a plain line otherwise.
+    """
+
+    def __init__(self, total: int, description: str = "fpsolve", stream: Any = None):
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self._bar: Any = _PlainBar(self.stream, total, description)
+        else:
+            self._bar = tqdm(total=total, desc=description, unit="state", file=self.stream, leave=False)
+
+    def observer(self, label: str, num_steps: int) -> Any:
+        """An observer that advances this bar by the solve's progress (at most ``num_steps``)."""
+        start = self._bar.n
+        if hasattr(self._bar, "set_description_str"):
+            self._bar.set_description_str(label)
+        else:
+            self._bar.description = label
+
+        def advance(info: Any) -> None:
+            target = start + min(info.anchor, num_steps)
+            if target > self._bar.n:
+                self._bar.update(target - self._bar.n)
+
+        return advance
+
+    def close(self) -> None:
+        """Remove the bar (tqdm) or end its line (plain)."""
+        self._bar.close()

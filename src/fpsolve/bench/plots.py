@@ -18,17 +18,20 @@ from matplotlib.ticker import MaxNLocator
 from .curves import CapCurve
 from .runner import BenchResult, CellResult
 
-__all__ = ["plot_iterations_vs_steps", "plot_error_vs_cap", "plot_residual_heatmap"]
+__all__ = ["plot_iterations_vs_steps", "plot_error_vs_cap", "plot_residual_heatmap", "draw_residual_heatmap"]
 
 _DPI = 110
 #: One marker per solver, so solvers with identical numbers stay distinguishable.
 _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path, dpi: int = _DPI) -> Path:
+    """Save atomically (a temporary file renamed into place): a reader never sees half a PNG."""
+    from ..cli_output import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
+    with atomic_write(path) as temporary:
+        fig.savefig(temporary, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -112,19 +115,15 @@ def plot_error_vs_cap(curves: Sequence[CapCurve], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_residual_heatmap(
-    first_order: np.ndarray, path: str | Path, title: str, anchors: Sequence[int] | None = None
-) -> Path:
-    """Residual RMS per position (x, ``x_T`` left) and iteration (y, first at the top), on a log
-    colour scale; blank where a position was outside the window. ``anchors`` are drawn as the
-    line of final states."""
+def draw_residual_heatmap(
+    fig: Figure, ax: Axes, first_order: np.ndarray, title: str, anchors: Sequence[int] | None = None
+) -> None:
+    """Draw the residual heatmap of :func:`plot_residual_heatmap` on ``ax`` (with its colour bar)."""
     data = np.asarray(first_order, dtype=np.float64)
     positive = data[np.isfinite(data) & (data > 0)]
     floor = positive.min() if positive.size else 1e-12
     # Exact zeros (e.g. the sequential trace) would vanish on a log scale: show them at the floor.
     shown = np.ma.masked_invalid(np.where(data == 0, floor, data))
-    fig = Figure(figsize=(7.5, 3.2 + 0.08 * min(len(data), 60)), layout="constrained")
-    ax = fig.subplots()
     vmax = positive.max() if positive.size else 1.0
     image = ax.imshow(
         shown,
@@ -138,10 +137,22 @@ def plot_residual_heatmap(
         # A staircase: during iteration i (a row of the image) states 0..anchors[i] are final.
         xs = np.repeat(np.asarray(anchors, dtype=np.float64) + 0.5, 2)
         ys = np.stack([np.arange(len(anchors)) + 0.5, np.arange(len(anchors)) + 1.5], 1).ravel()
-        ax.plot(xs, ys, color="red", lw=1, label="anchor after the iteration")
+        ax.plot(xs, ys, color="red", lw=1.2, label="anchor: states left of it are final")
         ax.legend(loc="lower left", fontsize=7)
     fig.colorbar(image, ax=ax, label="first-order residual RMS")
     ax.set_xlabel("position (0 = x_T, T = x_0)")
     ax.set_ylabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
+
+
+def plot_residual_heatmap(
+    first_order: np.ndarray, path: str | Path, title: str, anchors: Sequence[int] | None = None
+) -> Path:
+    """Residual RMS per position (x, ``x_T`` left) and iteration (y, first at the top), on a log
+    colour scale; blank where a position was outside the window. ``anchors`` are drawn as the
+    line of final states."""
+    fig = Figure(figsize=(7.5, 3.2 + 0.08 * min(len(first_order), 60)), layout="constrained")
+    draw_residual_heatmap(fig, fig.subplots(), first_order, title, anchors)
     return _save(fig, path)
