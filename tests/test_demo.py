@@ -82,12 +82,12 @@ def test_demo_on_an_image_model(tmp_path, capsys, monkeypatch):
 
 def test_gpu_prediction_follows_the_latency_table(tmp_path):
     # a synthetic table: batch-1 calls cost 1 ms, 4 rows 1 ms, 8 rows 2 ms (rows above 8 grow linearly)
+    import json
+
     table = tmp_path / "table.json"
     ms = {"1": 1.0, "4": 1.0, "8": 2.0}
-    table.write_text(
-        '{"device": "card", "models": {"m": {"params_m": 1.0, "eager": %s, "cudagraph": %s}}}'
-        % (str(ms).replace("'", '"'), str(ms).replace("'", '"'))
-    )
+    model = {"params_m": 1.0, "eager": ms, "cudagraph": ms}
+    table.write_text(json.dumps({"device": "card", "models": {"m": model}}))
     # T = 4 steps, 2 samples, 2 iterations: sequential 4 t(2) = 4 ms; the parallel solve evaluates
     # min(4, 4 - 0) = 4 positions x 2 rows (t(8) = 2 ms), then 4 - 2 = 2 positions x 2 rows (1 ms)
     (eager, _) = demo.predict_gpu(4, 2, 2, 10**6, table)
@@ -102,7 +102,9 @@ def test_the_packaged_latency_table_is_the_measured_one():
 
     packaged = json.loads(demo.LATENCY_TABLE.read_text())["models"]
     measured = json.loads((Path(__file__).parent / "data" / "h200_latency.json").read_text())["models"]
-    assert {name: {k: v for k, v in row.items() if k != "params_m"} for name, row in packaged.items()} == measured
+    without_sizes = {name: {k: v for k, v in row.items() if k != "params_m"}
+                     for name, row in packaged.items()}
+    assert without_sizes == measured
 
 
 def test_demo_falls_back_to_gmm_without_digits_weights(tmp_path, capsys, monkeypatch):

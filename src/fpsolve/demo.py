@@ -21,7 +21,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -140,8 +140,15 @@ def predict_gpu(
         sequential = num_steps * curve(samples)
         parallel = predicted_parallel_seconds(curve, num_steps, samples, num_steps, iterations)
         found.append(
-            dict(mode=mode, model=name, params_m=models[name]["params_m"], device=data["device"],
-                 sequential_s=sequential, parallel_s=parallel, ratio=sequential / parallel)
+            dict(
+                mode=mode,
+                model=name,
+                params_m=models[name]["params_m"],
+                device=data["device"],
+                sequential_s=sequential,
+                parallel_s=parallel,
+                ratio=sequential / parallel,
+            )
         )
     return found
 
@@ -210,7 +217,8 @@ def _demo(args: argparse.Namespace) -> int:
     for p in predictions:
         how = "CUDA graphs" if p["mode"] == "cudagraph" else "eager"
         print(
-            f"    {how + ':':<13} sequential {1e3 * p['sequential_s']:.1f} ms, taa {1e3 * p['parallel_s']:.1f} ms "
+            f"    {how + ':':<13} sequential {1e3 * p['sequential_s']:.1f} ms, "
+            f"taa {1e3 * p['parallel_s']:.1f} ms "
             f"-> taa {p['ratio']:.1f}x {'faster' if p['ratio'] >= 1 else 'slower'}"
         )
     titles = (
@@ -222,7 +230,13 @@ def _demo(args: argparse.Namespace) -> int:
     )
     title = f"fpsolve demo: {ref.name}, DDIM-{steps}, {args.samples} samples, seed {args.seed}"
     path = save_figure(
-        to_images, sequential.sample, parallel.sample, parallel.residuals, titles, title, args.out / FIGURE_NAME
+        to_images,
+        sequential.sample,
+        parallel.sample,
+        parallel.residuals,
+        titles,
+        title,
+        args.out / FIGURE_NAME,
     )
     print(f"  wrote {path} (the two grids, their difference, and the residual heatmap with the anchor)")
     return 0
@@ -264,26 +278,41 @@ def save_figure(
     seq, par = _pictures(to_images, sequential), _pictures(to_images, parallel)
     nrow = min(8, len(seq)) if to_images is not None else 1
     images = to_images is not None
-    low, high = (0.0, 255.0) if images else (float(min(seq.min(), par.min())), float(max(seq.max(), par.max())))
+    low, high = (
+        (0.0, 255.0) if images else (float(min(seq.min(), par.min())), float(max(seq.max(), par.max())))
+    )
     grids = [_tile(seq, nrow, low), _tile(par, nrow, low), _tile(np.abs(par - seq), nrow, 0.0)]
     aspect = grids[0].shape[0] / grids[0].shape[1]
-    aspect_mode = "equal" if images else "auto"  # digits keep their shape; vectors fill the width
+    aspect_mode: Literal["equal", "auto"] = "equal" if images else "auto"  # digits keep their shape; vectors fill the width
     fig = Figure(figsize=(9.0, 3 * max(1.3, 8.0 * aspect) + 3.6), layout="constrained")
     spec = fig.add_gridspec(4, 1, height_ratios=[1, 1, 1, 2.2])
     for row, (grid, label) in enumerate(zip(grids, titles[:3], strict=True)):
         ax = fig.add_subplot(spec[row])
         if row < 2:
-            image = ax.imshow(grid, cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect_mode)
+            image = ax.imshow(
+                grid, cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect_mode
+            )
         else:
             # the difference on its own scale (at least 1 pixel level), hot = larger
-            image = ax.imshow(grid, cmap="magma", vmin=0, vmax=max(float(grid.max()), 1.0 if images else 1e-12),
-                              interpolation="nearest", aspect=aspect_mode)
-        unit = ("pixel value" if row < 2 else "|difference|") if images else ("value" if row < 2 else "|difference|")
+            image = ax.imshow(
+                grid,
+                cmap="magma",
+                vmin=0,
+                vmax=max(float(grid.max()), 1.0 if images else 1e-12),
+                interpolation="nearest",
+                aspect=aspect_mode,
+            )
+        unit = (
+            ("pixel value" if row < 2 else "|difference|")
+            if images
+            else ("value" if row < 2 else "|difference|")
+        )
         fig.colorbar(image, ax=ax, label=unit, fraction=0.04)
         ax.set_title(label, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    draw_residual_heatmap(fig, fig.add_subplot(spec[3]), residuals.first_order.numpy(), titles[3],
-                          residuals.anchors)
+    draw_residual_heatmap(
+        fig, fig.add_subplot(spec[3]), residuals.first_order.numpy(), titles[3], residuals.anchors
+    )
     fig.suptitle(title)
     return _save(fig, path)

@@ -66,17 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="window (default: the single-process result, bit for bit, on batch-invariant "
                              "models), samples (each rank its own samples), auto (fpsolve.distributed.plan)")
     parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds (> 0) a collective may wait for a lost rank before failing (default 600)")
+                        help="seconds (> 0) a collective may wait for a lost rank before failing "
+                             "(default 600)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared or busy CPU, multi-threaded model "
                              "calls can be many times slower)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="solve this many times and report the median wall time (default 1)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="save the samples; the suffix picks the format: .pt (a dict: 'samples' and the "
-                             "run's settings), .safetensors ('samples', settings as metadata), .png (an image "
-                             "grid, image models only); a folder gets samples-<model>-<sampler><T>-<solver>-"
-                             "seed<seed>.pt. Checked before sampling, written atomically")
+                        help="save the samples; the suffix picks the format: .pt (a dict: 'samples' and "
+                             "the run's settings), .safetensors ('samples', settings as metadata), .png (an "
+                             "image grid, image models only); a folder gets samples-<model>-<sampler><T>-"
+                             "<solver>-seed<seed>.pt. Checked before sampling, written atomically")
 
 
 # -- process group ---------------------------------------------------------------------------------
@@ -189,8 +190,8 @@ def resolve_out(args: argparse.Namespace, model: str) -> Path | None:
 
 def _settings(args: argparse.Namespace, model: str, width: int, world: int, shard: str,
               solution: Any, wall_time: float) -> dict[str, Any]:
-    return {"model": model, "sampler": args.sampler, "steps": args.steps, "solver": args.solver, "window": width,
-            "tol": args.tol, "seed": args.seed, "world_size": world, "shard": shard,
+    return {"model": model, "sampler": args.sampler, "steps": args.steps, "solver": args.solver,
+            "window": width, "tol": args.tol, "seed": args.seed, "world_size": world, "shard": shard,
             "iterations": solution.iterations, "model_evals": solution.model_evals,
             "status": solution.status.name, "wall_time": wall_time}
 
