@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 
+import attrs
 import matplotlib.image
 import numpy as np
 import pytest
@@ -348,3 +349,63 @@ def test_cli_falls_back_to_gmm_only_when_no_model_is_named(tmp_path, capsys, mon
     assert main(["bench", "--model", "digits", *tiny, "--out", str(tmp_path / "named")]) == 2
     assert "digits_unet.json is missing" in capsys.readouterr().err
     assert not (tmp_path / "named").exists()
+
+
+# -- plots readable at a glance (issue 11) and a CLI that loses no work (issue 10) --------------------
+
+
+def test_one_step_count_draws_bars_labelled_with_each_series_stopping_rule(tiny_result):
+    _, result, _ = tiny_result
+    one_step = attrs.evolve(result, plan=attrs.evolve(result.plan, samplers=result.plan.samplers[:1]))
+    fig = plots.iterations_figure(one_step, "gmm", 1e-3)
+    ax = fig.axes[0]
+    drawn = [s for s in result.plan.solvers if s.stopping != "sequential"]
+    assert len(ax.patches) == len(drawn)  # one bar per series, not a column of markers
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    default_tol = attrs.fields(RMS).tol1.default  # the library's default rule, read from the code
+    assert f"taa default (default: rms {default_tol:g})" in labels
+    assert "taa m=2 (rms 0.001)" in labels and "fp k=T + paradigms (paradigms 0.1)" in labels
+    assert len(labels) == len(drawn) + 1  # the series and the sequential line: nothing undrawn
+
+
+def test_several_step_counts_offset_overlapping_series(tiny_result):
+    _, result, _ = tiny_result
+    two_steps = attrs.evolve(
+        result, plan=attrs.evolve(result.plan, samplers=[matrix.parse_sampler(f"ddim-{STEPS}"),
+                                                         matrix.parse_sampler("ddim-12")])
+    )
+    # the ddim-12 cells were not run: every series has one point, and still no two share an x
+    fig = plots.iterations_figure(two_steps, "gmm", 1e-3)
+    lines = fig.axes[0].get_lines()
+    xs = [tuple(line.get_xdata()) for line in lines if line.get_marker() not in ("None", None)]
+    assert len(xs) >= 3 and len(set(xs)) == len(xs)
+
+
+def test_error_vs_cap_has_no_zero_tick_on_a_log_axis(tiny_result):
+    _, result, _ = tiny_result
+    fig = plots.error_vs_cap_figure([c for c in result.curves if c.model == "tiles"])
+    fig.canvas.draw()
+    for ax in fig.axes:
+        if ax.get_yscale() in ("log", "symlog"):  # a log-like axis has no 0
+            assert "0" not in [t.get_text() for t in ax.get_yticklabels()]
+            low = ax.get_ylim()[0]
+            assert low > 0
+
+
+def test_curve_max_iters_zero_is_refused(tmp_path, capsys):
+    argv = ["bench", "--model", "gmm", "--samplers", "ddim-4", "--curve-max-iters", "0"]
+    argv += ["--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--curve-max-iters must be an iteration cap >= 1; got 0" in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_unusable_out_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(runner, "run_plan", lambda *a, **k: pytest.fail("ran before --out was checked"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "below-a-file"):
+        assert main(["bench", "--model", "gmm", "--samplers", "ddim-4", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fpsolve bench: --out") and err.count("\n") == 1 and "Traceback" not in err

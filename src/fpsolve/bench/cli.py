@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import torch
 
+from ..cli_output import check_output_dir
 from ..errors import FpsolveError, InvalidOptionError
 from .matrix import SOLVERS, BenchPlan, CurvePlan, full_plan, parse_sampler, parse_solver, quick_plan
 from .runner import Reporter
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tolerances", type=_csv, default=None, help="comma list of RMS tolerances, e.g. 1e-3,1e-4"
     )
     parser.add_argument(
-        "--curve-max-iters", type=int, default=None, help="largest iteration cap of the curves"
+        "--curve-max-iters", type=int, default=None, help="largest iteration cap of the curves (>= 1)"
     )
     parser.add_argument(
         "--threads",
@@ -90,6 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_plan(args: argparse.Namespace, models: list[str]) -> BenchPlan:
     """The full or quick plan with the command-line overrides applied."""
+    if args.curve_max_iters is not None and args.curve_max_iters < 1:
+        raise InvalidOptionError(
+            f"--curve-max-iters must be an iteration cap >= 1; got {args.curve_max_iters} "
+            "(leave it out for the plan's default)."
+        )
     plan = quick_plan(models) if args.quick else full_plan(models)
     changes: dict[str, Any] = {}
     if args.samplers:
@@ -122,7 +128,10 @@ def _fit_curve(plan: BenchPlan, max_iters: int | None) -> CurvePlan | None:
     keep_samplers = [k for k in plan.curve.samplers if k in samplers] or samplers[:1]
     keep_solvers = [k for k in plan.curve.solvers if k in solvers] or solvers
     return attrs.evolve(
-        plan.curve, samplers=keep_samplers, solvers=keep_solvers, max_iters=max_iters or plan.curve.max_iters
+        plan.curve,
+        samplers=keep_samplers,
+        solvers=keep_solvers,
+        max_iters=plan.curve.max_iters if max_iters is None else max_iters,
     )
 
 
@@ -246,11 +255,12 @@ def run(args: argparse.Namespace) -> int:
         plan = build_plan(args, args.model or ["digits"])  # checks the options before any model loads
         models = _models(args.model, device)
         plan = attrs.evolve(plan, models=list(models))
+        out = check_output_dir(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT))  # before the run
     except (FpsolveError, RuntimeError, OSError, ImportError) as error:
-        # a bad option, a device torch cannot use, or missing weights / extras of a requested model
-        print(f"fpsolve bench: {error}", file=sys.stderr)
+        # a bad option, a device torch cannot use, missing weights / extras of a requested model,
+        # or an --out that cannot be written
+        print(f"fpsolve bench: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     previous_threads = torch.get_num_threads()
@@ -268,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
         seconds=round(time.perf_counter() - started, 1),
         date=time.strftime("%Y-%m-%d"),
     )
+    # every number first (atomically), so a failure while plotting loses none of them
+    write_json(result, out / "bench.json")
     plot_files = {} if args.no_plots else _write_plots(result, out)
     written = [
         write_json(result, out / "bench.json", plot_files),

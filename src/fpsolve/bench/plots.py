@@ -8,17 +8,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import attrs
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter
 
 from .curves import CapCurve
-from .runner import BenchResult, CellResult
+from .matrix import SolverSpec
+from .runner import BenchResult
 
-__all__ = ["plot_iterations_vs_steps", "plot_error_vs_cap", "plot_residual_heatmap", "draw_residual_heatmap"]
+__all__ = [
+    "plot_iterations_vs_steps",
+    "plot_error_vs_cap",
+    "plot_residual_heatmap",
+    "draw_residual_heatmap",
+    "stopping_text",
+    "iterations_figure",
+    "error_vs_cap_figure",
+]
 
 _DPI = 110
 #: One marker per solver, so solvers with identical numbers stay distinguishable.
@@ -35,84 +46,168 @@ def _save(fig: Figure, path: str | Path, dpi: int = _DPI) -> Path:
     return path
 
 
-def _legend_outside(fig: Figure, ax: Axes) -> None:
-    """One legend below the panels, so it never hides a line or the title."""
-    handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=8)
+def _legend_outside(fig: Figure, handles: Sequence[Any], labels: Sequence[str]) -> None:
+    """One legend below the panels, so it never hides a line or the title; only drawn series."""
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8)
+
+
+def stopping_text(solver: SolverSpec, tol: float | None) -> str:
+    """The stopping rule a series was drawn at, read from the code: ``rms 0.001``,
+    ``paradigms 0.1``, ``default: rms 0.0002``."""
+    rule = solver.stopping_rule(tol) if solver.stopping != "sequential" else None
+    prefix = ""
+    if rule is None:
+        if solver.stopping == "sequential":
+            return "exact"
+        from ..registry import resolve
+
+        rule = resolve("solver", solver.solver).default_stopping() or resolve("stopping rule", "rms")
+        prefix = "default: "
+    tols = [getattr(rule, f.name) for f in attrs.fields(type(rule)) if f.name.startswith("tol")]
+    value = f" {tols[0]:g}" if tols and all(t == tols[0] for t in tols) else ""
+    return f"{prefix}{type(rule).__name__.lower()}{value}"
+
+
+def _dodge(count: int, width: float) -> list[float]:
+    """Offsets that spread ``count`` series over ``width``, centred on 0."""
+    return [width * (k - (count - 1) / 2) / max(count, 1) for k in range(count)]
 
 
 def plot_iterations_vs_steps(result: BenchResult, model: str, path: str | Path, tol: float | None) -> Path:
-    """Median parallel iterations against the number of steps T, one line per solver, one panel
-    per sampler family. Solvers with the RMS rule are drawn at tolerance ``tol``; hollow markers
-    mark cells that did not converge on every seed; the dashed line is sequential (T)."""
+    """Save :func:`iterations_figure` to ``path``."""
+    return _save(iterations_figure(result, model, tol), path)
+
+
+def iterations_figure(result: BenchResult, model: str, tol: float | None) -> Figure:
+    """Median parallel iterations against the number of steps T, one series per solver (labelled
+    with its stopping rule), one panel per sampler family. A family with one step count draws
+    bars; several draw lines, offset sideways so equal values stay visible. Hatched bars and
+    hollow markers mark cells that did not converge on every seed; dashed grey is sequential (T)."""
     families: dict[str, list] = {}
     for spec in result.plan.samplers:
         families.setdefault(spec.family_label, []).append(spec)
-    fig = Figure(figsize=(max(4.2 * len(families), 6.0), 4.4), layout="constrained")
+    solvers = [s for s in result.plan.solvers if s.stopping != "sequential"]
+    fig = Figure(figsize=(max(4.6 * len(families), 6.4), 4.8), layout="constrained")
     axes = fig.subplots(1, len(families), squeeze=False)[0]
+    legend: dict[str, Any] = {}
     for ax, (family, specs) in zip(axes, families.items(), strict=True):
         steps = sorted({s.steps for s in specs})
-        ax.plot(steps, steps, color="grey", ls="--", lw=1, label="sequential (T)")
-        for solver in result.plan.solvers:
-            if solver.stopping == "sequential":
-                continue
+        series = []
+        for solver in solvers:
             cell_tol = tol if solver.uses_tolerance else None
-            points: list[tuple[int, CellResult]] = []
-            for spec in sorted(specs, key=lambda s: s.steps):
-                cell = result.cell(model, spec.key, solver.key, cell_tol)
-                if cell is not None:
-                    points.append((spec.steps, cell))
-            if not points:
-                continue
-            xs, ys = [t for t, _ in points], [c.iterations for _, c in points]
-            marker = _MARKERS[result.plan.solvers.index(solver) % len(_MARKERS)]
-            (line,) = ax.plot(xs, ys, marker=marker, lw=1.4, label=solver.label)
-            for t, c in points:
-                if not c.converged:
-                    ax.plot([t], [c.iterations], marker=marker, ms=10, mfc="white", mec=line.get_color())
+            points = [
+                (spec.steps, cell)
+                for spec in sorted(specs, key=lambda s: s.steps)
+                if (cell := result.cell(model, spec.key, solver.key, cell_tol)) is not None
+            ]
+            if points:
+                series.append((solver, f"{solver.label} ({stopping_text(solver, cell_tol)})", points))
+        colors = {solver.key: f"C{k}" for k, solver in enumerate(solvers)}
+        if len(steps) == 1:
+            offsets = _dodge(len(series), 0.8)
+            for offset, (solver, label, points) in zip(offsets, series, strict=True):
+                (_, cell) = points[0]
+                bar = ax.bar(
+                    offset,
+                    cell.iterations,
+                    width=0.8 / max(len(series), 1) * 0.9,
+                    color=colors[solver.key],
+                    hatch=None if cell.converged else "//",
+                    edgecolor="black" if not cell.converged else colors[solver.key],
+                    label=label,
+                )
+                ax.bar_label(bar, fmt="%g", fontsize=8)
+                legend.setdefault(label, bar)
+            line = ax.axhline(steps[0], color="grey", ls="--", lw=1)
+            legend.setdefault("sequential (T model calls)", line)
+            ax.set_xticks([])
+            ax.set_xlabel(f"T = {steps[0]} steps")
+            ax.set_ylim(0, steps[0] * 1.12)
+        else:
+            (line,) = ax.plot(steps, steps, color="grey", ls="--", lw=1)
+            legend.setdefault("sequential (T model calls)", line)
+            offsets = _dodge(len(series), 0.04 * (steps[-1] - steps[0]))
+            for offset, (solver, label, points) in zip(offsets, series, strict=True):
+                xs = [t + offset for t, _ in points]
+                ys = [c.iterations for _, c in points]
+                marker = _MARKERS[result.plan.solvers.index(solver) % len(_MARKERS)]
+                (drawn,) = ax.plot(xs, ys, marker=marker, lw=1.4, color=colors[solver.key])
+                legend.setdefault(label, drawn)
+                for x, (_, c) in zip(xs, points, strict=True):
+                    if not c.converged:
+                        ax.plot(
+                            [x], [c.iterations], marker=marker, ms=10, mfc="white", mec=colors[solver.key]
+                        )
+            ax.set_xticks(steps)
+            ax.set_xlabel("sampler steps T")
         ax.set_title(family)
-        ax.set_xlabel("sampler steps T")
         ax.set_ylabel("parallel iterations (median over seeds)")
-        ax.set_xticks(steps)
-        ax.grid(True, alpha=0.3)
-    tol_text = f"RMS tol {tol:g}" if tol is not None else "default stopping"
-    fig.suptitle(f"{model}: iterations to converge ({tol_text})")
-    _legend_outside(fig, axes[-1])
-    return _save(fig, path)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"{model}: parallel iterations to converge (stopping rule of each series in brackets)")
+    _legend_outside(fig, list(legend.values()), list(legend))
+    return fig
+
+
+def _same_floor(ax: Axes, floor: float, label: str) -> None:
+    """A log axis whose lowest tick, at ``floor``, reads ``label``: exact zeros are drawn there."""
+    ticks = [floor] + [t for t in ax.get_yticks() if t > floor * 1.5]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FixedFormatter([label] + [f"{t:g}" for t in ticks[1:]]))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(bottom=floor / 1.5)
 
 
 def plot_error_vs_cap(curves: Sequence[CapCurve], path: str | Path) -> Path:
+    """Save :func:`error_vs_cap_figure` to ``path``."""
+    return _save(error_vs_cap_figure(curves), path)
+
+
+def error_vs_cap_figure(curves: Sequence[CapCurve]) -> Figure:
     """Error to the sequential sample after n parallel iterations, per solver, one column per
-    sampler: the max pixel difference on [0, 255] (image models) and the model-space RMS."""
+    sampler: the max pixel difference on [0, 255] (image models) and the model-space RMS, on log
+    axes; an exact zero is drawn on the lowest tick, labelled "identical" (a log axis has no 0).
+    Series are offset sideways so equal values stay visible."""
     samplers = list(dict.fromkeys(c.sampler for c in curves))
     solvers = list(dict.fromkeys(c.solver for c in curves))
     images = any(e.max_abs_pixels is not None for c in curves for e in c.errors)
     rows = 2 if images else 1
-    fig = Figure(figsize=(max(4.6 * len(samplers), 6.0), 3.2 * rows + 0.8), layout="constrained")
+    fig = Figure(figsize=(max(4.6 * len(samplers), 6.4), 3.2 * rows + 1.0), layout="constrained")
     axes = fig.subplots(rows, len(samplers), squeeze=False)
+    offsets = dict(zip(solvers, _dodge(len(solvers), 0.3), strict=True))
+    legend: dict[str, Any] = {}
+    rms_floor, pixel_floor = 1e-12, 0.5
     for col, sampler in enumerate(samplers):
         for curve in (c for c in curves if c.sampler == sampler):
-            rms = np.maximum([e.rms for e in curve.errors], 1e-12)  # log axis: keep exact zeros visible
+            xs = [cap + offsets[curve.solver] for cap in curve.caps]
+            rms = np.maximum([e.rms for e in curve.errors], rms_floor)
             marker = _MARKERS[solvers.index(curve.solver) % len(_MARKERS)]
-            axes[-1, col].plot(curve.caps, rms, marker=marker, ms=4, label=curve.solver)
+            color = f"C{solvers.index(curve.solver)}"
+            (line,) = axes[-1, col].plot(xs, rms, marker=marker, ms=4, color=color)
+            legend.setdefault(curve.solver, line)
             if images:
-                pixels = [e.max_abs_pixels for e in curve.errors]
-                axes[0, col].plot(curve.caps, pixels, marker=marker, ms=4, label=curve.solver)
+                pixels = np.maximum([float(e.max_abs_pixels or 0) for e in curve.errors], pixel_floor)
+                axes[0, col].plot(xs, pixels, marker=marker, ms=4, color=color)
         axes[-1, col].set_yscale("log")
         axes[-1, col].set_ylabel("RMS error (model space)")
         if images:
-            # symlog: pixel errors reach exactly 0, which a log axis cannot show.
-            axes[0, col].set_yscale("symlog", linthresh=1)
-            axes[0, col].set_ylim(bottom=0)
+            axes[0, col].set_yscale("log")
             axes[0, col].set_ylabel("max |pixel diff| on [0, 255]")
         axes[0, col].set_title(f"{curves[0].model} {sampler}")
         axes[-1, col].set_xlabel("iteration cap n")
         for ax in axes[:, col]:
-            ax.grid(True, which="both", alpha=0.3)
+            ax.grid(True, which="major", alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _legend_outside(fig, axes[0, -1])
-    fig.suptitle("error to the sequential sample after n parallel iterations")
-    return _save(fig, path)
+    fig.canvas.draw()  # settle the automatic log ticks before relabelling the floor
+    for col in range(len(samplers)):
+        errors = [e for c in curves if c.sampler == samplers[col] for e in c.errors]
+        if any(e.rms <= rms_floor for e in errors):
+            _same_floor(axes[-1, col], rms_floor, "identical")
+        if images and any(e.max_abs_pixels == 0 for e in errors):
+            _same_floor(axes[0, col], pixel_floor, "identical")
+    _legend_outside(fig, list(legend.values()), list(legend))
+    fig.suptitle("error to the sequential sample after n parallel iterations (n: the cap, no stopping rule)")
+    return fig
 
 
 def draw_residual_heatmap(

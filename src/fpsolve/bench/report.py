@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..cli_output import write_text_atomic
 from .matrix import BenchPlan
 from .runner import BenchResult, CellResult
 
@@ -137,10 +138,7 @@ def write_json(
     result: BenchResult, path: str | Path, plots: Mapping[str, Sequence[str]] | None = None
 ) -> Path:
     """Write :func:`to_json` to ``path`` (strict JSON: no NaN or infinity)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_json(result, plots), indent=1, allow_nan=False) + "\n")
-    return path
+    return write_text_atomic(Path(path), json.dumps(to_json(result, plots), indent=1, allow_nan=False) + "\n")
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -215,9 +213,7 @@ def write_markdown(
     others = sorted(p for p in path.parent.glob("*.md") if p.name != path.name)
     if others:
         lines += ["## Other reports in this folder", ""] + [f"- [{p.stem}]({p.name})" for p in others] + [""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    return path
+    return write_text_atomic(path, "\n".join(lines))
 
 
 def print_tables(result: BenchResult, console: Any) -> None:
