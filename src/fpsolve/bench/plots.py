@@ -144,16 +144,21 @@ def iterations_figure(result: BenchResult, model: str, tol: float | None) -> Fig
         ax.set_title(family)
         ax.set_ylabel("parallel iterations (median over seeds)")
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"{model}: parallel iterations to converge (stopping rule of each series in brackets)")
+    fig.suptitle(f"{model}: parallel iterations to converge (stopping rule in brackets)")
     _legend_outside(fig, list(legend.values()), list(legend))
     return fig
+
+
+def _power_of_ten(value: float) -> str:
+    exponent = round(float(np.log10(value)))
+    return f"$10^{{{exponent}}}$" if np.isclose(value, 10.0**exponent) else f"{value:g}"
 
 
 def _same_floor(ax: Axes, floor: float, label: str) -> None:
     """A log axis whose lowest tick, at ``floor``, reads ``label``: exact zeros are drawn there."""
     ticks = [floor] + [t for t in ax.get_yticks() if t > floor * 1.5]
     ax.yaxis.set_major_locator(FixedLocator(ticks))
-    ax.yaxis.set_major_formatter(FixedFormatter([label] + [f"{t:g}" for t in ticks[1:]]))
+    ax.yaxis.set_major_formatter(FixedFormatter([label] + [_power_of_ten(t) for t in ticks[1:]]))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(bottom=floor / 1.5)
 
@@ -206,7 +211,7 @@ def error_vs_cap_figure(curves: Sequence[CapCurve]) -> Figure:
         if images and any(e.max_abs_pixels == 0 for e in errors):
             _same_floor(axes[0, col], pixel_floor, "identical")
     _legend_outside(fig, list(legend.values()), list(legend))
-    fig.suptitle("error to the sequential sample after n parallel iterations (n: the cap, no stopping rule)")
+    fig.suptitle("error to sequential after n parallel iterations (n = the cap)")
     return fig
 
 
