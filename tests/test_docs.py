@@ -1,9 +1,13 @@
 """The documentation: every example runs, the site builds strictly, and the reference is complete.
 
-* Every ```python block of README.md and docs/**/*.md is executed, page by page in one namespace
-  (a page reads like one script), in a temporary directory. A block that truly cannot run on a
-  CPU-only machine is preceded by ``<!-- fpsolve: skip-exec (the reason) -->``; the reason is
-  required, and such blocks are counted so that they stay rare.
+* Every ```python block of README.md and docs/**/*.md is executed, section by section: each
+  section's first block starts a fresh namespace, so it runs on its own when copied, and the
+  section's later blocks continue it. A section that builds on the one before says so in its
+  text and marks its first block ``<!-- fpsolve: continues (what it builds on) -->``. Examples run
+  in a temporary working directory that must stay empty: they write only under temporary
+  directories of their own. A block that truly cannot run on a CPU-only machine is preceded by
+  ``<!-- fpsolve: skip-exec (the reason) -->``; the reason is required, and such blocks are
+  counted so that they stay rare.
 * ``mkdocs build --strict`` passes (any warning fails), and the built site has an API entry for
   every public name.
 * The reference pages name every hook, every registered built-in name (aliases included) with its
@@ -32,6 +36,8 @@ DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 SKIP = re.compile(r"<!--\s*fpsolve:\s*skip-exec\s*\((?P<reason>[^)]+)\)\s*-->\s*$")
+CONTINUES = re.compile(r"<!--\s*fpsolve:\s*continues\s*\((?P<what>[^)]+)\)\s*-->\s*$")
+HEADING = re.compile(r"^#{1,6} ", re.MULTILINE)
 #: at most this many skipped blocks in the whole site: skipping must stay the exception
 MAX_SKIPPED = 6
 
@@ -45,6 +51,27 @@ def blocks(page: Path) -> list[tuple[int, str, str | None]]:
         before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
         skip = SKIP.search(before)
         found.append((line, match.group(1), skip.group("reason").strip() if skip else None))
+    return found
+
+
+def section_starts(page: Path) -> list[tuple[int, str, bool]]:
+    """``(line, code, fresh)`` of every executed block: ``fresh`` when it opens its section's
+    namespace (the first block after a heading, unless marked as continuing)."""
+    lines = page.read_text().splitlines()
+    headings, fenced = [], False
+    for number, text_line in enumerate(lines, start=1):
+        if text_line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and HEADING.match(text_line):  # a "# comment" inside a code block is no heading
+            headings.append(number)
+    found, current = [], None
+    for line, code, reason in blocks(page):
+        if reason is not None:
+            continue
+        section = max((h for h in headings if h < line), default=0)
+        continues = CONTINUES.search(lines[line - 2]) if line >= 2 else None
+        found.append((line, code, section != current and continues is None))
+        current = section
     return found
 
 
@@ -72,17 +99,30 @@ def isolated_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("page", EXECUTABLE, ids=page_id)
-def test_examples_run(page, isolated_run):
-    namespace: dict = {"__name__": f"docs_example_{page.stem.replace('-', '_')}"}
-    for line, code, reason in blocks(page):
-        if reason is not None:
-            continue
+def test_examples_run(page, isolated_run, tmp_path):
+    name = f"docs_example_{page.stem.replace('-', '_')}"
+    page_namespace: dict = {"__name__": name}  # the page read as one script
+    for line, code, fresh in section_starts(page):
+        # each section's first block runs on its own, in a fresh namespace; what it defines is
+        # then part of the page, for the section's later blocks and for sections that continue it
+        namespace = {"__name__": name} if fresh else page_namespace
         try:
             exec(compile(code, f"{page_id(page)}:{line}", "exec"), namespace)
+            page_namespace.update(namespace)
         except Exception as error:
             raise AssertionError(
                 f"the example at {page_id(page)}:{line} failed: {type(error).__name__}: {error}"
             ) from error
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not left, f"the examples of {page_id(page)} wrote {left} into the working directory"
+
+
+def test_continuing_sections_say_what_they_build_on():
+    for page in PAGES:
+        text = page.read_text()
+        for match in CONTINUES.finditer(text):
+            what = match.group(0)
+            assert len(match.group("what").split()) >= 2, f"{page_id(page)}: say what {what} continues"
 
 
 def test_skipped_examples_are_rare_and_justified():
