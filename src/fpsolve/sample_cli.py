@@ -21,9 +21,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from .errors import FpsolveError, InvalidOptionError
+from .stopping import RMS
 
 SAMPLERS = ("ddim", "ddpm", "dpm_solver")
 
@@ -43,16 +45,19 @@ def default_file_name(args: argparse.Namespace, model: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fpsolve sample``."""
-    parser.add_argument("--model", default="digits",
-                        help="reference model: digits (falls back to gmm if it cannot be loaded) or gmm")
+    from .models import available_references
+
+    parser.add_argument("--model", default="digits", choices=available_references(),
+                        help="reference model (default digits; gmm if the digits model cannot be loaded)")
     parser.add_argument("--sampler", default="ddim", choices=SAMPLERS,
                         help="sequential sampler (default ddim)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps T (default 50)")
     parser.add_argument("--solver", default="taa",
                         help="taa (default), fp, picard, jacobi, aa, sequential, ...")
     parser.add_argument("--window", type=int, default=None, help="positions per iteration (default T)")
+    default_tol = attrs.fields(RMS).tol1.default  # quoted from the code, never retyped
     parser.add_argument("--tol", type=float, default=None,
-                        help="rms stopping tolerance (default: the rms rule's default, 2e-4)")
+                        help=f"rms stopping tolerance (default: the rms rule's default, {default_tol:g})")
     parser.add_argument("--max-iters", type=int, default=None, help="cap on parallel iterations")
     parser.add_argument("--samples", type=int, default=4, help="samples N (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
