@@ -409,3 +409,36 @@ def test_unusable_out_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
         assert main(["bench", "--model", "gmm", "--samplers", "ddim-4", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("fpsolve bench: --out") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_progressive_run_equals_the_whole_run_and_keeps_finished_slices(tmp_path):
+    from fpsolve.bench.cli import run_progressively
+
+    plan = attrs.evolve(tiny_plan(), seeds=1, tolerances=(1e-3,))
+    models = {"gmm": load_reference("gmm")}
+    whole = runner.run_plan(plan, models=models)
+    sliced = run_progressively(plan, torch.device("cpu"), runner.Reporter(), models, tmp_path / "bench.json")
+
+    def summary(result):
+        return (
+            [(c.cell, [(r.seed, r.iterations, r.model_evals, r.error) for r in c.records])
+             for c in result.cells],
+            [(c.sampler, c.solver, c.caps, [e.rms for e in c.errors]) for c in result.curves],
+            [(h.sampler, h.solver, h.anchors) for h in result.heatmaps],
+        )
+
+    assert summary(sliced) == summary(whole)  # the same cells, curves and heatmap, in the same order
+    first = json.loads((tmp_path / "bench.json").read_text())  # written after the first slice
+    assert first["meta"]["partial"] == "1 of 2 (model, sampler) groups finished"
+    assert {c["sampler"] for c in first["cells"]} == {f"DDIM-{STEPS}"}
+
+    class Interrupt(runner.Reporter):
+        def begin(self, description):
+            if "DPM" in description:
+                raise KeyboardInterrupt
+
+    (tmp_path / "bench.json").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        run_progressively(plan, torch.device("cpu"), Interrupt(), models, tmp_path / "bench.json")
+    kept = json.loads((tmp_path / "bench.json").read_text())
+    assert len(kept["cells"]) == len(plan.cells(sampler=plan.samplers[0]))  # the finished slice survived

@@ -25,7 +25,15 @@ from ..errors import FpsolveError, InvalidOptionError
 from .matrix import SOLVERS, BenchPlan, CurvePlan, full_plan, parse_sampler, parse_solver, quick_plan
 from .runner import Reporter
 
-__all__ = ["add_arguments", "run", "build_plan", "DEFAULT_OUT", "QUICK_OUT"]
+__all__ = [
+    "add_arguments",
+    "run",
+    "build_plan",
+    "run_progressively",
+    "merge_results",
+    "DEFAULT_OUT",
+    "QUICK_OUT",
+]
 
 #: Where the full report goes by default (the committed one).
 DEFAULT_OUT = Path("docs/benchmarks")
@@ -236,13 +244,55 @@ def _write_plots(result: Any, out: Path) -> dict[str, list[str]]:
     return written
 
 
+def merge_results(plan: BenchPlan, parts: list[Any]) -> Any:
+    """One :class:`~fpsolve.bench.runner.BenchResult` of ``plan`` from the results of its parts
+    (each a (model, sampler) slice of it, in the plan's order)."""
+    from .runner import BenchResult
+
+    return BenchResult(
+        plan,
+        tuple(c for part in parts for c in part.cells),
+        tuple(c for part in parts for c in part.curves),
+        tuple(h for part in parts for h in part.heatmaps),
+        {
+            "seconds": round(sum(part.meta.get("seconds", 0.0) for part in parts), 1),
+            "device": parts[0].meta.get("device") if parts else "",
+        },
+    )
+
+
+def run_progressively(
+    plan: BenchPlan, device: torch.device, reporter: Reporter, models: dict[str, Any], json_path: Path
+) -> Any:
+    """Run ``plan`` one (model, sampler) slice at a time, rewriting ``json_path`` (atomically)
+    after each with every finished number, so an interrupted run keeps what it measured.
+
+    A slice runs exactly what the whole plan runs for it (cells, the curves and the heatmap of
+    its sampler, in the same order, from the same seeds); the returned result equals a run of
+    the whole plan. The partial files say so in ``meta.partial``.
+    """
+    from .report import write_json
+    from .runner import run_plan
+
+    slices = [(model, spec) for model in plan.models for spec in plan.samplers]
+    parts = []
+    for done, (model, spec) in enumerate(slices, start=1):
+        part_plan = attrs.evolve(plan, models=[model], samplers=[spec])
+        parts.append(run_plan(part_plan, device, reporter, models=models))
+        if done < len(slices):
+            partial = merge_results(plan, parts)
+            partial.meta["partial"] = f"{done} of {len(slices)} (model, sampler) groups finished"
+            write_json(partial, json_path)
+    return merge_results(plan, parts)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and write its outputs; 2 on a bad option."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .report import print_tables, write_json, write_markdown
-    from .runner import count_units, run_plan
+    from .runner import count_units
 
     if args.threads < 1:
         print("fpsolve bench: --threads must be >= 1.", file=sys.stderr)
@@ -267,7 +317,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-            result = run_plan(plan, device, _RichReporter(progress, count_units(plan)), models=models)
+            reporter = _RichReporter(progress, count_units(plan))
+            result = run_progressively(plan, device, reporter, models, out / "bench.json")
     finally:
         torch.set_num_threads(previous_threads)  # in-process callers (tests) keep their setting
     print_tables(result, console)
