@@ -283,7 +283,8 @@ def save_figure(
     )
     grids = [_tile(seq, nrow, low), _tile(par, nrow, low), _tile(np.abs(par - seq), nrow, 0.0)]
     aspect = grids[0].shape[0] / grids[0].shape[1]
-    aspect_mode: Literal["equal", "auto"] = "equal" if images else "auto"  # digits keep their shape; vectors fill the width
+    # digits keep their shape; vectors fill the width
+    aspect_mode: Literal["equal", "auto"] = "equal" if images else "auto"
     fig = Figure(figsize=(9.0, 3 * max(1.3, 8.0 * aspect) + 3.6), layout="constrained")
     spec = fig.add_gridspec(4, 1, height_ratios=[1, 1, 1, 2.2])
     for row, (grid, label) in enumerate(zip(grids, titles[:3], strict=True)):
