@@ -51,15 +51,23 @@ def test_ci_runs_the_readmes_test_command_verbatim():
     assert command in ci_lines
 
 
+def fpsolve_commands(texts: list[str]) -> list[list[str]]:
+    """The arguments of every ``fpsolve ...`` (or ``... -m fpsolve ...``) command in ``texts``."""
+    found = []
+    for text in texts:
+        for part in re.split(r"&&|\n", text.replace("\\\n", " ")):
+            words = shlex.split(part.strip(), comments=True)
+            if "fpsolve" not in words:
+                continue
+            start = words.index("fpsolve")
+            if start + 1 < len(words) and (start == 0 or words[start - 1] == "-m"):
+                found.append(words[start + 1 :])
+    return found
+
+
 def readme_fpsolve_commands() -> list[list[str]]:
     """Every ``fpsolve ...`` command the README shows, in code blocks or inline code."""
-    found = []
-    for text in re.findall(r"`([^`\n]+)`", README) + BASH.findall(README):
-        for part in text.split("&&"):
-            words = shlex.split(part.strip())
-            if words[:1] == ["fpsolve"] and len(words) > 1:
-                found.append(words[1:])
-    return found
+    return fpsolve_commands(re.findall(r"`([^`\n]+)`", README) + BASH.findall(README))
 
 
 def test_every_fpsolve_command_in_the_readme_parses():
@@ -70,6 +78,14 @@ def test_every_fpsolve_command_in_the_readme_parses():
         assert name in COMMANDS, f"the README shows an unknown command: fpsolve {' '.join(words)}"
         parser = command_parser(name)
         parser.parse_args(rest)  # SystemExit (a failed test) on an option the command does not take
+
+
+def test_every_fpsolve_command_in_the_docs_shell_blocks_parses():
+    texts = [block for page in sorted(DOCS.rglob("*.md")) for block in BASH.findall(page.read_text())]
+    commands = fpsolve_commands(texts)
+    assert len(commands) >= 5
+    for words in commands:
+        command_parser(words[0]).parse_args([w for w in words[1:] if w != "--help"])
 
 
 def test_readme_lists_the_supported_pipelines_and_schedulers_from_the_code():

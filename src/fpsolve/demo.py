@@ -153,12 +153,20 @@ def predict_gpu(
     return found
 
 
+def _sampler(ref: ReferenceModel, steps: int) -> Any:
+    """The sequential sampler the demo solves for ``ref``: DDIM (eta 0) on its training schedule.
+
+    The one place to choose another sampler for a model whose schedule is not a VP one.
+    """
+    return samplers.DDIM(
+        alphas_cumprod=ref.alphas_cumprod, timesteps=spaced_timesteps(steps, ref.alphas_cumprod.numel())
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
     ref = _load(args.model)
     steps = args.steps
-    sampler = samplers.DDIM(
-        alphas_cumprod=ref.alphas_cumprod, timesteps=spaced_timesteps(steps, ref.alphas_cumprod.numel())
-    )
+    sampler = _sampler(ref, steps)
     system = TriangularSystem(
         sampler=sampler,
         denoiser=ref.denoiser,
