@@ -93,13 +93,15 @@ def solve(
     solver_obj = resolve("solver", solver, options, also=_SOLVE_ARGUMENTS)
     if solver_obj.sequential:
         # The sequential loop takes no window, cap, rule or first guess: refuse rather than ignore.
-        given = [name for name, value in (("window", window), ("max_iters", max_iters), ("tol", tol),
-                                          ("stopping", stopping), ("initializer", initializer))
+        # window="auto" may choose the sequential loop itself, so it is no contradiction here.
+        given = [name for name, value in (("window", None if window == "auto" else window),
+                                          ("max_iters", max_iters), ("tol", tol), ("stopping", stopping),
+                                          ("initializer", initializer))
                  if value is not None]
         if given:
             raise InvalidOptionError(
                 f"solver {solver_obj.name!r} runs the sampler step by step (T model calls) and uses no "
-                f"{', '.join(given)}; drop {'it' if len(given) == 1 else 'them'}, or choose a parallel "
+                f"{' or '.join(given)}; drop {'it' if len(given) == 1 else 'them'}, or choose a parallel "
                 "solver such as 'taa'."
             )
     if tol is not None and stopping is not None:
