@@ -98,7 +98,7 @@ def own_spread(pipe, **call):
 
 
 def floor_limit(pipe, **call):
-    """The parity bound of a near-chaotic loop: ``FLOOR_FACTOR`` x its measured spread, at least ``PARITY``."""
+    """The parity bound of a near-chaotic loop: ``FLOOR_FACTOR`` x its measured spread (>= ``PARITY``)."""
     return max(PARITY, FLOOR_FACTOR * own_spread(pipe, **call))
 
 

@@ -49,7 +49,8 @@ def test_mix(sampler, solver, stopping, initializer):
                                     required_options("initializer", initializer, system))
     if get_registry().lookup("solver", solver).cls.sequential:
         # The sequential loop refuses a rule, a first guess and a window (it would ignore them).
-        with pytest.raises(fpsolve.errors.InvalidOptionError, match="uses no window or stopping or initializer"):
+        with pytest.raises(fpsolve.errors.InvalidOptionError,
+                           match="uses no window or stopping or initializer"):
             fpsolve.solve(system, solver, stopping=stopping, initializer=init, window=6)
         solution = fpsolve.solve(system, solver)
     else:

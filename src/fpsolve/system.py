@@ -38,7 +38,7 @@ __all__ = ["TriangularSystem", "Denoiser"]
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _as_shape(value: Sequence[int] | int) -> tuple[int, ...]:
+def _as_shape(value: Any) -> tuple[int, ...]:
     # Checked, not coerced: tuple("16") would silently be (1, 6).
     if is_integer(value):
         value = (value,)
