@@ -37,6 +37,9 @@ def _names(kind: str, with_aliases: bool = False) -> list[str]:
 
 
 @pytest.mark.parametrize("initializer", _names("initializer"))
+# Every combination must run; some (aa without its safeguard) end at their cap by design, which
+# solve() reports with a NotConvergedWarning: expected here, so not shown.
+@pytest.mark.filterwarnings("ignore::fpsolve.errors.NotConvergedWarning")
 @pytest.mark.parametrize("stopping", _names("stopping rule"))
 @pytest.mark.parametrize("solver", _names("solver", with_aliases=True))
 @pytest.mark.parametrize("sampler", _names("sampler"))

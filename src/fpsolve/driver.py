@@ -352,14 +352,11 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
         if not outputs_finite:
             bad = _bad_samples(evaluated)
             position, sample = _first_nonfinite(evaluated, positions)
-            where = ""
             for index, at in _first_bad_positions(evaluated, positions).items():
-                where = (f"the denoiser returned non-finite values at iteration {parallel}, position {at} "
-                         f"(timestep {system.sampler.timesteps[at]})")
-                failures.setdefault(index, where)
-                if index == sample:
-                    first_where = where
-            where = first_where
+                timestep = system.sampler.timesteps[at]
+                failures.setdefault(index, f"the denoiser returned non-finite values at iteration "
+                                           f"{parallel}, position {at} (timestep {timestep})")
+            where = failures[sample]
             if len(failures) == samples:
                 status = Status.NONFINITE
                 message = (f"{where}, sample {sample}; the last finite iterate is returned" if samples == 1
