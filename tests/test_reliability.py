@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fpsolve
-from fpsolve.driver import DriverConfig, run
+from fpsolve.driver import DriverConfig, run, run_sequential
 from fpsolve.errors import (
     DenoiserOutputError,
     InvalidOptionError,
@@ -324,17 +324,21 @@ def test_a_denoiser_writing_into_its_input_changes_nothing_in_chunks():
     clean = run(clean_system, **parts)
     dirty = run(dirty_system, **parts, evaluate=ChunkedEvaluator(dirty_system, max_batch=2, remember=False))
     assert torch.equal(dirty.trajectory, clean.trajectory)
+    chunked = ChunkedEvaluator(dirty_system, max_batch=2, remember=False)
+    reference = run_sequential(clean_system)
+    assert torch.equal(run_sequential(dirty_system, evaluate=chunked).trajectory, reference.trajectory)
 
 
-def test_a_denoiser_writing_into_its_input_changes_nothing_as_a_graph(monkeypatch):
+@pytest.mark.parametrize("solver", ["sequential", "taa"])
+def test_a_denoiser_writing_into_its_input_changes_nothing_as_a_graph(monkeypatch, solver):
     from fpsolve.gpu import CUDAGraphDenoiser
 
     from .test_gpu_graphs import fake_capturing
 
     graphed = CUDAGraphDenoiser(halving, (4,), torch.float64, "cpu")
     captures = fake_capturing(monkeypatch, graphed)
-    clean = fpsolve.solve(plain_system(batch=2), "taa", window=4)
-    dirty = fpsolve.solve(plain_system(batch=2, denoiser=graphed), "taa", window=4)
+    clean = fpsolve.solve(plain_system(batch=2), solver)
+    dirty = fpsolve.solve(plain_system(batch=2, denoiser=graphed), solver)
     assert captures and torch.equal(dirty.trajectory, clean.trajectory)
 
 
