@@ -2,8 +2,19 @@
 
 Tiny random components stand in for trained ones (their output layers are scaled down so that
 the sampling loop does not amplify rounding the way an untrained network does). At a vanishing
-tolerance the parallel result must equal the pipeline's own output to 1e-5; at the default
-tolerance the image-space error is reported (``record_property``) and bounded.
+tolerance the parallel result must equal the pipeline's own output to its float32 noise floor;
+at the default tolerance the image-space error is reported (``record_property``) and bounded.
+
+The noise floor. fpsolve keeps a float64 state while the pipeline rounds every step to float32,
+so the two differ by rounding the loop amplifies. How much is measured, not assumed: diffusers'
+own output for the SAME noise moves when the sample shares its batch with other samples (batched
+kernels round differently), and :func:`own_spread` measures that spread in the test itself.
+Where the loop is near-chaotic (DDIM with its default ``clip_sample=True`` on a random UNet), the
+spread and fpsolve's error are of one size: on a 2-core x86_64 CPU (torch 2.13) the DDIM batch-1
+case measured a spread of 9.8e-6 and an error of 1.03e-5 (ratio 1.05), which is why a fixed 1e-5
+failed on another machine. Those tests bound the error by ``FLOOR_FACTOR`` times the measured
+spread (never below ``PARITY``). Everywhere else the measured errors are at most 6.6e-7 (Stable
+Diffusion, DiT, DDPM without clipping): 15x below ``PARITY``, margin for any float32 machine.
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ from fpsolve.integrations.diffusers.testing import (
     tiny_unet_pipeline,
 )
 
-PARITY = 1e-5
+PARITY = 1e-5  # images in [0, 1]; 80 float32 ulps of 1.0: the floor of the bound
+FLOOR_FACTOR = 4  # measured error / spread was at most 1.05 (module docstring): 4x leaves margin
 EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
 
 
@@ -75,6 +87,21 @@ def run_both(pipe, seed=0, global_seed=None, solver="taa", generator_list=None, 
     return reference, out, solution
 
 
+def own_spread(pipe, **call):
+    """diffusers' own float32 noise floor for ``pipe(**call)``: the largest change of sample 0's
+    image when it is generated alone or in a batch of three (same generator, so the same noise)."""
+    def images(batch):
+        generators = [torch.Generator().manual_seed(seed) for seed in (0, 11, 12)[:batch]]
+        with torch.no_grad():
+            return images_of(pipe(generator=generators, batch_size=batch, **call))
+    return float(np.abs(images(1)[0] - images(3)[0]).max())
+
+
+def floor_limit(pipe, **call):
+    """The parity bound of a near-chaotic loop: ``FLOOR_FACTOR`` x its measured spread (>= ``PARITY``)."""
+    return max(PARITY, FLOOR_FACTOR * own_spread(pipe, **call))
+
+
 def assert_same_output(reference, out, limit=PARITY):
     assert type(out) is type(reference)
     if dataclasses.is_dataclass(reference):
@@ -105,7 +132,10 @@ def assert_same_output(reference, out, limit=PARITY):
 def test_ddpm_pipeline(scheduler, record_property):
     pipe = tiny_unet_pipeline("ddpm", scheduler)
     reference, out, solution = run_both(pipe, batch_size=2, num_inference_steps=12, output_type="np", **EXACT)
-    record_property("max_abs_error", assert_same_output(reference, out))
+    # ddim-swapped clips x0 (DDIM's default): measured 5.4e-6, half of PARITY, so it rests on the spread.
+    limit = floor_limit(pipe, num_inference_steps=12, output_type="np") if scheduler.config.get(
+        "clip_sample") and isinstance(scheduler, diffusers.DDIMScheduler) else PARITY
+    record_property("max_abs_error", assert_same_output(reference, out, limit))
     assert solution.converged
 
 
@@ -118,21 +148,26 @@ def test_ddim_pipeline(options, record_property):
     pipe = tiny_unet_pipeline("ddim", diffusers.DDIMScheduler(set_alpha_to_one=False, steps_offset=1))
     reference, out, _ = run_both(pipe, batch_size=2, num_inference_steps=15, output_type="np", **options,
                                  **EXACT)
-    record_property("max_abs_error", assert_same_output(reference, out))
+    # DDIM clips x0 by default: eta0 measured 4.7e-6, so the bound rests on the measured spread.
+    limit = floor_limit(pipe, num_inference_steps=15, output_type="np", **options)
+    record_property("max_abs_error", assert_same_output(reference, out, limit))
 
 
 def test_ddim_pipeline_with_a_list_of_generators_and_every_output_type():
     pipe = tiny_unet_pipeline("ddim", diffusers.DDIMScheduler(timestep_spacing="trailing"), channels=3)
+    # DDIM's default clip_sample makes this loop near-chaotic: the bounds rest on the measured spread
+    # of diffusers' own output (9.8e-6 here for the batch-1 call, whose error was 1.03e-5).
+    limit = floor_limit(pipe, num_inference_steps=10, eta=1.0, output_type="np")
     for output_type in ("np", "pt", "pil"):
         reference, out, _ = run_both(pipe, generator_list=[5, 9, 2], batch_size=3, num_inference_steps=10,
                                      eta=1.0,
                                      output_type=output_type, **EXACT)
-        assert_same_output(reference, out, limit=PARITY if output_type != "pil" else 1 / 255)
+        assert_same_output(reference, out, limit=limit if output_type != "pil" else 1 / 255)
     reference, out, _ = run_both(pipe, batch_size=1, num_inference_steps=10, return_dict=False,
                                  output_type="np",
                                  **EXACT)
     assert isinstance(out, tuple) and len(out) == 1
-    assert_same_output(reference, out)
+    assert_same_output(reference, out, floor_limit(pipe, num_inference_steps=10, output_type="np"))
 
 
 # -- DiT -----------------------------------------------------------------------------------------
@@ -291,3 +326,35 @@ def test_make_system_through_the_plugin_hook():
                          output_type="np")
     # the same initial latents as sample() (and so as the pipeline)
     assert torch.equal(system.flat_noise[0], solution.trajectory[0].reshape(2, -1))
+
+
+# -- nothing silently wrong (issue 10) -------------------------------------------------------------
+
+def test_an_unconverged_solve_raises_with_the_partial_result():
+    pipe = tiny_unet_pipeline("ddpm", diffusers.DDPMScheduler())
+    call = dict(batch_size=2, num_inference_steps=10, output_type="np")
+    with pytest.warns(fpsolve.NotConvergedWarning), pytest.raises(fpsolve.NotConvergedError,
+                                                                     match="did not converge") as error:
+        sample(pipe, generator=torch.Generator().manual_seed(0), max_iters=2, tol=1e-9, **call)
+    assert error.value.solution.status is fpsolve.Status.MAX_ITERS
+    assert error.value.output.images.shape == (2, 8, 8, 1)  # the decoded partial output
+    with pytest.warns(fpsolve.NotConvergedWarning):
+        out, solution = sample(pipe, generator=torch.Generator().manual_seed(0), max_iters=2, tol=1e-9,
+                               allow_unconverged=True, **call)
+    assert not solution.converged and np.array_equal(out.images, error.value.output.images)
+    with pytest.raises(InvalidOptionError, match="allow_unconverged must be True or False"):
+        sample(pipe, allow_unconverged="yes", **call)
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (dict(num_inference_steps=0), "num_inference_steps must be an int >= 1"),  # was ZeroDivisionError
+    (dict(num_inference_steps=-5), "num_inference_steps must be an int >= 1"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be an int >= 1"),
+    (dict(generator=0), "generator must be a torch.Generator, a list of them"),
+    (dict(num_inference_step=10), r"For 'num_inference_step', did you mean 'num_inference_steps'"),
+    (dict(max_iter=3), r"For 'max_iter', did you mean 'max_iters'"),
+])
+def test_pipeline_arguments_are_checked_with_hints(call, match):
+    pipe = tiny_unet_pipeline("ddpm", diffusers.DDPMScheduler())
+    with pytest.raises(InvalidOptionError, match=match):
+        sample(pipe, **call)

@@ -187,6 +187,12 @@ def test_window_sharding_is_bit_identical(launched):
             assert got["model_evals"] == got["reference_model_evals"], name
 
 
+def test_a_denoiser_writing_into_its_input_changes_nothing_when_sharded(launched):
+    ranks, results = _results(launched)
+    for rank in range(ranks):
+        assert torch.equal(results[rank]["mutating"]["dirty"], results[rank]["mutating"]["clean"])
+
+
 def test_sample_sharding_equals_solving_each_subset(launched):
     ranks, results = _results(launched)
     bounds = chunk_bounds(SAMPLE_SHARDED, ranks)
@@ -198,6 +204,8 @@ def test_sample_sharding_equals_solving_each_subset(launched):
             assert torch.equal(first["sample"][start:stop], subset)
     # the sequential solve does not depend on the batch: sharded equals whole, bit for bit
     assert torch.equal(results[0]["samples-sequential"]["sample"], results[0]["samples-sequential"]["whole"])
+    for name in ("samples-taa", "samples-sequential"):  # one verdict per sample, gathered from every rank
+        assert results[0][name]["converged_samples"].tolist() == [True] * SAMPLE_SHARDED
 
 
 def test_failing_rank_stops_every_rank_with_its_name(launched):
@@ -258,6 +266,50 @@ def test_sample_cli_writes_only_on_rank_zero(launched):
         torch.set_num_threads(threads)
     assert saved["world_size"] == 2 and saved["iterations"] == alone.iterations
     assert torch.equal(saved["samples"], alone.sample)
+
+
+HANG_TIMEOUT, HANG_SLEEP = 3.0, 6.0  # seconds: the group timeout, and how long rank 1 hangs
+
+
+def test_a_hanging_rank_ends_every_rank_with_a_distributed_error(tmp_path):
+    """Rank 1 hangs in its model call for longer than the group timeout: rank 0 must raise
+    DistributedError within the timeout plus a few seconds, rank 1 must raise it as soon as it
+    wakes, and both processes must exit cleanly (no SIGABRT, no 'terminate called')."""
+    procs, _ = _launch([sys.executable, "-m", "tests.test_distributed", str(tmp_path), "hang"], 2, [ROOT] * 2)
+    for rank, proc in enumerate(procs):
+        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{proc.stderr[-3000:]}"
+        assert "terminate called" not in proc.stderr and "Aborted" not in proc.stderr, proc.stderr[-3000:]
+        assert "hang: DistributedError" in proc.stdout, (proc.stdout, proc.stderr[-3000:])
+    seconds = float(procs[0].stdout.split("hang seconds ")[1].split()[0])
+    assert seconds < HANG_TIMEOUT + 5.0, seconds  # the timeout, not the hang, ends rank 0's wait
+
+
+def _hang_worker() -> int:
+    from datetime import timedelta
+
+    dist = torch.distributed
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['WORKER_PORT']}", rank=rank,
+                            world_size=2, timeout=timedelta(seconds=HANG_TIMEOUT))
+    system = _case_system("ddim")
+
+    def hanging(x, t, calls=[]):  # noqa: B006 - the call counter
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            time.sleep(HANG_SLEEP)
+        return system.denoiser(x, t)
+
+    stuck = fpsolve.TriangularSystem(sampler=system.sampler, denoiser=hanging, shape=system.shape,
+                                     noise=system.flat_noise.reshape(STEPS + 1, 8))
+    started = time.perf_counter()
+    try:
+        fpsolve.solve(stuck, "taa", window=WINDOW, tol=1e-6, distributed=True)
+    except DistributedError as error:
+        print(f"hang: {type(error).__name__}: {error}\nhang seconds {time.perf_counter() - started:.2f}",
+              flush=True)
+    dist.destroy_process_group()
+    return 0
 
 
 # -- the worker (one process of a launch) ----------------------------------------------------------
@@ -326,11 +378,25 @@ def _worker(out: Path) -> int:
                                                     fpsolve.solve(system, "sequential"))
     system = _case_system("ddim", batch=SAMPLE_SHARDED)
     for solver in ("taa", "sequential"):
-        sharded = solve_distributed(system, solver, shard="samples", window=WINDOW, tol=1e-6)
-        subsets = [fpsolve.solve(subset_system(system, a, b), solver, window=WINDOW, tol=1e-6).sample
+        options = {} if solver == "sequential" else dict(window=WINDOW, tol=1e-6)  # sequential takes neither
+        sharded = solve_distributed(system, solver, shard="samples", **options)
+        subsets = [fpsolve.solve(subset_system(system, a, b), solver, **options).sample
                    for a, b in chunk_bounds(SAMPLE_SHARDED, ranks)]
         saved[f"samples-{solver}"] = {"sample": sharded.sample, "subsets": subsets,
-                                      "whole": fpsolve.solve(system, solver).sample}
+                                      "whole": fpsolve.solve(system, solver).sample,
+                                      "converged_samples": sharded.converged_samples}
+    clean = _case_system("ddim", batch=2)
+
+    def mutating(x, t):  # writes into its input: the sharded evaluator must hand it a copy
+        out = clean.denoiser(x, t)
+        x.mul_(0.5)
+        return out
+
+    dirty = fpsolve.TriangularSystem(sampler=clean.sampler, denoiser=mutating, shape=clean.shape,
+                                     noise=clean.flat_noise.reshape(STEPS + 1, 2, 8))
+    options = dict(window=WINDOW, tol=1e-6, distributed=True)
+    saved["mutating"] = {"dirty": fpsolve.solve(dirty, "taa", **options).trajectory,
+                         "clean": fpsolve.solve(clean, "taa", **options).trajectory}
     torch.save(saved, out / f"rank{rank}.pt")
 
     system = _case_system("ddim")
@@ -375,4 +441,4 @@ def _worker(out: Path) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_worker(Path(sys.argv[1])))
+    raise SystemExit(_hang_worker() if sys.argv[2:] == ["hang"] else _worker(Path(sys.argv[1])))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from . import errors, initializers, samplers, solvers, stopping
 from .api import make_system, solve
 from .driver import DriverConfig, IterationInfo
+from .errors import NotConvergedError, NotConvergedWarning
 from .hookspecs import hookimpl
 from .initializers import Initializer
 from .registry import list_plugins, register_plugin, unregister_plugin
@@ -42,6 +43,8 @@ __all__ = [
     "IterationInfo",
     "hookimpl",
     "errors",
+    "NotConvergedError",
+    "NotConvergedWarning",
     "list_plugins",
     "register_plugin",
     "unregister_plugin",

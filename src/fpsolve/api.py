@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
 
 from .driver import DriverConfig, Evaluator, Observer, run
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, NotConvergedWarning
 from .initializers import Initializer
 from .registry import get_plugin_manager, resolve
-from .solution import Solution
+from .solution import Solution, Status
 from .solvers.base import FixedPointSolver
 from .stopping import RMS, StoppingRule
 from .system import TriangularSystem
+from .validators import as_flag, as_real, is_integer
+
+#: solve()'s own keyword arguments, for did-you-mean hints on a misspelt solver option.
+_SOLVE_ARGUMENTS = {name: "an argument of solve()" for name in (
+    "order", "history", "ridge", "window", "tol", "stopping", "initializer", "max_iters", "observers",
+    "progress", "distributed")}
 
 __all__ = ["solve", "make_system"]
 
@@ -84,21 +90,45 @@ def solve(
     system = make_system(system)
     options = {k: v for k, v in dict(order=order, history=history, ridge=ridge).items() if v is not None}
     options.update(solver_options)
-    solver_obj = resolve("solver", solver, options)
+    solver_obj = resolve("solver", solver, options, also=_SOLVE_ARGUMENTS)
+    if solver_obj.sequential:
+        # The sequential loop takes no window, cap, rule or first guess: refuse rather than ignore.
+        # window="auto" may choose the sequential loop itself, so it is no contradiction here.
+        given = [name for name, value in (("window", None if window == "auto" else window),
+                                          ("max_iters", max_iters), ("tol", tol), ("stopping", stopping),
+                                          ("initializer", initializer))
+                 if value is not None]
+        if given:
+            raise InvalidOptionError(
+                f"solver {solver_obj.name!r} runs the sampler step by step (T model calls) and uses no "
+                f"{' or '.join(given)}; drop {'it' if len(given) == 1 else 'them'}, or choose a parallel "
+                "solver such as 'taa'."
+            )
     if tol is not None and stopping is not None:
         raise InvalidOptionError("give tol= (a shortcut for the rms rule) or stopping=, not both.")
     if tol is not None:
-        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-            raise InvalidOptionError(f"tol must be a finite number > 0 (default 2e-4); got {tol!r}.")
-        stopping_obj: StoppingRule = RMS(tol1=float(tol), tol2=float(tol))
+        tol = as_real("tol", tol, minimum=0.0, strict=True, hint=" (default 2e-4)")
+        stopping_obj: StoppingRule = RMS(tol1=tol, tol2=tol)
     elif stopping is not None:
         stopping_obj = resolve("stopping rule", stopping)
     else:
         # A solver that reproduces a published method whole brings its own rule and window.
         default = solver_obj.default_stopping()
         stopping_obj = default if default is not None else resolve("stopping rule", "rms")
+    if isinstance(observers, (str, bytes)) or not isinstance(observers, Sequence):
+        raise InvalidOptionError(
+            f"observers must be a list of callables observer(info); got {observers!r}.")
+    for index, observer in enumerate(observers):
+        if not callable(observer):
+            raise InvalidOptionError(
+                f"observers[{index}] is {observer!r}, not a callable; every observer is called as "
+                "observer(info) with an fpsolve.IterationInfo after each iteration."
+            )
+    progress = as_flag("progress", progress)
     if window is None:
         window = solver_obj.default_window()
+    if is_integer(window):
+        window = int(window)  # numpy integers are integers
     initializer_obj = resolve("initializer", initializer if initializer is not None else "noise_copy")
     observers = list(observers)
     auto = None
@@ -132,5 +162,11 @@ def solve(
         if bar is not None:
             bar.close()
     steps = system.num_steps
+    if solution.status in (Status.MAX_ITERS, Status.NONFINITE):
+        warnings.warn(NotConvergedWarning(
+            f"fpsolve.solve with solver {solver_obj.name!r} returns an unconverged result: "
+            f"{solution.message} "
+            "(status " + solution.status.name + "). Check solution.status, or call "
+            "solution.raise_for_status() to make this an error."), stacklevel=2)
     return attrs.evolve(solution, window=None if solver_obj.sequential else min(window or steps, steps),
                         plan=None if auto is None else auto.plan)

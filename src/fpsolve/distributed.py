@@ -501,11 +501,15 @@ def _solve_samples(system: TriangularSystem, solver: Any, group: _Group, chosen:
     _collective("all_gather (trajectories)", group, dist.all_gather, received, send)
     parts = [buf[:, :b - a] for buf, (a, b) in zip(received, chosen.sample_ranges, strict=True)]
     trajectory = system.unflatten(torch.cat(parts, dim=1).to(flat_device))
-    summary = (local.iterations, local.model_evals, local.status.name, local.message, local.residuals)
+    converged = local.converged_samples
+    if converged is None:  # a Solution from a solver loop that does not say: all or nothing
+        converged = torch.full((stop - start,), local.converged, dtype=torch.bool)
+    summary = (local.iterations, local.model_evals, local.status.name, local.message, local.residuals,
+               converged.cpu())
     summaries: list[Any] = [None] * group.size
     _collective("all_gather_object (statistics)", group, dist.all_gather_object, summaries, summary)
     status, message = Status.CONVERGED, local.message
-    for rank, (_, _, name, text, _) in enumerate(summaries):
+    for rank, (_, _, name, text, _, _) in enumerate(summaries):
         if Status[name] is not Status.CONVERGED:
             status, message = Status[name], f"rank {rank} (samples {chosen.sample_ranges[rank]}): {text}"
             break
@@ -513,7 +517,8 @@ def _solve_samples(system: TriangularSystem, solver: Any, group: _Group, chosen:
                     iterations=max(s[0] for s in summaries), model_evals=sum(s[1] for s in summaries),
                     status=status, message=message,
                     residuals=_merge_traces([s[4] for s in summaries], system.num_steps),
-                    wall_time=time.perf_counter() - started, solver=local.solver, order=local.order)
+                    wall_time=time.perf_counter() - started, solver=local.solver, order=local.order,
+                    converged_samples=torch.cat([s[5] for s in summaries]))
 
 
 def solve_distributed(system: TriangularSystem | Any, solver: Any = "taa", *, group: Any = True,

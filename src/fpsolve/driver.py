@@ -25,8 +25,19 @@ defect in the window: on a DDIM-100 test problem at tol 1e-10 the error to the s
 sample drops from 2e-8 to 2e-10.
 
 Accepted rows keep exactly the values the stopping rule judged, so every stored model output
-above the anchor belongs to its final state. Non-finite model outputs or solver proposals stop
-the solve with :attr:`~fpsolve.Status.NONFINITE`, keeping the last finite iterate.
+above the anchor belongs to its final state.
+
+Failure is per sample: samples are independent systems, so a sample whose model outputs or
+solver proposal become non-finite is frozen at its last finite iterate (its residuals count as
+zero from then on, so it never holds the anchor back) while the others finish; the iteration
+is recomputed without it, at no extra model call. The solution then has status
+:attr:`~fpsolve.Status.NONFINITE`, a message naming each failed sample, and
+``converged_samples`` marking them. Only when every sample has failed does the solve stop early.
+
+Plugin outputs are checked where they enter the loop: an initializer's first guess (shape and
+finiteness), a stopping rule's verdict (a bool tensor ``[W]``), a solver's proposal
+(``[W, N, D]`` in the state dtype); anything else raises :class:`~fpsolve.errors.PluginOutputError`
+naming the plugin.
 """
 
 from __future__ import annotations
@@ -38,12 +49,13 @@ from typing import Any
 import attrs
 import torch
 
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, PluginOutputError
 from .initializers import Initializer
 from .solution import ResidualTrace, Solution, Status
 from .solvers.base import FixedPointSolver, WindowView
 from .stopping import StoppingRule, StoppingView, rms_per_row
 from .system import TriangularSystem
+from .validators import is_integer
 
 __all__ = ["DriverConfig", "IterationInfo", "Evaluator", "run", "run_sequential"]
 
@@ -53,15 +65,19 @@ Observer = Callable[["IterationInfo"], Any]
 Evaluator = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 
+def _optional_int(value: Any) -> Any:
+    return int(value) if is_integer(value) else value  # numpy ints are ints; bools stay refused
+
+
 def _window_option(instance: Any, attribute: Any, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if value is not None and not (is_integer(value) and value >= 1):
         raise InvalidOptionError(
             f"window must be an int >= 1 (positions solved per iteration) or None for T; got {value!r}."
         )
 
 
 def _max_iters_option(instance: Any, attribute: Any, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if value is not None and not (is_integer(value) and value >= 1):
         raise InvalidOptionError(f"max_iters must be an int >= 1 or None; got {value!r}.")
 
 
@@ -75,8 +91,8 @@ class DriverConfig:
         max_iters: cap on parallel iterations; ``None`` means T.
     """
 
-    window: int | None = attrs.field(default=None, validator=_window_option)
-    max_iters: int | None = attrs.field(default=None, validator=_max_iters_option)
+    window: int | None = attrs.field(default=None, converter=_optional_int, validator=_window_option)
+    max_iters: int | None = attrs.field(default=None, converter=_optional_int, validator=_max_iters_option)
 
 
 @attrs.define(frozen=True, eq=False)
@@ -167,6 +183,92 @@ class _Recorder:
 _DEFAULT_CONFIG = DriverConfig()  # frozen, so one shared default is safe
 
 
+def plugin_label(component: Any) -> str:
+    """``'name' (module.Class, from plugin 'x')`` for error messages about a plugin's output."""
+    cls = type(component)
+    label = f"{getattr(component, 'name', '') or cls.__name__!r} ({cls.__module__}.{cls.__qualname__}"
+    from .registry import plugin_of  # only on the error path: the registry sits above the driver
+
+    plugin = plugin_of(cls)
+    return label + (f", registered by plugin {plugin!r})" if plugin else ")")
+
+
+def _check_initial_guess(initializer: Initializer, guess: Any, system: TriangularSystem) -> None:
+    expected = tuple(system.flat_noise.shape)
+    states = getattr(guess, "trajectory", None)
+    if not isinstance(states, torch.Tensor) or tuple(states.shape) != expected:
+        got = list(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
+        raise PluginOutputError(
+            f"initializer {plugin_label(initializer)} returned a trajectory of shape {got}; "
+            f"expected {list(expected)} ([T+1, N, D], x_T first)."
+        )
+    steps = system.num_steps
+    valid_upto, anchor = guess.valid_upto, guess.anchor
+    if not (is_integer(valid_upto) and is_integer(anchor) and 0 <= anchor <= valid_upto <= steps):
+        raise PluginOutputError(
+            f"initializer {plugin_label(initializer)} returned valid_upto={valid_upto!r} and "
+            f"anchor={anchor!r}; "
+            f"expected ints with 0 <= anchor <= valid_upto <= T = {steps}."
+        )
+    known = states[:valid_upto + 1]
+    finite = torch.isfinite(known)
+    if not bool(finite.all()):
+        position, sample = (~finite).flatten(2).any(-1).nonzero()[0].tolist()
+        raise InvalidOptionError(
+            f"the initial trajectory from initializer {plugin_label(initializer)} is not finite: state "
+            f"{position}, sample {sample} holds NaN or inf (before any model call). Give a finite first "
+            "guess (e.g. the trajectory of a solve that converged)."
+        )
+
+
+def _check_verdict(stopping: StoppingRule, verdict: Any, width: int, device: torch.device) -> torch.Tensor:
+    if verdict is None:
+        return torch.zeros(width, dtype=torch.bool, device=device)
+    if (not isinstance(verdict, torch.Tensor) or verdict.dtype != torch.bool
+            or tuple(verdict.shape) != (width,)):
+        got = (f"a {verdict.dtype} tensor of shape {list(verdict.shape)}" if isinstance(verdict, torch.Tensor)
+               else f"a {type(verdict).__name__}")
+        raise PluginOutputError(
+            f"stopping rule {plugin_label(stopping)} returned {got} from converged(); it must return a "
+            f"torch.bool tensor of shape [W] = [{width}] (one verdict per window row, True = accepted) "
+            "or None."
+        )
+    return verdict if verdict.device == device else verdict.to(device)
+
+
+def _check_proposal(solver: FixedPointSolver, proposal: Any, like: torch.Tensor, what: str) -> torch.Tensor:
+    if (not isinstance(proposal, torch.Tensor) or tuple(proposal.shape) != tuple(like.shape)
+            or proposal.dtype != like.dtype):
+        got = (f"a {proposal.dtype} tensor of shape {list(proposal.shape)}"
+               if isinstance(proposal, torch.Tensor) else f"a {type(proposal).__name__}")
+        raise PluginOutputError(
+            f"solver {plugin_label(solver)} returned {got} from {what}; expected a {like.dtype} tensor of "
+            f"shape {list(like.shape)} "
+            f"({'one row per window row, [W, N, D]' if like.dim() == 3 else 'one state, [N, D]'})."
+        )
+    return proposal
+
+
+def _first_bad_positions(values: torch.Tensor, positions: Sequence[int]) -> dict[int, int]:
+    """``{sample: first position}`` of every sample with a non-finite entry in ``values`` ``[P, N, D]``."""
+    bad = (~torch.isfinite(values)).any(-1)  # [P, N]
+    first: dict[int, int] = {}
+    for row, sample in bad.nonzero().tolist():
+        first.setdefault(sample, positions[row])
+    return first
+
+
+def _bad_samples(values: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: samples with a non-finite entry in ``values`` ``[P, N, D]``."""
+    return (~torch.isfinite(values)).any(-1).any(0)
+
+
+def _failure_summary(failures: dict[int, str], samples: int) -> str:
+    listed = "; ".join(f"sample {index}: {why}" for index, why in sorted(failures.items()))
+    return (f"{len(failures)} of {samples} samples became non-finite and were frozen at their last finite "
+            f"iterate ({listed})")
+
+
 def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRule,
         initializer: Initializer, config: DriverConfig = _DEFAULT_CONFIG,
         observers: Sequence[Observer] = (), evaluate: Evaluator | None = None) -> Solution:
@@ -181,13 +283,9 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
     max_iters = config.max_iters or steps
     lags = system.affine_form.lags
     guess = initializer.initialize(system)
+    _check_initial_guess(initializer, guess, system)
     states = guess.trajectory
-    if tuple(states.shape) != tuple(system.flat_noise.shape):
-        raise InvalidOptionError(
-            f"initializer {type(initializer).__name__} returned a trajectory of shape {list(states.shape)}; "
-            f"expected {list(system.flat_noise.shape)}."
-        )
-    valid_upto, anchor = guess.valid_upto, guess.anchor
+    valid_upto, anchor = int(guess.valid_upto), int(guess.anchor)
     outputs = torch.zeros(steps, samples, system.state_size, dtype=system.dtype, device=system.device)
     fresh = [False] * (steps + 1)  # outputs[j] was evaluated at the current states[j]
     age = torch.zeros(steps + 1, dtype=torch.long, device=system.device)
@@ -195,6 +293,31 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
     recorder = _Recorder(steps)
     iterations, model_evals, parallel = guess.iterations, guess.model_evals, 0
     status, message = Status.CONVERGED, Status.CONVERGED.value
+    failures: dict[int, str] = {}  # failed sample -> why (host side, filled only on the rare bad path)
+    failed = torch.zeros(samples, dtype=torch.bool, device=system.device)
+    failed_rows = failed[None, :, None]
+
+    def iterate(lo: int, hi: int, state: Any) -> tuple[Any, ...]:
+        """Everything of one iteration after the model call; no host sync. Failed samples count
+        as converged with zero residuals and keep their values."""
+        current = states[lo:hi + 1].clone()  # solvers may keep it in their history
+        first_rhs = system.first_order_rhs(states, outputs, lo, hi)
+        first_order = first_rhs - current
+        if failures:
+            first_order = first_order.masked_fill(failed_rows, 0.0)
+            first_rhs = torch.where(failed_rows, current, first_rhs)
+        residual = system.order_residual(first_order, lo, order)
+        rhs = first_rhs if order == 1 else current + residual
+        verdict = _check_verdict(stopping, stopping.converged(StoppingView(
+            parallel, lo, hi, current, first_order, residual,
+            system.sigmas[lo:hi + 1], system.step_variances[lo:hi + 1], system)), hi - lo + 1, system.device)
+        view = WindowView(parallel, lo, hi, current, rhs, residual, first_order, age[lo:hi + 1],
+                          states, outputs)
+        proposal, new_state = solver.step(view, state)
+        proposal = _check_proposal(solver, proposal, current, "step()")
+        if failures:
+            proposal = torch.where(failed_rows, current, proposal)
+        return current, first_order, verdict, view, proposal, new_state
 
     while anchor < steps:
         if parallel >= max_iters:
@@ -209,39 +332,41 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
             valid_upto = hi
         positions = [j for j in range(max(0, lo - lags), anchor) if not fresh[j]] + list(range(anchor, hi))
         rows = _rows(positions)
+        # A copy: the denoiser may write into its input, and the trajectory must not change.
         evaluated = evaluate(states[rows].clone() if isinstance(rows, slice) else states[rows], positions)
         parallel += 1
         iterations += 1
         model_evals += len(positions) * samples
+        if failures:  # a frozen sample's outputs are not used; keep them from poisoning the sums
+            evaluated = evaluated.masked_fill(failed_rows, 0.0)
         finite = torch.isfinite(evaluated).all()  # read together with the decision: one host sync
         outputs[rows] = evaluated
         for j in positions:
             fresh[j] = True
         age[lo:hi + 1] += 1
 
-        current = states[lo:hi + 1].clone()  # solvers may keep it in their history
-        first_rhs = system.first_order_rhs(states, outputs, lo, hi)
-        first_order = first_rhs - current
-        residual = system.order_residual(first_order, lo, order)
-        rhs = first_rhs if order == 1 else current + residual
-        verdict = stopping.converged(StoppingView(
-            parallel, lo, hi, current, first_order, residual,
-            system.sigmas[lo:hi + 1], system.step_variances[lo:hi + 1], system))
-        if verdict is None:
-            verdict = torch.zeros(hi - lo + 1, dtype=torch.bool, device=system.device)
-        view = WindowView(parallel, lo, hi, current, rhs, residual, first_order, age[lo:hi + 1],
-                          states, outputs)
-        proposal, solver_state = solver.step(view, solver_state)
+        previous_state = solver_state
+        current, first_order, verdict, view, proposal, solver_state = iterate(lo, hi, previous_state)
         # The single host sync of the decision, once all of the iteration's device work is queued.
         first_failing, outputs_finite = _decision(verdict, finite)
         if not outputs_finite:
+            bad = _bad_samples(evaluated)
             position, sample = _first_nonfinite(evaluated, positions)
-            status = Status.NONFINITE
-            message = (f"the denoiser returned non-finite values at iteration {parallel}, "
-                       f"position {position} "
-                       f"(timestep {system.sampler.timesteps[position]}), sample {sample}; "
-                       "the last finite iterate is returned")
-            break
+            for index, at in _first_bad_positions(evaluated, positions).items():
+                timestep = system.sampler.timesteps[at]
+                failures.setdefault(index, f"the denoiser returned non-finite values at iteration "
+                                           f"{parallel}, position {at} (timestep {timestep})")
+            where = failures[sample]
+            if len(failures) == samples:
+                status = Status.NONFINITE
+                message = (f"{where}, sample {sample}; the last finite iterate is returned" if samples == 1
+                           else _failure_summary(failures, samples) + "; no sample is left to solve")
+                break
+            failed |= bad
+            evaluated = evaluated.masked_fill(failed_rows, 0.0)
+            outputs[rows] = evaluated
+            current, first_order, verdict, view, proposal, solver_state = iterate(lo, hi, previous_state)
+            first_failing, _ = _decision(verdict, torch.ones((), dtype=torch.bool, device=system.device))
         boundary = None if first_failing == hi - lo + 1 else first_failing
         updated = current.clone()
         accepted = hi - lo + 1 if boundary is None else boundary
@@ -250,23 +375,36 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
         if boundary is None:
             new_anchor, first_changed = hi, hi - lo + 1
             if hi == steps:
-                updated[-1] = solver.final_step(view, proposal, hi - lo)
+                updated[-1] = _check_proposal(solver, solver.final_step(view, proposal, hi - lo), current[0],
+                                              "final_step()")
                 first_changed = hi - lo
         else:
             updated[boundary + 1:] = proposal[boundary + 1:]
             if solver.safeguarded:
-                updated[boundary] = solver.final_step(view, proposal, boundary)
+                updated[boundary] = _check_proposal(solver, solver.final_step(view, proposal, boundary),
+                                                    current[0], "final_step()")
                 new_anchor = lo + boundary
             else:
                 updated[boundary] = proposal[boundary]
                 new_anchor = lo + boundary - 1
             first_changed = boundary
+        if failures:
+            updated = torch.where(failed_rows, current, updated)
         if not torch.isfinite(updated).all():
+            bad = _bad_samples(updated)
             position, sample = _first_nonfinite(updated, list(range(lo, hi + 1)))
-            status = Status.NONFINITE
-            message = (f"solver {solver.name!r} produced non-finite values at iteration {parallel}, "
-                       f"position {position}, sample {sample}; the last finite iterate is returned")
-            break
+            for index, at in _first_bad_positions(updated, list(range(lo, hi + 1))).items():
+                failures.setdefault(index, f"solver {solver.name!r} produced non-finite values at iteration "
+                                           f"{parallel}, position {at}")
+            where = (f"solver {solver.name!r} produced non-finite values at iteration {parallel}, "
+                     f"position {position}")
+            if len(failures) == samples:
+                status = Status.NONFINITE
+                message = (f"{where}, sample {sample}; the last finite iterate is returned" if samples == 1
+                           else _failure_summary(failures, samples) + "; no sample is left to solve")
+                break
+            failed |= bad
+            updated = torch.where(failed_rows, current, updated)
         states[lo:hi + 1] = updated
         if solver.update_accepted:
             first_changed = 0
@@ -284,16 +422,35 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
 
     if valid_upto < steps:  # rows never reached by the window keep the lowest guess
         states[valid_upto + 1:] = states[valid_upto]
+    if failures and status is Status.CONVERGED:
+        status = Status.NONFINITE
+        message = _failure_summary(failures, samples) + "; the other samples converged"
+    elif failures and status is not Status.NONFINITE:
+        message = f"{message}; {_failure_summary(failures, samples)}"
     _synchronize(system.device)
     trajectory = system.unflatten(states)
     return Solution(sample=trajectory[-1], trajectory=trajectory, iterations=iterations,
                     model_evals=model_evals, status=status, message=message, residuals=recorder.trace(),
-                    wall_time=time.perf_counter() - started, solver=solver, order=order)
+                    wall_time=time.perf_counter() - started, solver=solver, order=order,
+                    converged_samples=_converged_samples(status, failures, samples))
+
+
+def _converged_samples(status: Status, failures: dict[int, str], samples: int) -> torch.Tensor:
+    """``[N]`` bool on the CPU: True for samples that converged (see :class:`~fpsolve.Solution`)."""
+    done = status is Status.CONVERGED or (status is Status.NONFINITE and len(failures) < samples)
+    result = torch.full((samples,), done, dtype=torch.bool)
+    for index in failures:
+        result[index] = False
+    return result
 
 
 def run_sequential(system: TriangularSystem, observers: Sequence[Observer] = (),
                    solver: FixedPointSolver | None = None, evaluate: Evaluator | None = None) -> Solution:
-    """The reference: T model calls, each over the N samples, each followed by one exact step."""
+    """The reference: T model calls, each over the N samples, each followed by one exact step.
+
+    A sample whose model output turns non-finite keeps its last finite state from then on (the
+    others go on); the solve stops early only when every sample has failed.
+    """
     evaluate = evaluate or system.evaluate
     started = time.perf_counter()
     steps, samples = system.num_steps, system.num_samples
@@ -302,24 +459,43 @@ def run_sequential(system: TriangularSystem, observers: Sequence[Observer] = (),
     outputs = torch.zeros(steps, samples, system.state_size, dtype=system.dtype, device=system.device)
     recorder = _Recorder(steps)
     status, message = Status.CONVERGED, "sequential sampling completed"
+    failures: dict[int, str] = {}
+    failed = torch.zeros(samples, dtype=torch.bool, device=system.device)
     calls = 0
     for row in range(1, steps + 1):
-        evaluated = evaluate(states[row - 1:row], [row - 1])
+        # A copy: the denoiser may write into its input, and x_T (or any state) must not change.
+        evaluated = evaluate(states[row - 1:row].clone(), [row - 1])
         calls = row
+        if failures:
+            evaluated = evaluated.masked_fill(failed[None, :, None], 0.0)
         if not torch.isfinite(evaluated).all():
-            status = Status.NONFINITE
-            message = (f"the denoiser returned non-finite values at step {row}, position {row - 1} "
-                       f"(timestep {system.sampler.timesteps[row - 1]}); states from {row} on are copies")
-            states[row:] = states[row - 1]
-            break
+            bad = _bad_samples(evaluated)
+            where = (f"the denoiser returned non-finite values at step {row}, position {row - 1} "
+                     f"(timestep {system.sampler.timesteps[row - 1]})")
+            for index in bad.nonzero().flatten().tolist():
+                failures.setdefault(index, where)
+            if len(failures) == samples:
+                status = Status.NONFINITE
+                message = (f"{where}; states from {row} on are copies" if samples == 1
+                           else _failure_summary(failures, samples) + f"; states from {row} on are copies")
+                states[row:] = states[row - 1]
+                break
+            failed |= bad
+            evaluated = evaluated.masked_fill(failed[None, :, None], 0.0)
         outputs[row - 1] = evaluated[0]
         states[row] = system.first_order_rhs(states, outputs, row, row)[0]
+        if failures:  # a failed sample keeps its last finite state
+            states[row] = torch.where(failed[:, None], states[row - 1], states[row])
         zero = torch.zeros(1, dtype=torch.float64)
         recorder.add(row, row, zero, row, samples)
         _notify(observers, IterationInfo(row, row, row, row, steps, samples, row * samples, zero,
                                          torch.ones(1, dtype=torch.bool)))
+    if failures and status is Status.CONVERGED:
+        status = Status.NONFINITE
+        message = _failure_summary(failures, samples) + "; the other samples completed"
     _synchronize(system.device)
     trajectory = system.unflatten(states)
     return Solution(sample=trajectory[-1], trajectory=trajectory, iterations=calls,
                     model_evals=calls * samples, status=status, message=message, residuals=recorder.trace(),
-                    wall_time=time.perf_counter() - started, solver=solver, order=1)
+                    wall_time=time.perf_counter() - started, solver=solver, order=1,
+                    converged_samples=_converged_samples(status, failures, samples))

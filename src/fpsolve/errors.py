@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "FpsolveError",
@@ -19,7 +20,20 @@ __all__ = [
     "ShapeError",
     "DenoiserOutputError",
     "UnsupportedError",
+    "PluginOutputError",
+    "NotConvergedError",
+    "FpsolveWarning",
+    "NotConvergedWarning",
 ]
+
+
+def _close_matches(name: Any, valid: list[str]) -> list[str]:
+    """Close matches compared case-insensitively (``"TAA"`` finds ``"taa"``)."""
+    by_fold: dict[str, str] = {}
+    for candidate in valid:
+        by_fold.setdefault(candidate.casefold(), candidate)
+    folded = difflib.get_close_matches(str(name).casefold(), list(by_fold), n=3, cutoff=0.5)
+    return [by_fold[f] for f in folded]
 
 
 class FpsolveError(Exception):
@@ -38,7 +52,7 @@ class UnknownNameError(FpsolveError, KeyError):
 
     def __init__(self, kind: str, name: str, valid: Iterable[str]):
         valid = sorted(valid)
-        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+        close = _close_matches(name, valid)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         message = f"unknown {kind} {name!r}.{hint} Valid {kind} names: {', '.join(valid) or '(none)'}."
         super().__init__(message)
@@ -62,3 +76,39 @@ class DenoiserOutputError(FpsolveError, ValueError):
 
 class UnsupportedError(FpsolveError, NotImplementedError):
     """A configuration fpsolve cannot reproduce exactly, refused rather than approximated."""
+
+
+class PluginOutputError(FpsolveError, ValueError):
+    """A plugin (solver, stopping rule, initializer, evaluator) returned something outside its
+    contract: the message names the plugin, what it returned and what was expected."""
+
+
+class NotConvergedError(FpsolveError, RuntimeError):
+    """A solve ended without every state converging, and the caller asked for a finished result.
+
+    Raised by :meth:`fpsolve.Solution.raise_for_status` and by
+    :func:`fpsolve.integrations.diffusers.sample` (unless ``allow_unconverged=True``).
+
+    Attributes:
+        solution: the unfinished :class:`~fpsolve.Solution` (its ``status`` and ``message`` say why).
+        output: what the caller would have got from the unfinished result (``sample()``: the
+            decoded pipeline output), or ``None``.
+    """
+
+    def __init__(self, message: str, solution: Any, output: Any = None):
+        super().__init__(message)
+        self.solution, self.output = solution, output
+
+
+class FpsolveWarning(UserWarning):
+    """Base class of the warnings fpsolve emits (filter them with ``fpsolve.errors.FpsolveWarning``)."""
+
+
+class NotConvergedWarning(FpsolveWarning, RuntimeWarning):
+    """:func:`fpsolve.solve` returns a result that did not converge: a solver stopped at its
+    iteration cap (status ``MAX_ITERS``), or samples became non-finite (``NONFINITE``).
+
+    The result is still returned (it may be good enough); ``solution.raise_for_status()`` turns it
+    into an error, and ``warnings.simplefilter("error", NotConvergedWarning)`` makes every such
+    solve raise.
+    """

@@ -17,11 +17,16 @@ import torch
 
 from .errors import InvalidOptionError, ShapeError
 from .hookspecs import hookimpl
+from .validators import check_int, is_integer
 
 if TYPE_CHECKING:
     from .system import TriangularSystem
 
 __all__ = ["InitialGuess", "Initializer", "NoiseCopy", "FromTrajectory", "Coarse"]
+
+
+def _integer(value: Any) -> Any:
+    return int(value) if is_integer(value) else value  # numpy ints are ints; the validator refuses the rest
 
 
 @attrs.define(frozen=True, eq=False)
@@ -88,7 +93,9 @@ class FromTrajectory(Initializer):
     aliases = {"from_trajectory": {}}
 
     trajectory: Any = attrs.field(default=None, repr=False)
-    solve_last: int | None = None
+    solve_last: int | None = attrs.field(default=None, converter=_integer,
+                                         validator=check_int("solve_last", optional=True,
+                                                             hint=" in 1..T, or None"))
 
     def initialize(self, system: TriangularSystem) -> InitialGuess:
         """The given trajectory; ``x_T`` replaced by the system's own unless part is frozen."""
@@ -97,7 +104,11 @@ class FromTrajectory(Initializer):
                 "the 'trajectory' initializer needs trajectory=<Solution or tensor [T+1, *shape]>."
             )
         given = getattr(self.trajectory, "trajectory", self.trajectory)
-        given = torch.as_tensor(given)
+        if not isinstance(given, torch.Tensor):
+            raise ShapeError(
+                "the 'trajectory' initializer needs a Solution or a tensor [T+1, *shape] / [T+1, N, *shape]; "
+                f"got {type(given).__name__}."
+            )
         steps, samples, size = system.num_steps, system.num_samples, system.state_size
         if given.shape[0] != steps + 1 or given.numel() != (steps + 1) * samples * size:
             raise ShapeError(
@@ -127,7 +138,9 @@ class Coarse(Initializer):
 
     name = "coarse"
 
-    steps: int | None = None
+    steps: int | None = attrs.field(default=None, converter=_integer,
+                                    validator=check_int("coarse steps", optional=True,
+                                                        hint=" in 1..T (coarse sequential steps), or None"))
 
     def initialize(self, system: TriangularSystem) -> InitialGuess:
         """Run the coarse sampler from the same ``x_T`` and interpolate."""

@@ -19,6 +19,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import InvalidOptionError, PluginConflictError, UnknownNameError
+from .validators import close_matches
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -32,6 +33,7 @@ __all__ = [
     "unregister_plugin",
     "list_plugins",
     "resolve",
+    "plugin_of",
 ]
 
 ENTRY_POINT_GROUP = "fpsolve"
@@ -122,11 +124,15 @@ class Registry:
         return [e for e in self.entries[kind].values() if e.alias_of is None]
 
     def lookup(self, kind: str, name: str) -> RegistryEntry:
-        """The entry for ``name``; an unknown name lists the valid ones and close matches."""
-        try:
-            return self.entries[kind][name]
-        except KeyError:
-            raise UnknownNameError(kind, name, self.entries[kind]) from None
+        """The entry for ``name`` (case-insensitive: ``"TAA"`` is ``"taa"``); an unknown name lists
+        the valid ones and close matches."""
+        table = self.entries[kind]
+        if name in table:
+            return table[name]
+        folded = [entry for key, entry in table.items() if key.casefold() == str(name).casefold()]
+        if len(folded) == 1:
+            return folded[0]
+        raise UnknownNameError(kind, name, table) from None
 
 
 def _distributions(manager: pluggy.PluginManager) -> dict[str, tuple[str, str]]:
@@ -209,36 +215,62 @@ def option_names(cls: type) -> list[str]:
     return []
 
 
-def _check_options(kind: str, label: str, cls: type, options: Mapping[str, Any]) -> None:
+def plugin_of(cls: type) -> str | None:
+    """The name of the plugin that registered ``cls`` (any kind), or ``None`` if none did."""
+    try:
+        registry = get_registry()
+    except Exception:  # an error message must not fail because a plugin is broken
+        return None
+    for table in registry.entries.values():
+        for entry in table.values():
+            if entry.cls is cls:
+                return entry.plugin
+    return None
+
+
+def _check_options(kind: str, label: str, cls: type, options: Mapping[str, Any],
+                   also: Mapping[str, str] | None = None) -> None:
+    """Refuse options ``cls`` does not take, suggesting close matches among its options and
+    ``also`` (other accepted names, e.g. solve()'s own arguments, mapped to where they belong)."""
     valid = option_names(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
+        also = dict(also or {})
+        hints = []
+        for name in unknown:
+            close = close_matches(name, valid + sorted(set(also) - set(valid)))
+            if close:
+                where = [f"{c!r}" + (f" ({also[c]})" if c in also and c not in valid else "") for c in close]
+                hints.append(f" For {name!r}, did you mean {' or '.join(where)}?")
+        hint = "".join(hints)
         raise InvalidOptionError(
             f"{kind} {label!r} does not take option(s) {', '.join(unknown)}; its options are: "
-            f"{', '.join(valid) or '(none)'}."
+            f"{', '.join(valid) or '(none)'}.{hint}"
         )
 
 
-def resolve(kind: str, spec: Any, options: Mapping[str, Any] | None = None) -> Any:
+def resolve(kind: str, spec: Any, options: Mapping[str, Any] | None = None,
+            also: Mapping[str, str] | None = None) -> Any:
     """Turn a name, a class or an instance into an instance of a component kind.
 
     ``options`` are constructor arguments (or, for an instance, fields to replace). Unknown names
     and unknown options raise errors that list what is valid; an option that contradicts an
-    alias's preset (``solver="jacobi", order=3``) is refused.
+    alias's preset (``solver="jacobi", order=3``) is refused. ``also`` names other arguments the
+    caller accepts (``{"window": "an argument of solve()"}``), so that a typo finds them too.
     """
     options = {k: v for k, v in (options or {}).items()}
     base = _base_class(kind)
     if isinstance(spec, base):
         if options:
-            _check_options(kind, type(spec).__name__, type(spec), options)
+            _check_options(kind, type(spec).__name__, type(spec), options, also)
             return attrs.evolve(spec, **options)  # type: ignore[misc]  # components are attrs classes
         return spec
     if isinstance(spec, type) and issubclass(spec, base):
-        _check_options(kind, spec.__name__, spec, options)
+        _check_options(kind, spec.__name__, spec, options, also)
         return spec(**options)
     if isinstance(spec, str):
         entry = get_registry().lookup(kind, spec)
-        _check_options(kind, spec, entry.cls, options)
+        _check_options(kind, spec, entry.cls, options, also)
         for key, value in entry.preset.items():
             if key in options and options[key] != value:
                 raise InvalidOptionError(

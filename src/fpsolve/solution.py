@@ -8,6 +8,8 @@ from typing import Any
 import attrs
 import torch
 
+from .errors import NotConvergedError
+
 __all__ = ["Status", "ResidualTrace", "Solution"]
 
 
@@ -59,6 +61,12 @@ class Solution:
             sequential loop).
         plan: the :class:`fpsolve.gpu.Plan` of a ``window="auto"`` solve (why this window, or why
             sequential), else ``None``.
+        converged_samples: ``[N]`` bool (CPU; ``[1]`` without a batch axis): which samples
+            converged. A sample whose model outputs or solver updates became non-finite is
+            frozen at its last finite iterate and marked False while the others go on (status
+            ``NONFINITE``; ``message`` names each failed sample). All False after ``MAX_ITERS``
+            or ``STOPPED``, all True when ``converged``. ``None`` only for a Solution built by
+            hand without it.
     """
 
     sample: torch.Tensor = attrs.field(repr=False)
@@ -73,8 +81,24 @@ class Solution:
     order: int = 1
     window: int | None = None
     plan: Any = attrs.field(repr=False, default=None)
+    converged_samples: torch.Tensor | None = attrs.field(repr=False, default=None)
 
     @property
     def converged(self) -> bool:
         """True when every state met the stopping rule or was computed exactly."""
         return self.status is Status.CONVERGED
+
+    def raise_for_status(self) -> Solution:
+        """Return this solution if it converged, else raise :class:`~fpsolve.errors.NotConvergedError`.
+
+        For code that must not use an unfinished result by accident::
+
+            x0 = fpsolve.solve(system, "taa").raise_for_status().sample
+        """
+        if not self.converged:
+            raise NotConvergedError(
+                f"the solve did not converge (status {self.status.name}: {self.message}); pass a larger "
+                "max_iters or a looser tolerance, or read solution.sample knowing it is unfinished.",
+                self,
+            )
+        return self

@@ -23,6 +23,7 @@ import torch
 
 from .errors import InvalidOptionError
 from .hookspecs import hookimpl
+from .validators import is_integer, is_real
 
 if TYPE_CHECKING:
     from .system import TriangularSystem
@@ -64,8 +65,7 @@ def rms_per_row(residual: torch.Tensor) -> torch.Tensor:
 
 def _positive(name: str, allow_zero: bool = False):
     def check(instance: Any, attribute: Any, value: float) -> None:
-        in_range = value >= 0 if allow_zero else value > 0
-        ok = isinstance(value, (int, float)) and math.isfinite(value) and in_range
+        ok = is_real(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
         if not ok:
             bound = ">= 0" if allow_zero else "> 0"
             raise InvalidOptionError(f"{name} must be a finite number {bound}; got {value!r}.")
@@ -144,7 +144,7 @@ class MaxIters(StoppingRule):
 
     @max_iters.validator
     def _check(self, attribute: Any, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_integer(value) or value < 1:
             raise InvalidOptionError(f"max_iters must be an int >= 1; got {value!r}.")
 
     def stop(self, iteration: int) -> str | None:

@@ -30,6 +30,7 @@ import torch
 
 from .errors import DenoiserOutputError, InvalidOptionError, ShapeError
 from .samplers.base import AffineForm, SequentialSampler
+from .validators import as_int, is_integer
 
 __all__ = ["TriangularSystem", "Denoiser"]
 
@@ -37,11 +38,48 @@ __all__ = ["TriangularSystem", "Denoiser"]
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _as_shape(value: Sequence[int] | int) -> tuple[int, ...]:
-    shape = (int(value),) if isinstance(value, int) else tuple(int(s) for s in value)
+def _as_shape(value: Any) -> tuple[int, ...]:
+    # Checked, not coerced: tuple("16") would silently be (1, 6).
+    if is_integer(value):
+        value = (value,)
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.Size)) or not all(
+            is_integer(s) for s in value):
+        raise InvalidOptionError(
+            "shape must be an int or a tuple of ints, the shape of ONE sample (e.g. (4, 8, 8)); "
+            f"got {value!r}."
+        )
+    shape = tuple(int(s) for s in value)
     if not shape or any(s < 1 for s in shape):
         raise InvalidOptionError(f"shape must be a non-empty tuple of positive sizes; got {value!r}.")
     return shape
+
+
+def _as_batch(value: Any) -> int | None:
+    if value is None:
+        return None
+    return as_int("batch", value, minimum=1, hint=" (the number of samples N) or None for one sample")
+
+
+def _as_device(value: Any) -> torch.device:
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise InvalidOptionError(
+            "device must be a torch.device or a device name such as 'cpu' or 'cuda:0'; "
+            f"got {value!r} ({error})."
+        ) from None
+    if device.type == "meta":
+        raise InvalidOptionError(
+            "device 'meta' holds no data: a solve needs real tensors; use device='cpu' or a GPU."
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        built = torch.backends.cuda.is_built()
+        raise InvalidOptionError(
+            f"device {str(device)!r} was asked for, but torch sees no CUDA device "
+            f"({'no GPU is visible' if built else 'this torch build has no CUDA support'}); "
+            "use device='cpu' or install a CUDA build of torch."
+        )
+    return device
 
 
 def _as_index(positions: Sequence[int] | torch.Tensor, device: torch.device) -> slice | torch.Tensor:
@@ -83,11 +121,11 @@ class TriangularSystem:
     sampler: SequentialSampler
     denoiser: Denoiser = attrs.field(repr=False)
     shape: tuple[int, ...] = attrs.field(converter=_as_shape)
-    batch: int | None = None
+    batch: int | None = attrs.field(default=None, converter=_as_batch)
     generator: torch.Generator | None = attrs.field(default=None, repr=False)
     noise: torch.Tensor | None = attrs.field(default=None, repr=False)
     dtype: torch.dtype = attrs.field(default=torch.float64, converter=_as_dtype)
-    device: torch.device = attrs.field(default=torch.device("cpu"), converter=torch.device)
+    device: torch.device = attrs.field(default=torch.device("cpu"), converter=_as_device)
     model_dtype: torch.dtype | None = None
     _flat_noise: torch.Tensor = attrs.field(init=False, repr=False)
     _cache: dict[str, Any] = attrs.field(init=False, repr=False, factory=dict)
@@ -102,8 +140,11 @@ class TriangularSystem:
             raise InvalidOptionError("denoiser must be callable as denoiser(x, t) -> eps.")
         if self.model_dtype is not None:
             _as_dtype(self.model_dtype)
-        if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
-            raise InvalidOptionError(f"batch must be a positive int or None; got {self.batch!r}.")
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise InvalidOptionError(
+                f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None; "
+                f"got {self.generator!r}. To seed with an int, pass torch.Generator().manual_seed(seed)."
+            )
         if self.noise is not None and self.generator is not None:
             raise InvalidOptionError("give either noise= or generator=, not both.")
         object.__setattr__(self, "_flat_noise", self._prepare_noise())
@@ -119,7 +160,14 @@ class TriangularSystem:
                                 device=gen_device)
             noise = drawn.to(self.device)
         else:
-            noise = torch.as_tensor(self.noise)
+            noise = self.noise
+            if type(noise).__module__ == "numpy" and type(noise).__name__ == "ndarray":
+                noise = torch.from_numpy(noise)
+            if not isinstance(noise, torch.Tensor):
+                raise ShapeError(
+                    f"noise must be a floating-point torch.Tensor [T+1, *shape] or [T+1, N, *shape] "
+                    f"(noise[0] is x_T); got {type(noise).__name__}."
+                )
             if self.batch is None and noise.dim() == len(self.shape) + 2:
                 object.__setattr__(self, "batch", int(noise.shape[1]))
             expected = (steps,) + (() if self.batch is None else (self.batch,)) + self.shape
@@ -236,7 +284,9 @@ class TriangularSystem:
         """The denoiser's batch for ``states`` ``[P, N, D]``: ``x`` ``[P*N, *shape]`` in the model
         dtype and ``t`` ``[P*N]`` (position-major: all samples of a position are adjacent)."""
         count, samples = states.shape[0], self.num_samples
-        x = states.reshape(count * samples, *self.shape).to(self.input_dtype)
+        # Always a copy: the denoiser may write into its input (x.mul_(...)), and x must never
+        # alias the trajectory it was taken from.
+        x = states.reshape(count * samples, *self.shape).to(self.input_dtype, copy=True)
         t = self.timestep_tensor[_as_index(positions, self.device)].repeat_interleave(samples)
         return x, t
 

@@ -24,6 +24,7 @@ import attrs
 import torch
 
 from ..errors import InvalidOptionError
+from ..validators import check_flag, is_integer
 from .base import AffineForm, SequentialSampler
 from .vp import VPSampler
 
@@ -99,12 +100,12 @@ class DPMSolver(VPSampler):
     name = "dpm_solver"
     aliases = {"dpm_solver++": {}, "dpmsolver++": {}}
 
-    order: int = attrs.field(default=2)
-    lower_order_final: bool = True
+    order: int = attrs.field(default=2, converter=lambda v: int(v) if is_integer(v) else v)
+    lower_order_final: bool = attrs.field(default=True, validator=check_flag("lower_order_final"))
 
     @order.validator
     def _check_order(self, attribute: Any, value: int) -> None:
-        if value not in (1, 2, 3):
+        if not is_integer(value) or value not in (1, 2, 3):
             raise InvalidOptionError(f"DPM-Solver++ order must be 1, 2 or 3; got {value!r}.")
 
     def step_orders(self) -> list[int]:

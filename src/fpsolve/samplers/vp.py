@@ -16,13 +16,31 @@ import attrs
 import torch
 
 from ..errors import InvalidOptionError
+from ..validators import check_flag, is_integer, is_real
 from .base import AffineForm, SequentialSampler
+
+
+def real(value: Any) -> Any:
+    """Converter: a real number (numpy included, not bool) becomes a float; the rest is refused later."""
+    return float(value) if is_real(value) else value
 
 __all__ = ["VPSampler", "DDIM", "DDPM"]
 
 
 def _as_alphas_cumprod(value: Any) -> torch.Tensor:
-    tensor = torch.as_tensor(value).detach().to(device="cpu", dtype=torch.float64)
+    if isinstance(value, (str, bytes)):
+        raise InvalidOptionError(
+            f"alphas_cumprod must be a 1-D tensor (the training schedule); got {value!r}.")
+    try:
+        tensor = torch.as_tensor(value).detach()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidOptionError(
+            f"alphas_cumprod must be a 1-D tensor of numbers (the training schedule); got {value!r} "
+            f"({error})."
+        ) from None
+    if tensor.dtype == torch.bool or not (tensor.is_floating_point() or not tensor.is_complex()):
+        raise InvalidOptionError(f"alphas_cumprod must hold real numbers; got dtype {tensor.dtype}.")
+    tensor = tensor.to(device="cpu", dtype=torch.float64)
     if tensor.dim() != 1 or tensor.numel() == 0:
         raise InvalidOptionError(
             f"alphas_cumprod must be a non-empty 1-D tensor (the training schedule); got shape "
@@ -30,23 +48,60 @@ def _as_alphas_cumprod(value: Any) -> torch.Tensor:
         )
     if not torch.isfinite(tensor).all() or (tensor <= 0).any() or (tensor > 1).any():
         raise InvalidOptionError("alphas_cumprod must lie in (0, 1]; got values outside that range.")
+    rises = (tensor[1:] > tensor[:-1]).nonzero().flatten()
+    if rises.numel():
+        at = int(rises[0])
+        raise InvalidOptionError(
+            "alphas_cumprod must be non-increasing in the training timestep "
+            "(abar_t = prod_{s<=t} (1 - beta_s): "
+            f"timestep 0 is the cleanest); it rises from {tensor[at].item():.6g} at t={at} to "
+            f"{tensor[at + 1].item():.6g} at t={at + 1}. Is the schedule flipped (pass it clean-first)?"
+        )
     return tensor
 
 
 def _as_timesteps(value: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() and not torch.equal(value, value.round()):
-            raise InvalidOptionError("timesteps must be integers (model timesteps); got fractional values.")
-        value = value.long().tolist()
-    steps = tuple(int(t) for t in value)
+    if is_integer(value) or isinstance(value, (str, bytes)):
+        raise InvalidOptionError(
+            f"timesteps must be a sequence of model timesteps, noisiest first (e.g. [999, 666, 333, 0]); got "
+            f"{value!r}. For T evenly spaced steps use fpsolve.models.spaced_timesteps(T)."
+        )
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        tensor = torch.as_tensor(value)
+        if tensor.dim() != 1:
+            raise InvalidOptionError(
+                f"timesteps must be 1-D (one model timestep per step); got shape {list(tensor.shape)}.")
+        if tensor.dtype == torch.bool:
+            raise InvalidOptionError("timesteps must be integers (model timesteps); got booleans.")
+        if tensor.is_floating_point() and not torch.equal(tensor, tensor.round()):
+            raise InvalidOptionError("timesteps must be integers (model timesteps); got fractional values "
+                                     f"{tensor[tensor != tensor.round()][:3].tolist()}.")
+        value = tensor.long().tolist()
+    try:
+        items = list(value)
+    except TypeError:
+        raise InvalidOptionError(
+            f"timesteps must be a sequence of model timesteps, noisiest first; got {value!r}.") from None
+    steps = []
+    for item in items:
+        if is_integer(item):
+            steps.append(int(item))
+        elif is_real(item) and float(item).is_integer():
+            steps.append(int(item))  # 999.0 is the timestep 999
+        else:
+            nested = isinstance(item, (list, tuple))
+            kind = "nested sequences (timesteps must be 1-D)" if nested else repr(item)
+            raise InvalidOptionError(
+                f"timesteps must be integers (model timesteps), noisiest first; got {kind} in {value!r}."
+            )
     if not steps:
         raise InvalidOptionError("timesteps must contain at least one timestep.")
-    return steps
+    return tuple(steps)
 
 
 def _check_unit_interval(name: str):
     def check(instance: Any, attribute: Any, value: float) -> None:
-        if not (0.0 < value <= 1.0):
+        if not (is_real(value) and 0.0 < value <= 1.0):
             raise InvalidOptionError(f"{name} must lie in (0, 1]; got {value!r}.")
 
     return check
@@ -64,7 +119,7 @@ class VPSampler(SequentialSampler):
 
     alphas_cumprod: torch.Tensor = attrs.field(converter=_as_alphas_cumprod, repr=False)
     timesteps: tuple[int, ...] = attrs.field(converter=_as_timesteps)
-    final_alpha_cumprod: float = attrs.field(default=1.0, converter=float,
+    final_alpha_cumprod: float = attrs.field(default=1.0, converter=real,
                                              validator=_check_unit_interval("final_alpha_cumprod"))
 
     @timesteps.validator
@@ -81,6 +136,21 @@ class VPSampler(SequentialSampler):
                     "timesteps must be strictly decreasing (noisiest first); "
                     f"got {now} then {nxt} at positions {index} and {index + 1}."
                 )
+        clean = [t for t in steps if self.alphas_cumprod[t] >= 1.0]
+        if clean:
+            raise InvalidOptionError(
+                f"alphas_cumprod is 1.0 (no noise) at the timestep(s) {clean[:5]} the sampler steps from: a "
+                "state without noise cannot be denoised (its noise level sigma = 0 divides the step). "
+                "Drop those timesteps, or use a schedule whose abar is below 1 at every timestep "
+                "(the final state's abar is final_alpha_cumprod)."
+            )
+        abar = self.alphas_cumprod[torch.tensor(steps)]
+        if is_real(self.final_alpha_cumprod) and self.final_alpha_cumprod < float(abar[-1]):
+            raise InvalidOptionError(
+                f"final_alpha_cumprod = {self.final_alpha_cumprod!r} is below abar = "
+                f"{abar[-1].item():.6g} of the "
+                f"last timestep {steps[-1]}: the last step would add noise. Use 1.0 or alphas_cumprod[0]."
+            )
 
     def state_alphas_cumprod(self) -> torch.Tensor:
         """``[T+1]`` float64: abar of every state, ``x_T`` first and ``final_alpha_cumprod`` last."""
@@ -130,12 +200,12 @@ class DDIM(VPSampler):
 
     name = "ddim"
 
-    eta: float = attrs.field(default=0.0, converter=float)
-    noise_final_step: bool = False
+    eta: float = attrs.field(default=0.0, converter=real)
+    noise_final_step: bool = attrs.field(default=False, validator=check_flag("noise_final_step"))
 
     @eta.validator
     def _check_eta(self, attribute: Any, value: float) -> None:
-        if not (value >= 0 and math.isfinite(value)):
+        if not (is_real(value) and value >= 0 and math.isfinite(value)):
             raise InvalidOptionError(f"eta must be a finite number >= 0; got {value!r}.")
 
     def affine_form(self) -> AffineForm:

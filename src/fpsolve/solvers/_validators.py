@@ -1,16 +1,49 @@
-"""attrs validators shared by the built-in solvers (messages name the option and the fix)."""
+"""attrs validators shared by the built-in solvers (messages name the option and the fix).
+
+The general checks live in :mod:`fpsolve.validators` and are re-exported here, so a solver
+module needs one import. Numbers are checked, never coerced: numpy integers pass as ints
+(:func:`integer`, the converter, turns them into ``int``), ``bool`` and strings are refused.
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ..errors import InvalidOptionError
+from ..validators import (
+    as_flag,
+    as_int,
+    as_real,
+    check_flag,
+    check_int,
+    check_real,
+    close_matches,
+    did_you_mean,
+    is_integer,
+    is_real,
+)
+
+__all__ = [
+    "integer", "real", "order_option", "history_option", "ridge_option", "flag_option",
+    "as_flag", "as_int", "as_real", "check_flag", "check_int", "check_real", "close_matches",
+    "did_you_mean", "is_integer", "is_real",
+]
+
+
+def integer(value: Any) -> Any:
+    """Converter: an integer number (numpy included) becomes an ``int``; anything else is left
+    for the validator to refuse (``bool`` stays ``bool``)."""
+    return int(value) if is_integer(value) else value
+
+
+def real(value: Any) -> Any:
+    """Converter: a real number (numpy included, not ``bool``) becomes a ``float``."""
+    return float(value) if is_real(value) else value
 
 
 def order_option(instance: Any, attribute: Any, value: int | None) -> None:
     """``order`` is None (meaning T) or an int >= 1; the upper bound T is checked at solve time."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if value is not None and not (is_integer(value) and value >= 1):
         raise InvalidOptionError(
             f"order must be an int in 1..T, or None for T (every equation anchored at x_T); got {value!r}."
         )
@@ -18,7 +51,7 @@ def order_option(instance: Any, attribute: Any, value: int | None) -> None:
 
 def history_option(instance: Any, attribute: Any, value: int) -> None:
     """``history`` (m) is an int >= 1; m = 1 keeps no differences and is plain FP."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not (is_integer(value) and value >= 1):
         raise InvalidOptionError(
             f"history must be an int >= 1 (1 is plain fixed-point iteration, 2 the ParaTAA default); "
             f"got {value!r}."
@@ -27,5 +60,10 @@ def history_option(instance: Any, attribute: Any, value: int) -> None:
 
 def ridge_option(instance: Any, attribute: Any, value: float) -> None:
     """``ridge`` (lambda) is a finite number >= 0."""
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise InvalidOptionError(f"ridge must be a finite number >= 0 (default 1e-3); got {value!r}.")
+    name = attribute.name if attribute is not None else "ridge"
+    as_real(name, value, minimum=0.0, hint=" (default 1e-3)" if name == "ridge" else "")
+
+
+def flag_option(instance: Any, attribute: Any, value: Any) -> None:
+    """A boolean option is exactly ``True`` or ``False`` (``"no"`` is not False)."""
+    as_flag(attribute.name, value)

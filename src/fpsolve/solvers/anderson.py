@@ -23,7 +23,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ._validators import history_option, order_option, ridge_option
+from ._validators import flag_option, history_option, integer, order_option, real, ridge_option
 from .base import FixedPointSolver, WindowView
 from .history import History, Snapshot, differences
 
@@ -48,9 +48,9 @@ def _solve_small(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.T
 
 @attrs.define(frozen=True, eq=False, kw_only=True)
 class _AndersonBase(FixedPointSolver):
-    order: int | None = attrs.field(default=None, validator=order_option)
-    history: int = attrs.field(default=2, validator=history_option)
-    ridge: float = attrs.field(default=1e-3, validator=ridge_option)
+    order: int | None = attrs.field(default=None, converter=integer, validator=order_option)
+    history: int = attrs.field(default=2, converter=integer, validator=history_option)
+    ridge: float = attrs.field(default=1e-3, converter=real, validator=ridge_option)
 
     def init(self, system: object) -> History:
         """An empty history of capacity ``history``."""
@@ -107,7 +107,7 @@ class AA(_AndersonBase):
     name = "aa"
     aliases = {"anderson": {}}
 
-    safeguard: bool = False
+    safeguard: bool = attrs.field(default=False, validator=flag_option)
 
     @property
     def safeguarded(self) -> bool:  # type: ignore[override]

@@ -7,7 +7,7 @@ from typing import Any
 import attrs
 import torch
 
-from ._validators import order_option
+from ._validators import integer, order_option
 from .base import FixedPointSolver, WindowView
 
 __all__ = ["FP"]
@@ -26,7 +26,7 @@ class FP(FixedPointSolver):
     name = "fp"
     aliases = {"jacobi": {"order": 1}, "picard": {"order": None}}
 
-    order: int | None = attrs.field(default=None, validator=order_option)
+    order: int | None = attrs.field(default=None, converter=integer, validator=order_option)
 
     def step(self, view: WindowView, state: Any) -> tuple[torch.Tensor, Any]:
         """Every row takes its right-hand side."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ._validators import order_option, ridge_option
+from ._validators import integer, order_option, real, ridge_option
 from .base import FixedPointSolver, WindowView
 
 __all__ = ["QuasiNewton", "NewtonState"]
@@ -53,8 +53,8 @@ class QuasiNewton(FixedPointSolver):
     name = "newton"
     aliases = {"quasi_newton": {}}
 
-    order: int | None = attrs.field(default=None, validator=order_option)
-    clamp: float = attrs.field(default=50.0, validator=ridge_option)
+    order: int | None = attrs.field(default=None, converter=integer, validator=order_option)
+    clamp: float = attrs.field(default=50.0, converter=real, validator=ridge_option)
 
     def init(self, system: object) -> NewtonState:
         """No secants yet: ``gamma = 0`` everywhere (the first step is Picard's)."""

@@ -461,7 +461,8 @@ def check_sampler_dtype_device(
     expected = solve(make_system(sampler), "sequential")
     system = make_system(sampler, dtype=dtype, device=device)
     for name in ("sequential", "taa"):
-        solution = solve(system, name, stopping=tight_stopping(None, dtype))
+        options = {} if name == "sequential" else dict(stopping=tight_stopping(None, dtype))  # takes no rule
+        solution = solve(system, name, **options)
         if solution.sample.dtype != dtype or solution.sample.device.type != torch.device(device).type:
             raise _fail(
                 sampler,

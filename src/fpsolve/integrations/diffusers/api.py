@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from ...api import solve
+from ...errors import NotConvergedError
 from ...solution import Solution
+from ...validators import as_flag
 from .pipelines import prepare_pipeline
 
 __all__ = ["sample"]
@@ -23,7 +25,8 @@ def sample(pipe: Any, solver: Any = "taa", *, generator: Any = None, dtype: torc
            ridge: float | None = None, window: int | str | None = None, stopping: Any = None,
            initializer: Any = None, max_iters: int | None = None, observers: Sequence[Any] = (),
            progress: bool = False, distributed: Any = None,
-           solver_options: Mapping[str, Any] | None = None, **pipe_kwargs: Any) -> tuple[Any, Solution]:
+           solver_options: Mapping[str, Any] | None = None, allow_unconverged: bool = False,
+           **pipe_kwargs: Any) -> tuple[Any, Solution]:
     """Run ``pipe(generator=generator, **pipe_kwargs)`` with its denoising loop solved in parallel.
 
     Args:
@@ -45,6 +48,9 @@ def sample(pipe: Any, solver: Any = "taa", *, generator: Any = None, dtype: torc
         progress: show a progress bar.
         distributed: shard each iteration's model call over a process group.
         solver_options: any other option of the solver.
+        allow_unconverged: return the output of a solve that did not converge (status
+            ``MAX_ITERS``, ``STOPPED`` or ``NONFINITE``) instead of raising; by default an
+            unfinished result is never passed off as the pipeline's output.
         **pipe_kwargs: the pipeline call's arguments (``num_inference_steps``, ``prompt``,
             ``guidance_scale``, ``output_type``, ...).
 
@@ -55,7 +61,10 @@ def sample(pipe: Any, solver: Any = "taa", *, generator: Any = None, dtype: torc
     Raises:
         UnsupportedError: a pipeline, scheduler or option fpsolve cannot reproduce exactly.
         InvalidOptionError: an argument neither the pipeline nor the solver takes.
+        NotConvergedError: the solve did not converge (unless ``allow_unconverged=True``); the
+            error carries ``.solution`` and the decoded ``.output``.
     """
+    allow_unconverged = as_flag("allow_unconverged", allow_unconverged)
     prepared = prepare_pipeline(pipe, dict(pipe_kwargs, generator=generator), dtype)
     solution = solve(prepared.system, solver, order=order, history=history, ridge=ridge, window=window,
                      tol=tol, stopping=stopping, initializer=initializer, max_iters=max_iters,
@@ -63,4 +72,12 @@ def sample(pipe: Any, solver: Any = "taa", *, generator: Any = None, dtype: torc
                      **dict(solver_options or {}))
     with torch.no_grad():
         out = prepared.finish(solution.sample)
+    if not solution.converged and not allow_unconverged:
+        raise NotConvergedError(
+            f"sample({type(pipe).__name__}): the parallel solve did not converge "
+            f"(status {solution.status.name}: {solution.message}), so its output is not the pipeline's. "
+            "Raise max_iters or loosen tol, or pass allow_unconverged=True to take the partial result; "
+            "this error carries it as .output (and the Solution as .solution).",
+            solution, out,
+        )
     return out, solution

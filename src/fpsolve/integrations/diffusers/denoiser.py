@@ -13,6 +13,7 @@ from collections.abc import Callable
 import attrs
 import torch
 
+from ...errors import DenoiserOutputError
 from .sampler import SchedulerProgram
 
 __all__ = ["ModelFn", "ScheduledDenoiser"]
@@ -59,7 +60,16 @@ class ScheduledDenoiser:
             # float64 product, one rounding: as close as it gets to the loop's x / sqrt(sigma^2 + 1)
             scale = scales[index].reshape((-1,) + (1,) * (x.dim() - 1))
             model_input = (x.to(torch.float64) * scale).to(x.dtype)
-        output = self.model(model_input.to(model_dtype), timesteps[index]).to(x.dtype)
+        raw = self.model(model_input.to(model_dtype), timesteps[index])
+        if not isinstance(raw, torch.Tensor) or raw.shape != x.shape:
+            got = f"shape {list(raw.shape)}" if isinstance(raw, torch.Tensor) else type(raw).__name__
+            raise DenoiserOutputError(
+                f"the model returned {got} for an input of shape {list(x.shape)}; model(x, t) must return "
+                "the scheduler's prediction (its prediction_type) as a tensor of the input's shape "
+                "[B, *shape]. Check the shape= given to scheduler_system against the model's channels "
+                "and size."
+            )
+        output = raw.to(x.dtype)
         fold = self.program.fold
         if fold is not None:
             step_sample = model_input if probed.input_scaling == "model_and_step" else x

@@ -11,9 +11,15 @@ import torch
 
 from ....errors import InvalidOptionError, UnsupportedError
 from ....system import TriangularSystem
+from ....validators import close_matches, is_integer
 from ..sampler import SchedulerProgram
 
-__all__ = ["PreparedPipeline", "bind_call", "refuse_arguments", "state_dtype"]
+__all__ = ["PreparedPipeline", "bind_call", "refuse_arguments", "state_dtype", "SAMPLE_ARGUMENTS"]
+
+#: The keyword arguments of ``sample()`` itself (the solver's side), for did-you-mean hints.
+SAMPLE_ARGUMENTS = ("solver", "generator", "dtype", "tol", "order", "history", "ridge", "window", "stopping",
+                    "initializer", "max_iters", "observers", "progress", "distributed", "solver_options",
+                    "allow_unconverged")
 
 @attrs.define(frozen=True, eq=False)
 class PreparedPipeline:
@@ -48,17 +54,42 @@ def bind_call(pipe: Any, options: Mapping[str, Any], extra: Iterable[str] = ()) 
     names += list(extra)
     unknown = sorted(set(options) - set(names))
     if unknown:
+        hints = ""
+        for name in unknown:
+            close = close_matches(name, names + list(SAMPLE_ARGUMENTS))
+            if close:
+                hints += f" For {name!r}, did you mean {' or '.join(repr(c) for c in close)}?"
         raise InvalidOptionError(
             f"{type(pipe).__name__} does not take argument(s) {', '.join(unknown)}; its arguments are "
             f"{', '.join(names)}, and sample() also takes solver options (tol, order, history, window, "
-            "stopping, initializer, max_iters, progress, ...) and dtype."
+            f"stopping, initializer, max_iters, progress, ...) and dtype.{hints}"
         )
     bound = signature.bind_partial(pipe, **options)
     bound.apply_defaults()
     arguments = dict(bound.arguments)
     arguments.pop("self", None)
     arguments.update(arguments.pop("kwargs", {}) or {})
+    _check_common(type(pipe).__name__, arguments)
     return arguments
+
+
+def _check_common(pipeline: str, arguments: Mapping[str, Any]) -> None:
+    """The arguments every pipeline reads before its loop, checked here rather than failing inside
+    diffusers with a raw error (``ZeroDivisionError`` for 0 steps)."""
+    steps = arguments.get("num_inference_steps")
+    if steps is not None and not (is_integer(steps) and steps >= 1):
+        raise InvalidOptionError(
+            f"{pipeline}(..., num_inference_steps={steps!r}): num_inference_steps must be an int >= 1 "
+            "(the number of denoising steps, e.g. 50)."
+        )
+    generator = arguments.get("generator")
+    generators = generator if isinstance(generator, list) else [generator]
+    if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+        raise InvalidOptionError(
+            "generator must be a torch.Generator, a list of them (one per image) or None; "
+            f"got {generator!r}. "
+            "To seed with an int, pass torch.Generator().manual_seed(seed)."
+        )
 
 
 def refuse_arguments(pipe: Any, arguments: Mapping[str, Any], names: Iterable[str], why: str) -> None:
