@@ -63,7 +63,8 @@ def test_fixed_chunks_are_bit_identical_to_one_call():
     chunked = ChunkedEvaluator(system_with(denoiser), max_batch=7)
     result = evaluate_window(chunked.system, chunked, positions)
     assert torch.equal(result, reference)
-    assert denoiser.batches == [7, 7, 7, 7, 2]  # 30 rows
+    # 30 rows of 3 samples: max_batch 7 rounds down to whole positions (2 positions, 6 rows)
+    assert denoiser.batches == [6, 6, 6, 6, 6]
     assert result.dtype == torch.float64 and result.shape == (10, 3, 6)
 
 
@@ -87,7 +88,7 @@ def test_out_of_memory_halves_the_chunk_and_remembers_it():
 
 def test_a_single_row_that_does_not_fit_is_an_error():
     system = system_with(RowwiseDenoiser(limit=0))
-    with pytest.raises(torch.OutOfMemoryError, match="single row"):
+    with pytest.raises(torch.OutOfMemoryError, match="single position"):
         evaluate_window(system, ChunkedEvaluator(system), [0, 1])
 
 
@@ -97,12 +98,26 @@ def test_other_errors_propagate_unchanged():
 
     system = system_with(broken)
     with pytest.raises(RuntimeError, match="not a memory problem"):
-        evaluate_window(system, ChunkedEvaluator(system, max_batch=2), [0, 1])
+        evaluate_window(system, ChunkedEvaluator(system, max_batch=3), [0, 1])
+
+
+def test_chunks_never_split_a_position():
+    # Pipeline denoisers condition row r on prompt r % N: a chunk starting inside a position
+    # would shift every later row's prompt. With N = 3, 15 rows and an out-of-memory limit of
+    # 8 rows, plain halving would give chunks of 7 + 7 + 1; whole positions give 6 + 6 + 3.
+    denoiser = RowwiseDenoiser(limit=8)
+    system = system_with(denoiser)
+    positions = list(range(0, 5))
+    evaluate_window(system, ChunkedEvaluator(system, remember=False), positions)
+    assert all(size % 3 == 0 for size in denoiser.batches)
+    assert denoiser.batches == [6, 6, 3]
 
 
 def test_bad_options():
     with pytest.raises(InvalidOptionError):
         ChunkedEvaluator(system_with(RowwiseDenoiser()), max_batch=0)
+    with pytest.raises(InvalidOptionError, match="smaller than one position"):
+        ChunkedEvaluator(system_with(RowwiseDenoiser()), max_batch=2)
     with pytest.raises(InvalidOptionError):
         ChunkedEvaluator("not a system")
 

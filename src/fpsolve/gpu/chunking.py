@@ -5,11 +5,14 @@ does not fit, :class:`ChunkedEvaluator` evaluates the rows in consecutive chunks
 :class:`torch.OutOfMemoryError`, halves the chunk size and retries the failed chunk, remembering
 the size for later calls (and later solves of the same denoiser, input shape, dtype and device).
 So any configuration whose sequential batch (``N`` rows) fits never fails for lack of memory: at
-worst it runs in chunks of ``N`` rows or fewer.
+worst it runs in chunks of ``N`` rows, one position at a time.
 
-Chunks are contiguous row ranges of the position-major model batch, concatenated in order: for a
-denoiser whose rows do not influence each other (every diffusion model in inference mode), the
-result is the unchunked result; with a deterministic row-wise denoiser it is bit-identical.
+Chunks are contiguous row ranges of the position-major model batch, concatenated in order, and
+always hold whole positions (a multiple of the ``N`` samples): pipeline denoisers condition row
+``r`` of a call on prompt ``r % N`` (classifier-free guidance, per-sample class labels), so a
+chunk that started inside a position would give rows the wrong prompts. For a denoiser whose rows
+do not influence each other (every diffusion model in inference mode), the result is the
+unchunked result; with a deterministic row-wise denoiser it is bit-identical.
 """
 
 from __future__ import annotations
@@ -67,6 +70,13 @@ class ChunkedEvaluator:
             isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
         ):
             raise InvalidOptionError(f"max_batch must be an int >= 1 or None; got {max_batch!r}.")
+        if max_batch is not None and max_batch < system.num_samples:
+            raise InvalidOptionError(
+                f"max_batch={max_batch} is smaller than one position of the window "
+                f"({system.num_samples} rows, one per sample): chunks hold whole positions, because "
+                f"pipeline denoisers condition row r on prompt r % N. Pass max_batch >= "
+                f"{system.num_samples}, or solve fewer samples at a time."
+            )
         self.system = system
         self.remember = remember
         remembered = known_max_batch(system) if remember else None
@@ -87,29 +97,38 @@ class ChunkedEvaluator:
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The denoiser on a model batch ``x`` ``[B, *shape]``, ``t`` ``[B]``, in fitting chunks."""
         rows = x.shape[0]
+        unit = self._unit(rows)
         pieces: list[torch.Tensor] = []
         start = 0
         while start < rows:
             size = rows - start if self.max_batch is None else min(self.max_batch, rows - start)
+            size = max(unit, size // unit * unit)  # whole positions only
             failed = False
             try:
                 pieces.append(self.system.denoise(x[start : start + size], t[start : start + size]))
             except torch.OutOfMemoryError as error:
-                if size == 1:
+                if size <= unit:
+                    what = "a single row" if unit == 1 else f"a single position ({unit} rows, one per sample)"
                     raise torch.OutOfMemoryError(
-                        f"the denoiser ran out of memory on a single row ({error}); no chunk size fits."
+                        f"the denoiser ran out of memory on {what} ({error}); no chunk size fits. "
+                        "Solve fewer samples at a time or use a smaller model dtype."
                     ) from error
                 failed = True
             # Retry outside the except block: the traceback there still holds the failed call's
             # tensors, which must be freed before a smaller chunk can fit.
             if failed:
-                self._shrink(size)
+                self._shrink(size, unit)
                 continue
             start += size
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _shrink(self, size: int) -> None:
-        self.max_batch = max(1, size // 2)
+    def _unit(self, rows: int) -> int:
+        """The rows of one position (``N``) when ``rows`` is a position-major batch, else 1."""
+        samples = self.system.num_samples
+        return samples if rows % samples == 0 else 1
+
+    def _shrink(self, size: int, unit: int = 1) -> None:
+        self.max_batch = max(unit, size // 2 // unit * unit)
         self.halvings += 1
         if self.system.device.type == "cuda":
             torch.cuda.empty_cache()  # return the failed attempt's blocks before the retry
