@@ -16,6 +16,7 @@ from ....errors import UnsupportedError
 from .base import PreparedPipeline, state_dtype
 from .dit import prepare_dit
 from .stable_diffusion import prepare_stable_diffusion
+from .stable_diffusion_xl import prepare_stable_diffusion_xl
 from .unet2d import prepare_ddim, prepare_ddpm
 
 __all__ = ["ADAPTERS", "PreparedPipeline", "prepare_pipeline", "is_pipeline"]
@@ -26,6 +27,7 @@ ADAPTERS: dict[str, Callable[[Any, Mapping[str, Any], torch.dtype], PreparedPipe
     "DDIMPipeline": prepare_ddim,
     "DiTPipeline": prepare_dit,
     "StableDiffusionPipeline": prepare_stable_diffusion,
+    "StableDiffusionXLPipeline": prepare_stable_diffusion_xl,
 }
 
 

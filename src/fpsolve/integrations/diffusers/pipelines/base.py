@@ -13,7 +13,7 @@ from ....errors import InvalidOptionError, UnsupportedError
 from ....system import TriangularSystem
 from ..sampler import SchedulerProgram
 
-__all__ = ["PreparedPipeline", "bind_call", "refuse_arguments", "state_dtype"]
+__all__ = ["PreparedPipeline", "bind_call", "refuse_arguments", "state_dtype", "batch_rows", "sample_index"]
 
 @attrs.define(frozen=True, eq=False)
 class PreparedPipeline:
@@ -84,3 +84,18 @@ def state_dtype(dtype: torch.dtype | None) -> torch.dtype:
             f"dtype must be a floating torch.dtype (e.g. torch.float64); got {dtype!r}."
         )
     return dtype
+
+
+def sample_index(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B]``: the pipeline sample of each row of a system batch (the system's batch is position-major)."""
+    return torch.arange(x.shape[0], device=x.device) % batch
+
+
+def batch_rows(sample: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
+    """The rows of the pipeline's own (guidance-doubled) model batch that ``sample`` stands for.
+
+    A pipeline under classifier-free guidance calls its model on ``[x, x]`` with conditioning
+    tensors of ``2 N`` rows, the unconditional half first; picking the conditioning by these
+    rows reproduces the pipeline's batch row for row (quirks of its layout included).
+    """
+    return torch.cat([sample, sample + batch]) if guided else sample
