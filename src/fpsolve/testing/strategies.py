@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from ..samplers import DDIM, DDPM, DPMSolver, SequentialSampler, VPSampler
 from ..system import TriangularSystem
 
-__all__ = ["SmoothDenoiser", "schedules", "timestep_lists", "samplers", "denoisers", "systems"]
+__all__ = ["SmoothDenoiser", "SmoothVelocity", "schedules", "timestep_lists", "samplers", "denoisers",
+           "systems"]
 
 
 @attrs.define(frozen=True, eq=False)
@@ -48,6 +49,37 @@ class SmoothDenoiser:
         phase = shift[None] * abar  # a time-dependent bias keeps the model non-autonomous
         out = torch.tanh(flat @ weight + phase) * (1 - abar).sqrt() * self.gain + self.linear * flat
         return out.reshape(x.shape)
+
+
+@attrs.define(frozen=True, eq=False)
+class SmoothVelocity:
+    """A flow-matching velocity model with continuous time: the exact posterior velocity of
+    Gaussian data plus a smooth nonlinear twist.
+
+    The state at noise level ``sigma = t / num_train_timesteps`` is ``(1 - sigma) x0 + sigma eps``
+    with ``x0 ~ N(0, data_std^2)``; the model returns ``E[eps - x0 | x] + twist``, where
+    ``E[eps - x0 | x] = (sigma - (1 - sigma) c^2) x / ((1 - sigma)^2 c^2 + sigma^2)`` and
+    ``twist = nonlinear * tanh(x W + sigma b)``. Deterministic in ``seed``; ``t`` may be any float
+    tensor ``[B]`` (or integers); works in the input's dtype and device.
+    """
+
+    seed: int
+    dim: int
+    num_train_timesteps: int = 1000
+    data_std: float = 0.5
+    nonlinear: float = 0.2
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        weight = torch.randn(self.dim, self.dim, generator=generator, dtype=torch.float64) / self.dim**0.5
+        shift = torch.randn(self.dim, generator=generator, dtype=torch.float64)
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        sigma = torch.as_tensor(t).to(device=x.device, dtype=torch.float64).expand(x.shape[0])
+        sigma = (sigma / self.num_train_timesteps).clamp(0, 1)[:, None]
+        c2 = self.data_std**2
+        mean_velocity = (sigma - (1 - sigma) * c2) * flat / ((1 - sigma) ** 2 * c2 + sigma**2)
+        twist = self.nonlinear * torch.tanh(flat @ weight.to(x.device) + sigma * shift.to(x.device))
+        return (mean_velocity + twist).to(x.dtype).reshape(x.shape)
 
 
 @st.composite
