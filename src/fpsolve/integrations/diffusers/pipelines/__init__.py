@@ -15,9 +15,12 @@ import torch
 from ....errors import UnsupportedError
 from .base import PreparedPipeline, state_dtype
 from .dit import prepare_dit
+from .flux import prepare_flux
 from .stable_diffusion import prepare_stable_diffusion
+from .stable_diffusion_3 import prepare_stable_diffusion_3
 from .stable_diffusion_xl import prepare_stable_diffusion_xl
 from .unet2d import prepare_ddim, prepare_ddpm
+from .wan import prepare_wan
 
 __all__ = ["ADAPTERS", "PreparedPipeline", "prepare_pipeline", "is_pipeline"]
 
@@ -26,8 +29,11 @@ ADAPTERS: dict[str, Callable[[Any, Mapping[str, Any], torch.dtype], PreparedPipe
     "DDPMPipeline": prepare_ddpm,
     "DDIMPipeline": prepare_ddim,
     "DiTPipeline": prepare_dit,
+    "FluxPipeline": prepare_flux,
     "StableDiffusionPipeline": prepare_stable_diffusion,
     "StableDiffusionXLPipeline": prepare_stable_diffusion_xl,
+    "StableDiffusion3Pipeline": prepare_stable_diffusion_3,
+    "WanPipeline": prepare_wan,
 }
 
 

@@ -13,7 +13,8 @@ from ....errors import InvalidOptionError, UnsupportedError
 from ....system import TriangularSystem
 from ..sampler import SchedulerProgram
 
-__all__ = ["PreparedPipeline", "bind_call", "refuse_arguments", "state_dtype", "batch_rows", "sample_index"]
+__all__ = ["PreparedPipeline", "bind_call", "refuse_arguments", "state_dtype", "batch_rows", "sample_index",
+           "prompt_batch_size", "step_indexer"]
 
 @attrs.define(frozen=True, eq=False)
 class PreparedPipeline:
@@ -99,3 +100,34 @@ def batch_rows(sample: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
     rows reproduces the pipeline's batch row for row (quirks of its layout included).
     """
     return torch.cat([sample, sample + batch]) if guided else sample
+
+
+def prompt_batch_size(prompt: Any, prompt_embeds: torch.Tensor | None) -> int:
+    """Prompts in a call, as pipelines count them: one string, a list, or ``prompt_embeds`` rows."""
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    if prompt_embeds is None:
+        raise InvalidOptionError("give prompt= or prompt_embeds=.")
+    return prompt_embeds.shape[0]
+
+
+def step_indexer(timesteps: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``index(t)``: the loop position ``i`` of each scheduler timestep in ``t`` ``[B]``.
+
+    The system's denoiser passes the scheduler's own timesteps, so each one matches exactly; a
+    pipeline whose model call depends on ``i`` (skip-layer guidance windows, a second expert
+    after a boundary) reads it from here. Needs distinct timesteps.
+    """
+    table = timesteps.detach().flatten()
+    if table.unique().numel() != table.numel():
+        raise UnsupportedError("this pipeline option needs distinct scheduler timesteps; the scheduler "
+                               f"repeats some ({table.tolist()}).")
+
+    def index(t: torch.Tensor) -> torch.Tensor:
+        hits = t.reshape(-1, 1) == table.to(t.device, t.dtype).reshape(1, -1)
+        if not bool(hits.any(dim=1).all()):
+            raise UnsupportedError("a model timestep is not one of the scheduler's timesteps.")
+        return hits.int().argmax(dim=1)
+    return index
