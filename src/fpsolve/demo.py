@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from . import samplers, solve
+from . import solve
 from .bench.metrics import ToImages, compare_samples, image_converter
-from .models import ReferenceModel, load_reference, spaced_timesteps
+from .models import ReferenceModel, load_reference
 from .system import TriangularSystem
 
 __all__ = ["add_arguments", "run", "DEFAULT_OUT"]
@@ -31,11 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the demo."""
     parser.add_argument(
         "--model",
-        choices=["digits", "gmm"],
+        choices=["digits", "digits-flow", "gmm"],
         default="digits",
         help="reference model (default digits; gmm when the digits weights are missing)",
     )
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps T (default 50)")
+    parser.add_argument(
+        "--steps", type=int, default=50, help="sampler steps T: DDIM, flow Euler for digits-flow (default 50)"
+    )
     parser.add_argument("--samples", type=int, default=8, help="digits in the grid (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     parser.add_argument(
@@ -104,9 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     ref = _load(args.model)
-    sampler = samplers.DDIM(
-        alphas_cumprod=ref.alphas_cumprod, timesteps=spaced_timesteps(args.steps, ref.alphas_cumprod.numel())
-    )
+    sampler = ref.sampler(args.steps)  # the model's own: DDIM (eta 0), or flow Euler for a flow model
     system = TriangularSystem(
         sampler=sampler,
         denoiser=ref.denoiser,
@@ -117,7 +117,8 @@ def _demo(args: argparse.Namespace) -> int:
     sequential = solve(system, "sequential")
     parallel = solve(system, "taa")  # the library defaults, whatever they are
     steps = args.steps
-    print(f"model {ref.name}, DDIM-{steps} (eta 0), {args.samples} samples, seed {args.seed}")
+    label = f"DDIM-{steps} (eta 0)" if ref.prediction == "epsilon" else f"{type(sampler).__name__}-{steps}"
+    print(f"model {ref.name}, {label}, {args.samples} samples, seed {args.seed}")
     print(
         f"  sequential: {sequential.iterations} model calls in sequence, {sequential.model_evals} model "
         f"evaluations, {sequential.wall_time:.1f} s"
@@ -140,7 +141,7 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         error = (parallel.sample - sequential.sample).abs().max().item()
         print(f"  max abs difference to sequential: {error:.2e} (gmm vectors, no pixels)")
-    title = f"{ref.name} DDIM-{steps}, taa: first-order residual per iteration"
+    title = f"{ref.name} {label.split(' ')[0]}, taa: first-order residual per iteration"
     for path in _save_pngs(
         to_images,
         sequential.sample,
