@@ -16,6 +16,7 @@ from ....errors import UnsupportedError
 from .base import PreparedPipeline, state_dtype
 from .dit import prepare_dit
 from .flux import prepare_flux
+from .pixart import prepare_pixart_sigma
 from .stable_diffusion import prepare_stable_diffusion
 from .stable_diffusion_3 import prepare_stable_diffusion_3
 from .stable_diffusion_xl import prepare_stable_diffusion_xl
@@ -30,6 +31,7 @@ ADAPTERS: dict[str, Callable[[Any, Mapping[str, Any], torch.dtype], PreparedPipe
     "DDIMPipeline": prepare_ddim,
     "DiTPipeline": prepare_dit,
     "FluxPipeline": prepare_flux,
+    "PixArtSigmaPipeline": prepare_pixart_sigma,
     "StableDiffusionPipeline": prepare_stable_diffusion,
     "StableDiffusionXLPipeline": prepare_stable_diffusion_xl,
     "StableDiffusion3Pipeline": prepare_stable_diffusion_3,
