@@ -24,6 +24,7 @@ import attrs
 import torch
 
 from ...errors import UnsupportedError
+from ...samplers.flow import scaled_posterior_variances
 
 __all__ = ["OptionRule", "SchedulerSpec", "SPECS", "supported_names", "spec_for", "check_options",
            "noise_levels", "step_variances", "state_levels", "check_step_kwargs"]
@@ -223,13 +224,7 @@ def step_variances(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """``[T+1]``: the DDPM posterior variance of the step into each state, in the states' units.
 
     The levels are mapped to a variance-preserving schedule (``abar = alpha^2 / (alpha^2 +
-    sigma^2)``); the variance is then scaled back by the state's squared scale.
+    sigma^2)``); the variance is then scaled back by the state's squared scale (the same map as
+    the core flow samplers', :func:`fpsolve.samplers.flow.scaled_posterior_variances`).
     """
-    scale2 = alpha**2 + sigma**2
-    abar = alpha**2 / scale2
-    now, nxt = abar[:-1], abar[1:]
-    variances = torch.zeros_like(abar)
-    ratio = torch.where(1 - now > 0, (1 - nxt) / (1 - now).clamp_min(1e-300), torch.zeros_like(now))
-    variances[1:] = ratio * (1 - now / nxt) * scale2[1:]
-    return variances.clamp_min(0).nan_to_num(0.0)
-
+    return scaled_posterior_variances(alpha, sigma)
