@@ -212,3 +212,30 @@ def test_flow_sigmas_are_validated(sigmas, match):
         fpsolve.samplers.FlowEuler(sigmas=torch.tensor(sigmas))
     with pytest.raises(fpsolve.errors.InvalidOptionError, match="num_train_timesteps"):
         fpsolve.samplers.FlowEuler(sigmas=torch.tensor([1.0, 0.0]), num_train_timesteps=0)
+
+
+def test_stopping_rules_read_each_states_noise_level_from_the_flow_sampler():
+    import attrs
+
+    seen = []
+
+    @attrs.define(frozen=True, eq=False)
+    class Recorder(fpsolve.stopping.StoppingRule):
+        def converged(self, view):
+            seen.append((view.lo, view.hi, view.sigmas.clone(), view.step_variances.clone()))
+            return None
+
+    sampler = fpsolve.samplers.FlowEuler(sigmas=torch.linspace(1, 0, 9, dtype=torch.float64) ** 2)
+    system = fpsolve.TriangularSystem(sampler=sampler, denoiser=SmoothVelocity(1, 3), shape=(3,),
+                                      generator=torch.Generator().manual_seed(0))
+    fpsolve.solve(system, "fp", window=4, stopping=Recorder() & fpsolve.stopping.RMS(tol1=1e-10, tol2=1e-10))
+    assert seen
+    levels, variances = sampler.state_sigmas(), sampler.step_variances()
+    for lo, hi, sigmas, step_variances in seen:
+        torch.testing.assert_close(sigmas, levels[lo:hi + 1])  # the flow sigma itself, not sqrt(1 - abar)
+        torch.testing.assert_close(step_variances, variances[lo:hi + 1])
+    # the flow levels map to a variance-preserving schedule for the ParaDiGMS scale: alpha = 1 - sigma
+    alpha, sigma = 1 - levels, levels
+    abar = alpha**2 / (alpha**2 + sigma**2)
+    expected = (1 - abar[2]) / (1 - abar[1]) * (1 - abar[1] / abar[2]) * (alpha[2] ** 2 + sigma[2] ** 2)
+    torch.testing.assert_close(variances[2], expected)
