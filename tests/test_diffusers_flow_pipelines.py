@@ -28,6 +28,7 @@ import torch
 
 from fpsolve.errors import UnsupportedError
 from fpsolve.integrations.diffusers import sample
+from fpsolve.integrations.diffusers.pipelines import ADAPTERS, SUPPORT, support_markdown, support_rows
 from fpsolve.integrations.diffusers.testing import tiny_clip_tokenizer
 from tests.test_diffusers_pipelines import run_both
 
@@ -188,6 +189,18 @@ def test_flux_true_cfg_with_images_per_prompt_and_generators(flux):
                              num_images_per_prompt=2, generator_list=[4, 2], **FLUX)
 
 
+def test_flux_stochastic_sampling_draws_from_the_global_generator(flux):
+    # Flux passes no generator to step: stochastic_sampling draws each step's noise from torch's
+    # global generator, after the latents; fpsolve pre-draws it from there in the same order
+    scheduler = flux.scheduler
+    flux.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler.config,
+                                                                          stochastic_sampling=True)
+    try:
+        check_latents_and_images(flux, prompt=["a cat", "a dog"], global_seed=11, **FLUX)
+    finally:
+        flux.scheduler = scheduler
+
+
 def test_flux_prompt_embeds_path(flux):
     generator = torch.Generator().manual_seed(5)
     embeds = {name: torch.randn(*shape, generator=generator) for name, shape in (
@@ -202,25 +215,6 @@ def test_flux_output_types(flux, output_type):
                                  return_dict=output_type == "pt",
                                  **FLUX, **EXACT)
     assert_same_output(reference, out, limit=PIXEL)
-
-
-def test_flux_refuses_callbacks_and_ip_adapters(flux):
-    for option in (dict(callback_on_step_end=lambda *a: {}), dict(ip_adapter_image_embeds=[torch.zeros(1,
-                                                                                                       4)])):
-        with pytest.raises(UnsupportedError, match=next(iter(option))):
-            sample(flux, prompt="a", **FLUX, **option)
-
-
-# -- default tolerance ---------------------------------------------------------------------------
-
-def test_default_tolerance_within_one_level(flux, record_property):
-    reference, out, solution = run_both(flux, prompt=["a cat", "a dog"], output_type="np",
-                                        **dict(FLUX, num_inference_steps=12))
-    error = float(np.abs(images_of(out) - images_of(reference)).max())
-    record_property("max_abs_error_255", error * 255)
-    record_property("iterations", solution.iterations)
-    assert solution.converged and solution.iterations < 12
-    assert error <= PIXEL
 
 
 # -- Stable Diffusion 3 --------------------------------------------------------------------------
@@ -297,7 +291,8 @@ def tiny_wan_transformer(seed: int) -> Any:
     return transformer.eval()
 
 
-def tiny_wan_pipeline(directory: Path, scheduler: Any, two_experts: bool = False) -> Any:
+def tiny_wan_pipeline(directory: Path, scheduler: Any, two_experts: bool = False,
+                      expand_timesteps: bool = False) -> Any:
     tokenizer = tiny_t5_tokenizer(directory / "t5")
     torch.manual_seed(3)
     vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
@@ -308,7 +303,7 @@ def tiny_wan_pipeline(directory: Path, scheduler: Any, two_experts: bool = False
         tokenizer=tokenizer, text_encoder=tiny_t5_encoder(tokenizer,
                                                           seed=2), transformer=tiny_wan_transformer(0),
         vae=vae, scheduler=scheduler, transformer_2=tiny_wan_transformer(1) if two_experts else None,
-        boundary_ratio=0.6 if two_experts else None)
+        boundary_ratio=0.6 if two_experts else None, expand_timesteps=expand_timesteps)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -353,6 +348,12 @@ def test_wan_two_experts_and_prompt_embeds(tmp_path):
                   negative_prompt_embeds=torch.randn(1, 8, 16, generator=generator))
     # boundary 600: the first steps go to the first expert, the rest to the second (guidance 2.0)
     check_latents_and_images(pipe, guidance_scale=4.0, guidance_scale_2=2.0, **embeds, **WAN)
+
+
+def test_wan_expand_timesteps(tmp_path):
+    # Wan 2.2 TI2V: the transformer gets one timestep per latent token ([N, 2 x 2 x 2] here)
+    pipe = tiny_wan_pipeline(tmp_path, wan_unipc(), expand_timesteps=True)
+    check_latents_and_images(pipe, prompt=["a cat", "a dog"], guidance_scale=3.0, **WAN)
 
 
 # -- PixArt-Sigma --------------------------------------------------------------------------------
@@ -412,3 +413,48 @@ def test_pixart_sigma_resolution_binning(tmp_path):
                                      max_sequence_length=8, output_type=output_type, **EXACT)
         assert_same_output(reference, out, limit=PIXEL)
     assert as_array(out).shape == (1, 48, 32, 3)
+
+
+# -- default tolerance: the decoded output within one level --------------------------------------
+
+DEFAULT_CASES = {
+    "flux": (FLUX, dict(prompt=["a cat", "a dog"], guidance_scale=3.5)),
+    "sd3": (SD3, dict(prompt=["a cat", "a dog"], guidance_scale=5.0)),
+    "wan": (WAN, dict(prompt=["a cat", "a dog"], guidance_scale=5.0)),
+    "pixart": (PIXART, dict(prompt=["a cat", "a dog"], guidance_scale=4.5)),
+}
+
+
+@pytest.mark.parametrize("name", list(DEFAULT_CASES))
+def test_default_tolerance_within_one_level(name, request, record_property):
+    pipe = request.getfixturevalue(name)
+    options, case = DEFAULT_CASES[name]
+    options = dict(options, num_inference_steps=12)
+    reference, out, solution = run_both(pipe, output_type="np", **case, **options)
+    error = float(np.abs(as_array(out) - as_array(reference)).max())
+    record_property("max_abs_error_255", error * 255)
+    record_property("iterations", solution.iterations)
+    assert solution.converged and solution.iterations < 12
+    assert error <= PIXEL
+
+
+# -- the support table in the docs ---------------------------------------------------------------
+
+def test_docs_table_is_the_registry():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "pipelines.md").read_text()
+    start, end = "<!-- pipeline-support:start -->\n", "<!-- pipeline-support:end -->"
+    shown = page[page.index(start) + len(start):page.index(end)]
+    assert shown == support_markdown(), "regenerate the table: print(support_markdown())"
+    assert [row["pipeline"] for row in support_rows()] == sorted(
+        SUPPORT, key=lambda name: (SUPPORT[name].family != "noise", name))
+    assert set(ADAPTERS) == set(SUPPORT)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "wan", "pixart"])
+def test_every_refused_option_in_the_table_is_refused_by_name(name, request):
+    pipe = request.getfixturevalue(name)
+    options = dict(DEFAULT_CASES[name][0], prompt="a", num_inference_steps=2)
+    for names, _ in SUPPORT[type(pipe).__name__].refused:
+        for option in names:
+            with pytest.raises(UnsupportedError, match=option):
+                sample(pipe, **options, **{option: object()})

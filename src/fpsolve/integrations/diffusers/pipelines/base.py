@@ -14,7 +14,8 @@ from ....system import TriangularSystem
 from ..sampler import SchedulerProgram
 
 __all__ = ["PreparedPipeline", "bind_call", "refuse_arguments", "state_dtype", "batch_rows", "sample_index",
-           "prompt_batch_size", "step_indexer"]
+           "prompt_batch_size", "step_indexer",
+           "Refusals", "refuse_all", "CALLBACK_WHY", "IP_ADAPTER_WHY"]
 
 @attrs.define(frozen=True, eq=False)
 class PreparedPipeline:
@@ -60,6 +61,19 @@ def bind_call(pipe: Any, options: Mapping[str, Any], extra: Iterable[str] = ()) 
     arguments.pop("self", None)
     arguments.update(arguments.pop("kwargs", {}) or {})
     return arguments
+
+
+#: Call options an adapter refuses: ``((names, why), ...)``, read by the support table too.
+Refusals = tuple[tuple[tuple[str, ...], str], ...]
+
+CALLBACK_WHY = "per-step callbacks need the sequential loop"
+IP_ADAPTER_WHY = "IP-Adapter conditioning is not wired into the parallel denoiser"
+
+
+def refuse_all(pipe: Any, arguments: Mapping[str, Any], refusals: Refusals) -> None:
+    """Raise :class:`UnsupportedError` for the first refused option the call sets."""
+    for names, why in refusals:
+        refuse_arguments(pipe, arguments, names, why)
 
 
 def refuse_arguments(pipe: Any, arguments: Mapping[str, Any], names: Iterable[str], why: str) -> None:

@@ -29,12 +29,25 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import PreparedPipeline, bind_call, prompt_batch_size, refuse_arguments, sample_index
+from .base import (
+    CALLBACK_WHY,
+    IP_ADAPTER_WHY,
+    PreparedPipeline,
+    Refusals,
+    bind_call,
+    prompt_batch_size,
+    refuse_all,
+    sample_index,
+)
 
-__all__ = ["prepare_flux"]
+__all__ = ["prepare_flux", "REFUSED"]
 
-_IP_ADAPTER = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
-               "negative_ip_adapter_image_embeds")
+#: Call options refused by name.
+REFUSED: Refusals = (
+    (("callback_on_step_end",), CALLBACK_WHY),
+    (("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
+      "negative_ip_adapter_image_embeds"), IP_ADAPTER_WHY),
+)
 
 
 def _flux_model(pipe: Any, batch: int, positive: tuple[torch.Tensor, ...],
@@ -104,9 +117,7 @@ def prepare_flux(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> Prep
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
     args = bind_call(pipe, call)
-    refuse_arguments(pipe, args, ("callback_on_step_end",), "per-step callbacks need the sequential loop")
-    refuse_arguments(pipe, args, _IP_ADAPTER,
-                     "IP-Adapter conditioning is not wired into the parallel denoiser")
+    refuse_all(pipe, args, REFUSED)
     height = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
     width = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
     pipe.check_inputs(args["prompt"], args["prompt_2"], height, width,

@@ -24,9 +24,21 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import PreparedPipeline, batch_rows, bind_call, prompt_batch_size, refuse_arguments, sample_index
+from .base import (
+    CALLBACK_WHY,
+    PreparedPipeline,
+    Refusals,
+    batch_rows,
+    bind_call,
+    prompt_batch_size,
+    refuse_all,
+    sample_index,
+)
 
-__all__ = ["prepare_pixart_sigma"]
+__all__ = ["prepare_pixart_sigma", "REFUSED"]
+
+#: Call options refused by name.
+REFUSED: Refusals = ((("callback",), CALLBACK_WHY),)
 
 
 def _pixart_model(pipe: Any, embeds: torch.Tensor, mask: torch.Tensor, batch: int, guided: bool,
@@ -90,7 +102,7 @@ def prepare_pixart_sigma(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype)
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import retrieve_timesteps
 
     args = bind_call(pipe, call)
-    refuse_arguments(pipe, args, ("callback",), "per-step callbacks need the sequential loop")
+    refuse_all(pipe, args, REFUSED)
     height = args["height"] or pipe.transformer.config.sample_size * pipe.vae_scale_factor
     width = args["width"] or pipe.transformer.config.sample_size * pipe.vae_scale_factor
     original_size = None

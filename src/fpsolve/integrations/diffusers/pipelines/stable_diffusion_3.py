@@ -27,18 +27,25 @@ import torch
 from ..sampler import compile_scheduler
 from ..system import loop_system
 from .base import (
+    CALLBACK_WHY,
+    IP_ADAPTER_WHY,
     PreparedPipeline,
+    Refusals,
     batch_rows,
     bind_call,
     prompt_batch_size,
-    refuse_arguments,
+    refuse_all,
     sample_index,
     step_indexer,
 )
 
-__all__ = ["prepare_stable_diffusion_3"]
+__all__ = ["prepare_stable_diffusion_3", "REFUSED"]
 
-_IP_ADAPTER = ("ip_adapter_image", "ip_adapter_image_embeds")
+#: Call options refused by name.
+REFUSED: Refusals = (
+    (("callback_on_step_end",), CALLBACK_WHY),
+    (("ip_adapter_image", "ip_adapter_image_embeds"), IP_ADAPTER_WHY),
+)
 
 
 def _sd3_model(pipe: Any, embeds: torch.Tensor, pooled: torch.Tensor, batch: int, guided: bool,
@@ -118,9 +125,7 @@ def prepare_stable_diffusion_3(pipe: Any, call: Mapping[str, Any], dtype: torch.
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
     args = bind_call(pipe, call)
-    refuse_arguments(pipe, args, ("callback_on_step_end",), "per-step callbacks need the sequential loop")
-    refuse_arguments(pipe, args, _IP_ADAPTER,
-                     "IP-Adapter conditioning is not wired into the parallel denoiser")
+    refuse_all(pipe, args, REFUSED)
     height = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
     width = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
     pipe.check_inputs(args["prompt"], args["prompt_2"], args["prompt_3"], height, width,

@@ -28,12 +28,25 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import PreparedPipeline, batch_rows, bind_call, refuse_arguments, sample_index
+from .base import (
+    CALLBACK_WHY,
+    IP_ADAPTER_WHY,
+    PreparedPipeline,
+    Refusals,
+    batch_rows,
+    bind_call,
+    refuse_all,
+    sample_index,
+)
 
-__all__ = ["prepare_stable_diffusion_xl"]
+__all__ = ["prepare_stable_diffusion_xl", "REFUSED"]
 
-_CALLBACKS = ("callback", "callback_on_step_end")
-_IP_ADAPTER = ("ip_adapter_image", "ip_adapter_image_embeds")
+#: Call options refused by name.
+REFUSED: Refusals = (
+    (("callback", "callback_on_step_end"), CALLBACK_WHY),
+    (("ip_adapter_image", "ip_adapter_image_embeds"), IP_ADAPTER_WHY),
+    (("denoising_end",), "stopping the scheduler part-way (ensemble of experts) is not reproduced"),
+)
 
 
 def _sdxl_model(pipe: Any, embeds: torch.Tensor, text_embeds: torch.Tensor, time_ids: torch.Tensor,
@@ -157,11 +170,7 @@ def prepare_stable_diffusion_xl(pipe: Any, call: Mapping[str, Any], dtype: torch
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
     args = bind_call(pipe, call, extra=("callback", "callback_steps"))
-    refuse_arguments(pipe, args, _CALLBACKS, "per-step callbacks need the sequential loop")
-    refuse_arguments(pipe, args, _IP_ADAPTER,
-                     "IP-Adapter conditioning is not wired into the parallel denoiser")
-    refuse_arguments(pipe, args, ("denoising_end",),
-                     "stopping the scheduler part-way (ensemble of experts) is not reproduced")
+    refuse_all(pipe, args, REFUSED)
     height = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
     width = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
     pipe.check_inputs(args["prompt"], args["prompt_2"], height, width, args.get("callback_steps"),

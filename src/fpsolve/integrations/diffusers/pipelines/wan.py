@@ -25,9 +25,20 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import PreparedPipeline, bind_call, prompt_batch_size, refuse_arguments, sample_index
+from .base import (
+    CALLBACK_WHY,
+    PreparedPipeline,
+    Refusals,
+    bind_call,
+    prompt_batch_size,
+    refuse_all,
+    sample_index,
+)
 
-__all__ = ["prepare_wan"]
+__all__ = ["prepare_wan", "REFUSED"]
+
+#: Call options refused by name.
+REFUSED: Refusals = ((("callback_on_step_end",), CALLBACK_WHY),)
 
 
 def _wan_model(pipe: Any, embeds: torch.Tensor, negative: torch.Tensor | None, batch: int,
@@ -117,7 +128,7 @@ def _frames_and_size(pipe: Any, args: Mapping[str, Any]) -> tuple[int, int, int]
 def prepare_wan(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> PreparedPipeline:
     """Prepare ``WanPipeline.__call__(**call)``; ``dtype`` is the solver state's."""
     args = bind_call(pipe, call)
-    refuse_arguments(pipe, args, ("callback_on_step_end",), "per-step callbacks need the sequential loop")
+    refuse_all(pipe, args, REFUSED)
     pipe.check_inputs(args["prompt"], args["negative_prompt"], args["height"], args["width"],
                       args["prompt_embeds"],
                       args["negative_prompt_embeds"], args["callback_on_step_end_tensor_inputs"],
