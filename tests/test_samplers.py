@@ -239,3 +239,29 @@ def test_stopping_rules_read_each_states_noise_level_from_the_flow_sampler():
     abar = alpha**2 / (alpha**2 + sigma**2)
     expected = (1 - abar[2]) / (1 - abar[1]) * (1 - abar[1] / abar[2]) * (alpha[2] ** 2 + sigma[2] ** 2)
     torch.testing.assert_close(variances[2], expected)
+
+
+def test_flow_euler_calls_the_model_at_sigma_times_train_steps_and_steps_with_the_velocity():
+    # the public contract, checked from outside with an arbitrary model: t = sigmas[i] * N (floats),
+    # and x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, t_i)
+    sigmas = torch.tensor([1.0, 0.7, 0.45, 0.2, 0.05, 0.0], dtype=torch.float64)
+    calls = []
+
+    def model(x, t):
+        calls.append(t.clone())
+        return torch.sin(3 * x) + t[:, None] / 250
+
+    sampler = fpsolve.samplers.FlowEuler(sigmas=sigmas, num_train_timesteps=250)
+    noise = torch.randn(6, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    system = fpsolve.TriangularSystem(sampler=sampler, denoiser=model, shape=(3,), noise=noise)
+    trajectory = fpsolve.solve(system, "sequential").trajectory
+    seen = torch.cat(calls)
+    assert seen.dtype == torch.float64
+    torch.testing.assert_close(seen.unique().sort(descending=True).values, sigmas[:-1] * 250)
+    x = noise[0]
+    for i in range(5):
+        t = (sigmas[i] * 250).expand(2)
+        x = x + (sigmas[i + 1] - sigmas[i]) * (torch.sin(3 * x) + t[:, None] / 250)
+        torch.testing.assert_close(trajectory[i + 1], x, rtol=0, atol=1e-14)
+    parallel = fpsolve.solve(system, "taa", tol=1e-13)
+    torch.testing.assert_close(parallel.sample, x, rtol=0, atol=1e-10)
