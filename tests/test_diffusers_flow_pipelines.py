@@ -351,7 +351,9 @@ def test_wan_two_experts_and_prompt_embeds(tmp_path):
 
 
 def test_wan_expand_timesteps(tmp_path):
-    # Wan 2.2 TI2V: the transformer gets one timestep per latent token ([N, 2 x 2 x 2] here)
+    # Wan 2.2 TI2V: the transformer gets one timestep per latent token ([N, 2 x 2 x 2] here); all
+    # tokens share the step's t, so this checks the per-token call (a wrong token count fails in
+    # the transformer) and its parity, not a different output
     pipe = tiny_wan_pipeline(tmp_path, wan_unipc(), expand_timesteps=True)
     check_latents_and_images(pipe, prompt=["a cat", "a dog"], guidance_scale=3.0, **WAN)
 
@@ -400,6 +402,9 @@ def test_pixart_sigma_ddpm_generators_images_per_prompt_and_embeds(pixart):
                       negative_prompt_embeds=torch.randn(1, 8, 16, generator=generator),
                       negative_prompt_attention_mask=torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0]]))
         check_latents_and_images(pixart, negative_prompt=None, **embeds, **PIXART)
+        reference, out, _ = run_both(pixart, prompt="a cat", output_type="pt", return_dict=False, **PIXART,
+                                     **EXACT)
+        assert_same_output(reference, out, limit=PIXEL)
     finally:
         pixart.scheduler = scheduler
 
