@@ -201,6 +201,23 @@ def test_flux_stochastic_sampling_draws_from_the_global_generator(flux):
         flux.scheduler = scheduler
 
 
+def test_flux_multistep_flow_scheduler(flux):
+    # UniPC with flow sigmas: Flux then leaves the sigmas to the scheduler and passes only mu
+    scheduler = flux.scheduler
+    flux.scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                       use_flow_sigmas=True, flow_shift=3.0)
+    try:
+        check_latents_and_images(flux, prompt=["a cat", "a dog"], **FLUX)
+    finally:
+        flux.scheduler = scheduler
+
+
+def test_flux_without_guidance_embedding(tmp_path):
+    # a FLUX.1-schnell-like transformer: no guidance embedding, guidance_scale is unused
+    pipe = tiny_flux_pipeline(tmp_path, guidance_embeds=False)
+    check_latents_and_images(pipe, prompt="a cat", **FLUX)
+
+
 def test_flux_prompt_embeds_path(flux):
     generator = torch.Generator().manual_seed(5)
     embeds = {name: torch.randn(*shape, generator=generator) for name, shape in (
@@ -265,6 +282,16 @@ def test_sd3_unguided_images_per_prompt_generators_and_dynamic_shift(sd3):
     try:
         check_latents_and_images(sd3, prompt=["a", "b"], guidance_scale=1.0, num_images_per_prompt=2,
                                  generator_list=[1, 2, 3, 4], **SD3)
+    finally:
+        sd3.scheduler = scheduler
+
+
+def test_sd3_flow_heun(sd3):
+    # Heun repeats each timestep (two model calls per step): keys are step indices, not timesteps
+    scheduler = sd3.scheduler
+    sd3.scheduler = diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0)
+    try:
+        check_latents_and_images(sd3, prompt="a cat", guidance_scale=4.0, **SD3)
     finally:
         sd3.scheduler = scheduler
 

@@ -76,10 +76,11 @@ SUPPORT: dict[str, PipelineSupport] = {row.pipeline: row for row in (
     PipelineSupport("FluxPipeline", flux.prepare_flux, "flow",
                     "packed latents and image ids, guidance embedding, pooled projections, true CFG, "
                     "dynamic-shift mu, stochastic sampling",
-                    ("FlowMatchEulerDiscreteScheduler",), flux.REFUSED),
+                    ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"), flux.REFUSED),
     PipelineSupport("StableDiffusion3Pipeline", stable_diffusion_3.prepare_stable_diffusion_3, "flow",
                     "three text encoders, CFG, skip-layer guidance, mu",
-                    ("FlowMatchEulerDiscreteScheduler",), stable_diffusion_3.REFUSED),
+                    ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"),
+                    stable_diffusion_3.REFUSED),
     PipelineSupport("WanPipeline", wan.prepare_wan, "flow",
                     "text-to-video, num_frames, CFG, two experts (boundary_ratio), expand_timesteps",
                     ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"), wan.REFUSED),
