@@ -6,9 +6,10 @@ solve. Any mistake in an affine coefficient shows up as a trajectory difference.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 import fpsolve
 from fpsolve.testing.strategies import SmoothDenoiser, SmoothVelocity
@@ -192,7 +193,7 @@ def test_flow_dpm_solver_matches_diffusers_flow_sigmas(order, steps):
 def test_flow_samplers_declare_velocity_and_continuous_time():
     sigmas = torch.linspace(1, 0, 5)
     samplers = fpsolve.samplers
-    for cls in (samplers.FlowEuler, samplers.StochasticFlowEuler, samplers.FlowDPMSolver):
+    for cls in (samplers.FlowEuler, samplers.StochasticFlowEuler, samplers.FlowDPMSolver, samplers.FlowUniPC):
         sampler = cls(sigmas=sigmas, num_train_timesteps=500)
         assert sampler.prediction == "velocity" and sampler.continuous_time
         assert sampler.timesteps == pytest.approx([500.0, 375.0, 250.0, 125.0])
@@ -215,8 +216,6 @@ def test_flow_sigmas_are_validated(sigmas, match):
 
 
 def test_stopping_rules_read_each_states_noise_level_from_the_flow_sampler():
-    import attrs
-
     seen = []
 
     @attrs.define(frozen=True, eq=False)
@@ -265,3 +264,31 @@ def test_flow_euler_calls_the_model_at_sigma_times_train_steps_and_steps_with_th
         torch.testing.assert_close(trajectory[i + 1], x, rtol=0, atol=1e-14)
     parallel = fpsolve.solve(system, "taa", tol=1e-13)
     torch.testing.assert_close(parallel.sample, x, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [2, 6, 20])
+@pytest.mark.parametrize("order, disable_corrector", [(1, ()), (2, ()), (3, ()), (2, (0, 2)), (3, (1,))])
+def test_flow_unipc_matches_diffusers_flow_unipc(order, disable_corrector, steps):
+    scheduler = UniPCMultistepScheduler(solver_order=order, use_flow_sigmas=True, flow_shift=3.0,
+                                        prediction_type="flow_prediction",
+                                        disable_corrector=list(disable_corrector))
+    scheduler.set_timesteps(steps)
+    sampler = fpsolve.samplers.FlowUniPC(sigmas=flow_sigmas(scheduler), order=order,
+                                         disable_corrector=disable_corrector)
+    model = SmoothVelocity(9, 9)
+    noise = torch.randn(steps + 1, 2, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected = run_flow_diffusers(scheduler, model, noise)
+    _, sample = solve_fpsolve(sampler, model, noise)
+    # diffusers computes the UniPC coefficients from float32 sigmas: measured <= 5e-8
+    torch.testing.assert_close(sample, expected, rtol=1e-6, atol=1e-6)
+    if steps == 20 and order > 1:  # negative controls: one order lower, or no corrector, is far away
+        _, lower = solve_fpsolve(attrs.evolve(sampler, order=order - 1), model, noise)
+        no_corrector = attrs.evolve(sampler, disable_corrector=tuple(range(20)))
+        _, uncorrected = solve_fpsolve(no_corrector, model, noise)
+        assert (lower - expected).abs().max() > 1e-5 and (uncorrected - expected).abs().max() > 1e-5
+
+
+def test_flow_unipc_refuses_a_high_order_final_step_to_zero():
+    sampler = fpsolve.samplers.FlowUniPC(sigmas=torch.linspace(1, 0, 6), order=3, lower_order_final=False)
+    with pytest.raises(fpsolve.errors.InvalidOptionError, match="lower_order_final=True"):
+        sampler.affine_form()
