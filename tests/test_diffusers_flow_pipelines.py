@@ -490,3 +490,21 @@ def test_every_refused_option_in_the_table_is_refused_by_name(name, request):
         for option in names:
             with pytest.raises(UnsupportedError, match=option):
                 sample(pipe, **options, **{option: object()})
+
+
+def test_chunked_model_batches_must_hold_whole_positions(flux):
+    # A row's prompt is read from its place in the position-major batch: chunks of whole positions
+    # (multiples of N rows) give the unchunked result, other chunks are refused, never misread.
+    from fpsolve.gpu import ChunkedEvaluator
+    from fpsolve.integrations.diffusers import prepare_pipeline
+
+    call = dict(prompt=["a cat", "a red dog"], generator=torch.Generator().manual_seed(0),
+                output_type="latent", **FLUX)
+    system = prepare_pipeline(flux, call).system
+    states, positions = system.flat_noise[:1].expand(4, -1, -1).clone(), torch.arange(4)
+    with torch.no_grad():
+        whole = ChunkedEvaluator(system, remember=False)(states, positions)
+        in_pairs = ChunkedEvaluator(system, max_batch=4, remember=False)(states, positions)
+        assert torch.allclose(in_pairs, whole, rtol=0, atol=1e-6 * float(whole.abs().max()))
+        with pytest.raises(UnsupportedError, match="whole positions"):
+            ChunkedEvaluator(system, max_batch=3, remember=False)(states, positions)

@@ -102,7 +102,22 @@ def state_dtype(dtype: torch.dtype | None) -> torch.dtype:
 
 
 def sample_index(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """``[B]``: the pipeline sample of each row of a system batch (the system's batch is position-major)."""
+    """``[B]``: the pipeline sample of each row of a system batch (the system's batch is position-major).
+
+    A model batch holds whole positions (``N`` rows each, sample 0 first); the conditioning of
+    a row (its prompt, class label, guidance scale...) is picked by ``row % N``.
+
+    Raises:
+        UnsupportedError: the batch does not hold whole positions (e.g. an evaluator splitting
+            the model batch into chunks that are not multiples of ``N``): the rows' samples
+            cannot be told, and guessing would condition rows on the wrong prompts.
+    """
+    if x.shape[0] % batch:
+        raise UnsupportedError(
+            f"the pipeline's denoiser got a model batch of {x.shape[0]} rows, not whole positions of "
+            f"{batch} samples, so its rows' prompts cannot be told apart; evaluate in chunks of a "
+            f"multiple of {batch} rows (e.g. ChunkedEvaluator(system, max_batch=k * {batch}))."
+        )
     return torch.arange(x.shape[0], device=x.device) % batch
 
 

@@ -20,7 +20,15 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import CALLBACK_WHY, IP_ADAPTER_WHY, PreparedPipeline, Refusals, bind_call, refuse_all
+from .base import (
+    CALLBACK_WHY,
+    IP_ADAPTER_WHY,
+    PreparedPipeline,
+    Refusals,
+    bind_call,
+    refuse_all,
+    sample_index,
+)
 
 __all__ = ["prepare_stable_diffusion", "REFUSED"]
 
@@ -39,7 +47,7 @@ def _sd_model(pipe: Any, embeds: torch.Tensor, negative: torch.Tensor | None, gu
     batch = embeds.shape[0]
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sample = torch.arange(x.shape[0], device=x.device) % batch  # the system's batch is position-major
+        sample = sample_index(x, batch)
         condition = embeds[sample]
         if negative is not None:
             x, t = torch.cat([x, x]), torch.cat([t, t])
