@@ -1,8 +1,11 @@
-"""A small DDPM trained on the scikit-learn 8x8 handwritten digits, shipped for benchmarks.
+"""Two small UNets trained on the scikit-learn 8x8 handwritten digits, shipped for benchmarks.
 
-The model is a diffusers :class:`~diffusers.UNet2DModel` of 1.24 million parameters, trained
-with the standard DDPM epsilon-prediction objective on the 1797 digits of
-:func:`sklearn.datasets.load_digits`, bilinearly upsampled to 16x16 and scaled to ``[-1, 1]``.
+Each model is a diffusers :class:`~diffusers.UNet2DModel` of 1.24 million parameters, trained on
+the 1797 digits of :func:`sklearn.datasets.load_digits`, bilinearly upsampled to 16x16 and scaled
+to ``[-1, 1]``: ``digits_unet.*`` with the standard DDPM epsilon-prediction objective,
+``digits_flow_unet.*`` (``objective="flow"``) with the rectified-flow objective (velocity
+prediction at model time ``t = 1000 sigma``, the convention of diffusers'
+``FlowMatchEulerDiscreteScheduler``); same architecture, data, recipe and seed.
 It trains on one CPU core in well under an hour and a batch of 16 takes about 0.1 s on one core,
 yet it is a real learned denoiser: parallel samplers meet the same kind of non-linearity as on a
 large model, which closed-form Gaussian-mixture denoisers do not have.
@@ -15,8 +18,10 @@ Typical use::
     eps = digits_denoiser(unet)                 # eps(x, t) with x: [B, 1, 16, 16], t: [B] ints
     alphas_cumprod = digits_alphas_cumprod()    # float64 [1000], linear beta schedule
 
-The shipped weights are produced by :func:`train_digits` (``fpsolve train-reference``), which is
-seeded end to end, so anyone can rebuild them.
+The shipped weights are produced by :func:`train_digits` (``fpsolve train-reference``, and
+``fpsolve train-reference --objective flow``), which is seeded end to end, so anyone can rebuild
+them. The flow model: ``load_digits_unet(objective="flow")``, sampled by
+:func:`flow_euler_sample_digits` on :func:`flow_sigmas`.
 
 This module needs the ``models`` extra (diffusers, safetensors, scikit-learn, tqdm); those imports
 happen inside the functions, so importing the module itself is cheap and never fails.
@@ -116,9 +121,9 @@ DEFAULT_UNET_CONFIG: dict[str, Any] = {
     "resnet_time_scale_shift": "scale_shift",
 }
 
-# Training defaults. On one idle AVX2 core (AMD EPYC) a batch-32 step takes about 0.35-0.45 s, so
-# the default run takes about 20-25 minutes (the shipped run took 34 minutes on one thread while
-# other jobs shared the machine's two cores).
+# Training defaults. On one idle AVX2 core (AMD EPYC) a batch-32 step takes about 0.26-0.45 s, so
+# the default run takes about 13-25 minutes (the shipped epsilon run took 34 minutes and the flow
+# run 29 minutes (1756 s), each on one thread while other jobs shared the machine's two cores).
 DEFAULT_STEPS = 3000
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LR = 2e-3
@@ -689,8 +694,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """
     parser = subparsers.add_parser(
         "train-reference",
-        help="train the reference digits UNet (about 20-30 minutes on one CPU core)",
-        description="Train the small DDPM on the scikit-learn 8x8 digits that fpsolve ships for benchmarks.",
+        help="train the reference digits UNet (about 15-30 minutes on one CPU core)",
+        description="Train the small DDPM (or, with --objective flow, the rectified-flow model) on the "
+        "scikit-learn 8x8 digits that fpsolve ships for benchmarks.",
     )
     add_arguments(parser)
     parser.set_defaults(func=run_train)
