@@ -292,3 +292,26 @@ def test_flow_unipc_refuses_a_high_order_final_step_to_zero():
     sampler = fpsolve.samplers.FlowUniPC(sigmas=torch.linspace(1, 0, 6), order=3, lower_order_final=False)
     with pytest.raises(fpsolve.errors.InvalidOptionError, match="lower_order_final=True"):
         sampler.affine_form()
+
+
+def test_the_conformance_kit_checks_the_declared_model_convention():
+    from fpsolve.testing import ConformanceError
+    from fpsolve.testing.checks import check_sampler_interface
+
+    sigmas = torch.linspace(1, 0, 4)
+    check_sampler_interface(fpsolve.samplers.FlowEuler(sigmas=sigmas))
+
+    @attrs.define(frozen=True, eq=False, kw_only=True)
+    class NoiseNamed(fpsolve.samplers.FlowEuler):
+        name = "noise_named"
+        prediction = "noise"
+
+    @attrs.define(frozen=True, eq=False, kw_only=True)
+    class IntegerTime(fpsolve.samplers.FlowEuler):
+        name = "integer_time"
+        continuous_time = False
+
+    with pytest.raises(ConformanceError, match="prediction must be one of"):
+        check_sampler_interface(NoiseNamed(sigmas=sigmas))
+    with pytest.raises(ConformanceError, match="fractional timesteps"):
+        check_sampler_interface(IntegerTime(sigmas=torch.tensor([0.9999, 0.5, 0.0])))
