@@ -314,8 +314,9 @@ class FlowUniPC(FlowSampler):
                    correct_with: int | None) -> torch.Tensor:
             """UniP (``correct_with`` None) or UniC from level ``now`` to ``nxt``; ``history`` is
             the data predictions' state indices, newest (at ``now``) first."""
+            # a history entry at sigma = 1 (lambda = -inf) carries no data: leave it out
             usable = [j for j in history[:order] if not math.isinf(lam[j]) or j == history[0]]
-            order = len(usable) if correct_with is None else min(order, len(usable))
+            order = len(usable)
             h = lam[nxt] - lam[now]
             hh = -h
             h_phi_1, b_h, b = _unipc_coefficients(max(order, 1), hh)
