@@ -361,3 +361,16 @@ def test_demo_on_digits_flow(tmp_path, capsys):
     assert out.startswith("model digits-flow, FlowEuler-6")
     assert "parallel iterations" in out and "max pixel difference to sequential" in out
     assert {p.name for p in tmp_path.iterdir()} == {"sequential.png", "taa.png", "residuals.png"}
+
+
+def test_bench_command_on_digits_flow(tmp_path):
+    from fpsolve.cli import main
+
+    argv = ["bench", "--model", "digits-flow", "--quick", "--samplers", "flow-euler-4,flow-dpm2m-4",
+            "--solvers", "sequential,taa-default", "--no-plots", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    cells = {(c["sampler_key"], c["solver_key"]): c for c in saved["cells"]}
+    samplers, solvers = ("flow-euler-4", "flow-dpm2m-4"), ("sequential", "taa-default")
+    assert set(cells) == {(s, k) for s in samplers for k in solvers}
+    assert all(c["converged"] and c["max_abs_pixels"] <= 1 for c in cells.values())
