@@ -1,6 +1,6 @@
 """Flow-matching diffusers pipelines through ``sample(pipe, ...)`` against ``pipe(...)``.
 
-Flux, Stable Diffusion 3, Wan (text-to-video) and PixArt-Sigma, each from tiny random
+Flux, Stable Diffusion 3, Wan (text-to-video), Sana and PixArt-Sigma, each from tiny random
 components built here (CLIP / T5 text encoders over vocabularies written into a temporary
 directory, transformers with one or two layers of width 16, 8x8 latents, 2-4 steps). At a
 vanishing tolerance the latents (``output_type="latent"``) must equal the pipeline's to ``1e-5``
@@ -10,8 +10,8 @@ within ``1/255``.
 Noise floor (measured on these configurations, 2-core x86_64, float32 models): ``pipe()``'s own
 latents move when the same sample is generated alone or inside a batch of four (float32
 reductions round differently with the batch size), by 8.6e-8 relative (Flux), 4.4e-7 (SD3),
-2.4e-7 (Wan), 4.4e-7 (PixArt-Sigma with DPM-Solver) and 1.6e-6 (PixArt-Sigma with
-v-prediction DDPM). fpsolve evaluates many positions in one batch, so its error rests on that
+2.4e-7 (Wan), 2.4e-7 (Sana), 4.4e-7 (PixArt-Sigma with DPM-Solver) and 1.6e-6 (PixArt-Sigma
+with v-prediction DDPM). fpsolve evaluates many positions in one batch, so its error rests on that
 floor; the ``1e-5`` bound leaves a factor 6 or more.
 """
 
@@ -447,6 +447,81 @@ def test_pixart_sigma_resolution_binning(tmp_path):
     assert as_array(out).shape == (1, 48, 32, 3)
 
 
+# -- Sana ----------------------------------------------------------------------------------------
+
+def tiny_gemma(directory: Path, seed: int):
+    """``(GemmaTokenizerFast over letters, digits and the instruction's punctuation, Gemma2Model)``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+
+    characters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.:'-"
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *characters])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = GemmaTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                              pad_token="<pad>",
+                              unk_token="<unk>")
+    fast.save_pretrained(str(directory))
+    fast = GemmaTokenizerFast.from_pretrained(str(directory))
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=len(fast), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                          max_position_embeddings=2048, pad_token_id=fast.pad_token_id,
+                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    return fast, Gemma2Model(config).eval()
+
+
+def tiny_sana_pipeline(directory: Path) -> Any:
+    tokenizer, text_encoder = tiny_gemma(directory / "gemma", seed=2)
+    torch.manual_seed(0)
+    transformer = diffusers.SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32, patch_size=1)
+    torch.manual_seed(3)
+    vae = diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "ResBlock"),
+        decoder_block_types=("ResBlock", "ResBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()), upsample_block_type="interpolate",
+        downsample_block_type="conv", scaling_factor=0.41)
+    pipe: Any = diffusers.SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sana(tmp_path_factory):
+    return tiny_sana_pipeline(tmp_path_factory.mktemp("sana"))
+
+
+SANA = dict(height=32, width=32, num_inference_steps=4, max_sequence_length=8, use_resolution_binning=False)
+
+
+def test_sana_guided_batch_behind_the_complex_instruction(sana, record_property):
+    solution = check_latents_and_images(sana, record_property, prompt=["a cat", "a red dog"],
+                                        negative_prompt="blur", guidance_scale=4.5, **SANA)
+    assert solution.sample.shape == (2, 4, 16, 16)
+
+
+def test_sana_flow_dpm_solver_images_per_prompt_generators_and_outputs(sana):
+    scheduler = sana.scheduler
+    sana.scheduler = diffusers.DPMSolverMultistepScheduler(prediction_type="flow_prediction",
+                                                           use_flow_sigmas=True,
+                                                           flow_shift=3.0)
+    try:
+        check_latents_and_images(sana, prompt="a cat", num_images_per_prompt=2, generator_list=[3, 9],
+                                 complex_human_instruction=None, **SANA)
+        for output_type in ("pt", "pil"):
+            reference, out, _ = run_both(sana, prompt="a cat", output_type=output_type, return_dict=False,
+                                         **SANA, **EXACT)
+            assert_same_output(reference, out, limit=PIXEL)
+    finally:
+        sana.scheduler = scheduler
+
+
 # -- default tolerance: the decoded output within one level --------------------------------------
 
 DEFAULT_CASES = {
@@ -454,6 +529,7 @@ DEFAULT_CASES = {
     "sd3": (SD3, dict(prompt=["a cat", "a dog"], guidance_scale=5.0)),
     "wan": (WAN, dict(prompt=["a cat", "a dog"], guidance_scale=5.0)),
     "pixart": (PIXART, dict(prompt=["a cat", "a dog"], guidance_scale=4.5)),
+    "sana": (SANA, dict(prompt=["a cat", "a dog"], guidance_scale=4.5)),
 }
 
 
@@ -482,7 +558,7 @@ def test_docs_table_is_the_registry():
     assert set(ADAPTERS) == set(SUPPORT)
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3", "wan", "pixart"])
+@pytest.mark.parametrize("name", ["flux", "sd3", "wan", "pixart", "sana"])
 def test_every_refused_option_in_the_table_is_refused_by_name(name, request):
     pipe = request.getfixturevalue(name)
     options = dict(DEFAULT_CASES[name][0], prompt="a", num_inference_steps=2)

@@ -17,7 +17,7 @@ import attrs
 import torch
 
 from ..schedulers import SPECS
-from . import dit, flux, pixart, stable_diffusion, stable_diffusion_3, stable_diffusion_xl, unet2d, wan
+from . import dit, flux, pixart, sana, stable_diffusion, stable_diffusion_3, stable_diffusion_xl, unet2d, wan
 from .base import PreparedPipeline, Refusals
 
 __all__ = ["PipelineSupport", "SUPPORT", "support_rows", "support_markdown", "schedulers_for"]
@@ -71,7 +71,7 @@ SUPPORT: dict[str, PipelineSupport] = {row.pipeline: row for row in (
                      "EulerAncestralDiscreteScheduler"),
                     stable_diffusion_xl.REFUSED),
     PipelineSupport("PixArtSigmaPipeline", pixart.prepare_pixart_sigma, "noise",
-                    "T5 embeddings and masks, CFG, learned sigma, resolution binning, eta",
+                    "T5 embeddings and masks, CFG, learned sigma, resolution binning, step noise",
                     ("DPMSolverMultistepScheduler", "DDPMScheduler"), pixart.REFUSED),
     PipelineSupport("FluxPipeline", flux.prepare_flux, "flow",
                     "packed latents and image ids, guidance embedding, pooled projections, true CFG, "
@@ -81,6 +81,9 @@ SUPPORT: dict[str, PipelineSupport] = {row.pipeline: row for row in (
                     "three text encoders, CFG, skip-layer guidance, mu",
                     ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"),
                     stable_diffusion_3.REFUSED),
+    PipelineSupport("SanaPipeline", sana.prepare_sana, "flow",
+                    "Gemma embeddings behind the complex human instruction, masks, CFG",
+                    ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler"), sana.REFUSED),
     PipelineSupport("WanPipeline", wan.prepare_wan, "flow",
                     "text-to-video, num_frames, CFG, two experts (boundary_ratio), expand_timesteps",
                     ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"), wan.REFUSED),
