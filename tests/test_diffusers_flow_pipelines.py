@@ -218,6 +218,12 @@ def test_flux_without_guidance_embedding(tmp_path):
     check_latents_and_images(pipe, prompt="a cat", **FLUX)
 
 
+def test_flux_user_latents(flux):
+    # packed latents [N, (H/2)(W/2), 4C] given by the caller are used as they are
+    latents = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(8))
+    check_latents_and_images(flux, prompt="a cat", num_images_per_prompt=2, latents=latents, **FLUX)
+
+
 def test_flux_prompt_embeds_path(flux):
     generator = torch.Generator().manual_seed(5)
     embeds = {name: torch.randn(*shape, generator=generator) for name, shape in (
