@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from .analytic import EmpiricalDenoiser, GaussianMixtureDenoiser, linear_alphas_cumprod, spaced_timesteps
-from .reference import PREDICTIONS, ReferenceModel, available_references, load_reference, reference_prediction
+from .reference import ReferenceModel, available_references, load_reference, reference_prediction
 
 __all__ = [
     "GaussianMixtureDenoiser",
@@ -22,5 +22,4 @@ __all__ = [
     "load_reference",
     "available_references",
     "reference_prediction",
-    "PREDICTIONS",
 ]
