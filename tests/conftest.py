@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import fpsolve
-from fpsolve.testing.strategies import SmoothDenoiser
+from fpsolve.testing.problems import problem_denoiser, problem_sampler
 
 settings.register_profile("dev", max_examples=30, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -26,16 +26,16 @@ def spaced(steps: int) -> list[int]:
     return torch.linspace(999, 0, steps).round().long().tolist()
 
 
-def make_sampler(kind: str, steps: int, **options):
-    """A built-in sampler on the linear schedule."""
-    classes = {"ddim": fpsolve.samplers.DDIM, "ddpm": fpsolve.samplers.DDPM,
-               "dpm_solver": fpsolve.samplers.DPMSolver}
-    return classes[kind](alphas_cumprod=ALPHAS_CUMPROD, timesteps=spaced(steps), **options)
+def make_sampler(kind, steps: int, **options):
+    """Any registered sampler by name (or a sampler class): variance-preserving ones on the linear
+    schedule (evenly spaced timesteps), flow-matching ones on the shifted flow grid (see
+    fpsolve.testing.problems)."""
+    return problem_sampler(kind, steps, **options)
 
 
 def make_system(sampler, dim: int = 8, batch=None, seed: int = 0, **options):
-    """A float64 system with a smooth nonlinear denoiser."""
-    denoiser = SmoothDenoiser(seed + 17, dim, ALPHAS_CUMPROD)
+    """A float64 system with a smooth nonlinear model returning what the sampler declares."""
+    denoiser = problem_denoiser(sampler, dim, seed + 17)
     return fpsolve.TriangularSystem(sampler=sampler, denoiser=denoiser, shape=(dim,), batch=batch,
                                     generator=torch.Generator().manual_seed(seed), dtype=torch.float64,
                                     **options)
@@ -44,4 +44,6 @@ def make_system(sampler, dim: int = 8, batch=None, seed: int = 0, **options):
 @pytest.fixture
 def ddim_system():
     """DDIM-20 (eta 0) on an 8-dimensional smooth denoiser."""
-    return make_system(make_sampler("ddim", 20))
+    # by class, not name: building the fixture must not build the registry (tests that register
+    # plugins set up their entry points after the fixtures)
+    return make_system(make_sampler(fpsolve.samplers.DDIM, 20))

@@ -6,11 +6,9 @@ included), so a new built-in joins the suite by registering, like in the mix mat
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import fpsolve
-from fpsolve.errors import InvalidOptionError
 from fpsolve.registry import BUILTIN_PLUGINS, get_registry, resolve
 from fpsolve.testing import (
     InitializerConformance,
@@ -18,7 +16,7 @@ from fpsolve.testing import (
     SolverConformance,
     StoppingRuleConformance,
 )
-from fpsolve.testing.problems import linear_alphas_cumprod, spaced_timesteps
+from fpsolve.testing.problems import problem_sampler
 
 #: tight configurations for parity (a stopping rule's defaults are deliberately loose)
 TIGHT_RULES = {
@@ -51,7 +49,7 @@ def _sampler_classes():
     for entry in _builtin_entries("sampler"):
         if entry.alias_of:
             continue
-        sampler = entry.cls(alphas_cumprod=linear_alphas_cumprod(), timesteps=spaced_timesteps(10))
+        sampler = problem_sampler(entry.name, 10)  # its family's schedule (variance-preserving or flow)
         yield (
             _class_name(entry.name),
             type("", (SamplerConformance,), {"sampler": sampler, "expect_registered": True}),

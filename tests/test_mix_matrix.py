@@ -11,9 +11,7 @@ import torch
 
 import fpsolve
 from fpsolve.registry import get_registry
-from fpsolve.testing.strategies import SmoothDenoiser
-
-from .conftest import ALPHAS_CUMPROD, spaced
+from fpsolve.testing.problems import problem_denoiser, problem_sampler
 
 STEPS, DIM, BATCH = 10, 4, 2
 
@@ -27,8 +25,8 @@ def required_options(kind: str, name: str, system: fpsolve.TriangularSystem) -> 
 
 
 def build_sampler(name: str):
-    cls = get_registry().lookup("sampler", name).cls
-    return cls(alphas_cumprod=ALPHAS_CUMPROD, timesteps=spaced(STEPS))
+    """The registered sampler on its family's standard problem (variance-preserving or flow)."""
+    return problem_sampler(name, STEPS)
 
 
 def _names(kind: str, with_aliases: bool = False) -> list[str]:
@@ -44,8 +42,8 @@ def _names(kind: str, with_aliases: bool = False) -> list[str]:
 @pytest.mark.parametrize("solver", _names("solver", with_aliases=True))
 @pytest.mark.parametrize("sampler", _names("sampler"))
 def test_mix(sampler, solver, stopping, initializer):
-    system = fpsolve.TriangularSystem(sampler=build_sampler(sampler),
-                                      denoiser=SmoothDenoiser(1, DIM, ALPHAS_CUMPROD),
+    built = build_sampler(sampler)
+    system = fpsolve.TriangularSystem(sampler=built, denoiser=problem_denoiser(built, DIM, 1),
                                       shape=(DIM,), batch=BATCH, generator=torch.Generator().manual_seed(0))
     reference = fpsolve.solve(system, "sequential")
     init = fpsolve.registry.resolve("initializer", initializer,

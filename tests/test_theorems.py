@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import fpsolve
 from fpsolve.stopping import MaxIters
 from fpsolve.testing import strategies as fst
+from fpsolve.testing.problems import sampler_variants
 
 from .conftest import make_sampler, make_system
 
@@ -85,13 +86,9 @@ def test_fp_on_every_order_reaches_sequential_within_T(system, data):
     torch.testing.assert_close(early.sample, reference.sample, rtol=0, atol=1e-10)
 
 
-SAMPLERS = {
-    "ddim-eta0": ("ddim", {"eta": 0.0}),
-    "ddim-eta1": ("ddim", {"eta": 1.0}),
-    "ddpm": ("ddpm", {}),
-    "dpm2": ("dpm_solver", {"order": 2}),
-    "dpm3": ("dpm_solver", {"order": 3}),
-}
+# Every registered sampler, with one variant per structure-changing option value (ddim eta 0/1,
+# multistep orders 2/3, ...): a new sampler joins these tests by registering.
+SAMPLERS = sampler_variants()
 SOLVERS = {
     "fp-k1": ("fp", {"order": 1}),
     "fp-k4": ("fp", {"order": 4}),
@@ -120,7 +117,7 @@ def test_every_solver_returns_the_sequential_sample(sampler_id, solver_id, windo
     torch.testing.assert_close(solution.trajectory, reference.trajectory, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("sampler_id", ["ddim-eta0", "ddpm", "dpm2"])
+@pytest.mark.parametrize("sampler_id", ["ddim-eta0.0", "ddpm", "dpm_solver-order2", "flow_euler"])
 def test_standard_anderson_reaches_the_sequential_sample_where_it_converges(sampler_id):
     kind, options = SAMPLERS[sampler_id]
     system = make_system(make_sampler(kind, 20, **options), dim=6, batch=2)
@@ -182,7 +179,7 @@ class UpdatingFP(fpsolve.solvers.FP):
     update_accepted = True
 
 
-@pytest.mark.parametrize("sampler_id", ["ddim-eta1", "dpm3"])
+@pytest.mark.parametrize("sampler_id", ["ddim-eta1.0", "dpm_solver-order3", "flow_dpm_solver-order3"])
 def test_solvers_that_update_accepted_rows_stay_exact(sampler_id):
     kind, options = SAMPLERS[sampler_id]
     system = make_system(make_sampler(kind, 20, **options), dim=4, batch=2)

@@ -26,11 +26,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from . import samplers, solve
+from . import solve
 from .bench.metrics import ToImages, compare_samples, image_converter
 from .cli_output import check_output_dir
 from .errors import InvalidOptionError
-from .models import ReferenceModel, available_references, load_reference, spaced_timesteps
+from .models import ReferenceModel, available_references, load_reference
 from .progress import JobProgress
 from .system import TriangularSystem
 
@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="digits",
         help="reference model (default digits; gmm when the digits weights are missing)",
     )
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps T (default 50)")
+    parser.add_argument(
+        "--steps", type=int, default=50, help="sampler steps T: DDIM, flow Euler for digits-flow (default 50)"
+    )
     parser.add_argument("--samples", type=int, default=8, help="digits in the grid (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     parser.add_argument(
@@ -154,13 +156,14 @@ def predict_gpu(
 
 
 def _sampler(ref: ReferenceModel, steps: int) -> Any:
-    """The sequential sampler the demo solves for ``ref``: DDIM (eta 0) on its training schedule.
+    """The sequential sampler the demo solves for ``ref``: the model's own (``ref.sampler``):
+    DDIM (eta 0) on its training schedule, or flow Euler for a flow-matching model."""
+    return ref.sampler(steps)
 
-    The one place to choose another sampler for a model whose schedule is not a VP one.
-    """
-    return samplers.DDIM(
-        alphas_cumprod=ref.alphas_cumprod, timesteps=spaced_timesteps(steps, ref.alphas_cumprod.numel())
-    )
+
+def _label(ref: ReferenceModel, sampler: Any, steps: int) -> str:
+    """A short name of the sampler for titles: ``DDIM-50`` or ``FlowEuler-50``."""
+    return f"DDIM-{steps}" if ref.prediction == "epsilon" else f"{type(sampler).__name__}-{steps}"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -181,7 +184,8 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     timing = f"median of {args.repeats} runs" if args.repeats > 1 else "1 run"
-    print(f"model {ref.name}, DDIM-{steps} (eta 0), {args.samples} samples, seed {args.seed}")
+    eta = " (eta 0)" if ref.prediction == "epsilon" else ""
+    print(f"model {ref.name}, {_label(ref, sampler, steps)}{eta}, {args.samples} samples, seed {args.seed}")
     print(
         f"  sequential: {sequential.iterations} model calls in sequence, {sequential.model_evals} model "
         f"evaluations, {sequential_s:.2f} s CPU ({timing})"
@@ -236,7 +240,8 @@ def _demo(args: argparse.Namespace) -> int:
         f"|taa - sequential|: {difference}",
         f"taa residual per iteration ({parallel.iterations} iterations, T = {steps})",
     )
-    title = f"fpsolve demo: {ref.name}, DDIM-{steps}, {args.samples} samples, seed {args.seed}"
+    label = _label(ref, sampler, steps)
+    title = f"fpsolve demo: {ref.name}, {label}, {args.samples} samples, seed {args.seed}"
     path = save_figure(
         to_images,
         sequential.sample,

@@ -34,7 +34,9 @@ from .validators import as_int, is_integer
 
 __all__ = ["TriangularSystem", "Denoiser"]
 
-#: The denoiser signature: ``x`` ``[B, *shape]`` and integer model timesteps ``t`` ``[B]`` -> eps.
+#: The denoiser signature: ``x`` ``[B, *shape]`` and model times ``t`` ``[B]`` -> the model output
+#: the sampler declares (``sampler.prediction``: eps, velocity, ...). ``t`` is a long tensor of
+#: integer timesteps, or, for a sampler with ``continuous_time``, a float tensor in the state dtype.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -104,8 +106,11 @@ class TriangularSystem:
 
     Args:
         sampler: the sequential sampler (its affine form defines the equations).
-        denoiser: ``denoiser(x, t) -> eps`` with ``x`` ``[B, *shape]`` in ``model_dtype`` and ``t``
-            ``[B]`` integer model timesteps; must return a tensor of the same shape and dtype.
+        denoiser: ``denoiser(x, t) -> output`` with ``x`` ``[B, *shape]`` in ``model_dtype`` and
+            ``t`` ``[B]`` model times (integer timesteps, or floats for a sampler with
+            ``continuous_time``); returns what the sampler's ``prediction`` names (eps for the
+            variance-preserving samplers, the velocity for the flow ones), a tensor of the input's
+            shape and dtype.
         shape: the shape of ONE sample.
         batch: number of samples ``N`` solved together; ``None`` means one sample without a
             batch axis in the results (inferred from ``noise`` when that has a batch axis).
@@ -253,8 +258,10 @@ class TriangularSystem:
 
     @property
     def timestep_tensor(self) -> torch.Tensor:
-        """The model timesteps as a long tensor on the device, ``[T]``."""
-        return self._cached("timesteps", lambda: torch.tensor(self.sampler.timesteps, dtype=torch.long,
+        """The model times on the device, ``[T]``: a long tensor, or, for a sampler with
+        ``continuous_time``, a float tensor in the state dtype."""
+        dtype = self.dtype if getattr(self.sampler, "continuous_time", False) else torch.long
+        return self._cached("timesteps", lambda: torch.tensor(self.sampler.timesteps, dtype=dtype,
                                                                device=self.device))
 
     @property

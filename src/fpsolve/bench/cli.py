@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         nargs="+",
-        choices=["digits", "gmm"],
+        choices=["digits", "digits-flow", "gmm"],
         default=None,
         help="reference model(s); default digits, or gmm (with a message) when the "
         "digits weights are missing",

@@ -12,15 +12,15 @@ show a ``label`` (used in tables and plots, e.g. ``DDIM-50``, ``taa m=2``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import attrs
 import torch
 
+from .. import samplers as _samplers
 from ..errors import InvalidOptionError, UnknownNameError
-from ..models import spaced_timesteps
-from ..samplers import DDIM, DDPM, DPMSolver
+from ..models import ReferenceModel, reference_prediction, spaced_timesteps
 from ..samplers.base import SequentialSampler
 from ..stopping import RMS, Paradigms
 
@@ -43,21 +43,68 @@ def _as_tuple(value: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(value)
 
 
-#: Sampler families: key prefix -> (display name, constructor of the sampler from (abar, timesteps)).
-_FAMILIES: dict[str, tuple[str, Any]] = {
-    "ddim": ("DDIM", lambda abar, steps: DDIM(alphas_cumprod=abar, timesteps=steps, eta=0.0)),
-    "ddpm": ("DDPM", lambda abar, steps: DDPM(alphas_cumprod=abar, timesteps=steps)),
-    "dpm2m": ("DPM++2M", lambda abar, steps: DPMSolver(alphas_cumprod=abar, timesteps=steps, order=2)),
+@attrs.define(frozen=True)
+class _Family:
+    """A sampler family: its display name, what the model must predict, and its constructor.
+
+    ``build(source, steps)`` gets a :class:`~fpsolve.models.ReferenceModel` (or, for an epsilon
+    family, its ``alphas_cumprod`` tensor) and T; epsilon families take T timesteps evenly spaced
+    over the training steps, flow families ``model.flow_sigmas(T)`` (the model's training schedule).
+    """
+
+    label: str
+    prediction: str
+    build: Callable[[ReferenceModel | torch.Tensor, int], SequentialSampler]
+
+
+_Builder = Callable[[ReferenceModel | torch.Tensor, int], SequentialSampler]
+
+
+def _vp(make: Callable[[torch.Tensor, list[int]], SequentialSampler]) -> _Builder:
+    def build(source: ReferenceModel | torch.Tensor, steps: int) -> SequentialSampler:
+        abar = source if isinstance(source, torch.Tensor) else source.alphas_cumprod
+        return make(abar, spaced_timesteps(steps, abar.numel()))
+
+    return build
+
+
+def _flow(make: Callable[[torch.Tensor, int], SequentialSampler]) -> _Builder:
+    def build(source: ReferenceModel | torch.Tensor, steps: int) -> SequentialSampler:
+        if isinstance(source, torch.Tensor) or source.flow_sigmas is None:
+            raise InvalidOptionError(
+                "a flow sampler needs a flow (velocity) ReferenceModel (its flow_sigmas), not an "
+                "alphas_cumprod schedule or an epsilon model."
+            )
+        return make(source.flow_sigmas(steps), source.num_train_timesteps)
+
+    return build
+
+
+#: Sampler families by key prefix. The flow samplers are looked up on use (``_samplers.X``), so a
+#: family whose sampler class is missing fails only when it is built.
+_FAMILIES: dict[str, _Family] = {
+    "ddim": _Family("DDIM", "epsilon", _vp(lambda abar, steps: _samplers.DDIM(
+        alphas_cumprod=abar, timesteps=steps, eta=0.0))),
+    "ddpm": _Family("DDPM", "epsilon", _vp(lambda abar, steps: _samplers.DDPM(
+        alphas_cumprod=abar, timesteps=steps))),
+    "dpm2m": _Family("DPM++2M", "epsilon", _vp(lambda abar, steps: _samplers.DPMSolver(
+        alphas_cumprod=abar, timesteps=steps, order=2))),
+    "flow-euler": _Family("FlowEuler", "velocity", _flow(lambda sigmas, n: _samplers.FlowEuler(
+        sigmas=sigmas, num_train_timesteps=n))),
+    "flow-dpm2m": _Family("FlowDPM++2M", "velocity", _flow(lambda sigmas, n: _samplers.FlowDPMSolver(
+        sigmas=sigmas, num_train_timesteps=n, order=2))),
 }
 
 
 @attrs.define(frozen=True)
 class SamplerSpec:
-    """A sampler family and its number of steps T (evenly spaced over the 1000 training steps).
+    """A sampler family and its number of steps T on the model's training schedule.
 
     Attributes:
         family: ``ddim`` (eta 0), ``ddpm`` (ancestral, posterior variance) or ``dpm2m``
-            (DPM-Solver++ 2M).
+            (DPM-Solver++ 2M) for epsilon models (T timesteps evenly spaced over the 1000
+            training steps); ``flow-euler`` (flow Euler) or ``flow-dpm2m`` (DPM-Solver++ 2M in
+            flow form) on ``flow_sigmas(T)`` for flow models.
         steps: T.
     """
 
@@ -82,28 +129,50 @@ class SamplerSpec:
     @property
     def label(self) -> str:
         """Display name, e.g. ``DDIM-50``."""
-        return f"{_FAMILIES[self.family][0]}-{self.steps}"
+        return f"{_FAMILIES[self.family].label}-{self.steps}"
 
     @property
     def family_label(self) -> str:
         """Display name of the family, e.g. ``DPM++2M``."""
-        return _FAMILIES[self.family][0]
+        return _FAMILIES[self.family].label
 
-    def build(self, alphas_cumprod: torch.Tensor) -> SequentialSampler:
-        """The sampler on a model's training schedule."""
-        return _FAMILIES[self.family][1](alphas_cumprod, spaced_timesteps(self.steps, alphas_cumprod.numel()))
+    @property
+    def prediction(self) -> str:
+        """What the model must predict for this sampler: ``"epsilon"`` or ``"velocity"``."""
+        return _FAMILIES[self.family].prediction
+
+    def fits(self, prediction: str) -> bool:
+        """True when this sampler runs on a model with that ``prediction``."""
+        return self.prediction == prediction
+
+    def build(self, model: ReferenceModel | torch.Tensor) -> SequentialSampler:
+        """The sampler on a model's training schedule.
+
+        Args:
+            model: the reference model; for an epsilon family, its ``alphas_cumprod`` tensor alone
+                also works.
+
+        Raises:
+            InvalidOptionError: when the model does not predict what the sampler needs.
+        """
+        if not isinstance(model, torch.Tensor) and not self.fits(model.prediction):
+            raise InvalidOptionError(
+                f"sampler {self.key!r} needs a model that predicts {self.prediction!r}; the "
+                f"{model.name!r} model predicts {model.prediction!r}."
+            )
+        return _FAMILIES[self.family].build(model, self.steps)
 
 
 def parse_sampler(text: str) -> SamplerSpec:
-    """``"ddim-50"`` (or the label ``"DDIM-50"``, ``"DPM++2M-25"``) -> :class:`SamplerSpec`."""
-    cleaned = text.strip().lower().replace("dpm++2m", "dpm2m")
-    match = re.fullmatch(r"([a-z0-9]+)-(\d+)", cleaned)
+    """``"ddim-50"`` (or a label: ``"DDIM-50"``, ``"DPM++2M-25"``, ``"FlowEuler-50"``) -> a SamplerSpec."""
+    match = re.fullmatch(r"(.+)-(\d+)", text.strip().lower())
     if match is None:
         raise InvalidOptionError(
-            f"sampler {text!r} is not FAMILY-STEPS; use e.g. ddim-50, ddpm-100, dpm2m-25 "
+            f"sampler {text!r} is not FAMILY-STEPS; use e.g. ddim-50, ddpm-100, dpm2m-25, flow-euler-50 "
             f"(families: {', '.join(_FAMILIES)})."
         )
-    return SamplerSpec(match.group(1), int(match.group(2)))
+    labels = {family.label.lower(): key for key, family in _FAMILIES.items()}  # "DPM++2M-25" works too
+    return SamplerSpec(labels.get(match.group(1), match.group(1)), int(match.group(2)))
 
 
 Stopping = Literal["sequential", "tolerance", "paradigms", "default"]
@@ -236,14 +305,19 @@ class BenchPlan:
     """Everything one ``fpsolve bench`` run measures.
 
     Attributes:
-        models: reference model names (``digits``, ``gmm``).
-        samplers, solvers: the matrix axes.
+        models: reference model names (``digits``, ``digits-flow``, ``gmm``).
+        samplers, solvers: the matrix axes. A sampler runs only on the models that predict what
+            it needs (DDIM on epsilon models, flow Euler on flow models): see :meth:`cells`.
         tolerances: RMS tolerances of the solvers that use the RMS rule.
         seeds: number of seeds (0..seeds-1); each draws x_T and the step noise of a batch.
         samples: samples per seed, solved together as one batch.
         curve: the iteration-cap curves (``None``: none).
         heatmap: ``(sampler key, solver key)`` of the solve whose residuals are drawn (seed 0).
         quick: whether this is the reduced ``--quick`` plan (recorded in the report).
+        predictions: ``(model, prediction)`` pairs for models outside the shipped references
+            (a model passed to :func:`~fpsolve.bench.runner.run_plan` directly); a shipped
+            reference's prediction comes from :func:`~fpsolve.models.reference_prediction`, and any
+            other model is taken as an epsilon model. The runner checks it against the loaded model.
     """
 
     models: tuple[str, ...] = attrs.field(converter=_as_tuple)
@@ -255,21 +329,41 @@ class BenchPlan:
     curve: CurvePlan | None = None
     heatmap: tuple[str, str] | None = None
     quick: bool = False
+    predictions: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=lambda v: tuple(
+        (dict(v) if isinstance(v, dict) else dict(tuple(pair) for pair in v)).items()))
 
     def __attrs_post_init__(self) -> None:
         if not self.models or not self.samplers or not self.solvers:
             raise InvalidOptionError("a benchmark plan needs at least one model, sampler and solver.")
+        for name in self.models:
+            if not self.samplers_for(name):
+                prediction = self.prediction_of(name)
+                fitting = sorted(k for k, f in _FAMILIES.items() if f.prediction == prediction)
+                raise InvalidOptionError(
+                    f"no sampler of the plan runs on the {name!r} model, which predicts {prediction!r}; "
+                    f"add one of the families {', '.join(fitting)} (e.g. {fitting[0]}-50)."
+                )
         if any(s.uses_tolerance for s in self.solvers) and not self.tolerances:
             raise InvalidOptionError("solvers that use the RMS rule need at least one tolerance.")
         for tol in self.tolerances:
             if not (isinstance(tol, float) and 0 < tol < 1):
                 raise InvalidOptionError(f"tolerances must be floats in (0, 1); got {tol!r}.")
 
+    def prediction_of(self, model: str) -> str:
+        """What ``model`` predicts: from :attr:`predictions`, else the shipped reference's, else epsilon."""
+        return dict(self.predictions).get(model) or _shipped_prediction(model)
+
+    def samplers_for(self, model: str) -> list[SamplerSpec]:
+        """The plan's samplers that run on ``model``, in plan order."""
+        prediction = self.prediction_of(model)
+        return [spec for spec in self.samplers if spec.fits(prediction)]
+
     def cells(self, model: str | None = None, sampler: SamplerSpec | None = None) -> list[Cell]:
-        """The cells in display order (optionally only one model's / one sampler's)."""
+        """The cells in display order (optionally only one model's / one sampler's); a sampler
+        that does not fit a model (see :meth:`samplers_for`) has no cells for it."""
         cells = []
         for name in self.models:
-            for spec in self.samplers:
+            for spec in self.samplers_for(name):
                 for solver in self.solvers:
                     tolerances: Sequence[float | None] = (None,)
                     if solver.uses_tolerance:
@@ -282,41 +376,72 @@ class BenchPlan:
         ]
 
 
+#: Samplers of the full plan, by what the model predicts.
+FULL_SAMPLERS: dict[str, tuple[str, ...]] = {
+    "epsilon": ("ddim-25", "ddim-50", "ddim-100", "ddpm-100", "dpm2m-25", "dpm2m-50"),
+    "velocity": ("flow-euler-25", "flow-euler-50", "flow-euler-100", "flow-dpm2m-25", "flow-dpm2m-50"),
+}
+#: Samplers of the quick plan, by what the model predicts.
+QUICK_SAMPLERS: dict[str, tuple[str, ...]] = {
+    "epsilon": ("ddim-25", "dpm2m-25"),
+    "velocity": ("flow-euler-25",),
+}
+
+
+def _sampler_axis(models: Sequence[str], table: dict[str, tuple[str, ...]]) -> list[SamplerSpec]:
+    """The samplers of ``table`` for every kind of model among ``models`` (epsilon first)."""
+    kinds = {_shipped_prediction(m) for m in models}
+    return [parse_sampler(k) for kind in ("epsilon", "velocity") if kind in kinds for k in table[kind]]
+
+
+def _shipped_prediction(model: str) -> str:
+    """A shipped reference's prediction; any other model is taken as an epsilon model."""
+    try:
+        return reference_prediction(model)
+    except UnknownNameError:
+        return "epsilon"
+
+
 def full_plan(models: Sequence[str]) -> BenchPlan:
-    """The committed report's matrix: 6 samplers x 9 solvers x tolerances 1e-3, 1e-4.
+    """The committed report's matrix: 6 samplers for epsilon models (DDIM, DDPM, DPM++2M) and 5
+    for flow models (flow Euler, flow DPM++2M) x 9 solvers x tolerances 1e-3, 1e-4.
 
     Sized for about fifteen minutes on two shared CPU cores with the digits UNet: two seeds of
-    one sample each (``--seeds``/``--samples`` raise it), curves on DDIM-50 and DDPM-100.
+    one sample each (``--seeds``/``--samples`` raise it), curves on DDIM-50, DDPM-100 and
+    flow Euler-50.
     """
+    samplers = _sampler_axis(models, FULL_SAMPLERS)
+    keys = [s.key for s in samplers]
     return BenchPlan(
         models=models,
-        samplers=[
-            parse_sampler(k) for k in ("ddim-25", "ddim-50", "ddim-100", "ddpm-100", "dpm2m-25", "dpm2m-50")
-        ],
+        samplers=samplers,
         solvers=list(SOLVERS.values()),
         tolerances=(1e-3, 1e-4),
         seeds=2,
         samples=1,
         curve=CurvePlan(
-            samplers=("ddim-50", "ddpm-100"),
+            samplers=[k for k in ("ddim-50", "ddpm-100", "flow-euler-50") if k in keys],
             # not fp k=1: at a tolerance this tight it moves one state per iteration (flat curve)
             solvers=("fp-kT", "aa", "taa-m3", "taa-default"),
             max_iters=25,
         ),
-        heatmap=("ddim-100", "taa-default"),
+        heatmap=("ddim-100" if "ddim-100" in keys else "flow-euler-100", "taa-default"),
     )
 
 
 def quick_plan(models: Sequence[str]) -> BenchPlan:
     """A reduced matrix that runs in well under two minutes on two CPU cores."""
+    samplers = _sampler_axis(models, QUICK_SAMPLERS)
+    keys = [s.key for s in samplers]
     return BenchPlan(
         models=models,
-        samplers=[parse_sampler(k) for k in ("ddim-25", "dpm2m-25")],
+        samplers=samplers,
         solvers=[SOLVERS[k] for k in ("sequential", "fp-kT", "fp-paradigms", "taa-m2", "taa-default")],
         tolerances=(1e-3,),
         seeds=1,
         samples=2,
-        curve=CurvePlan(samplers=("ddim-25",), solvers=("fp-kT", "taa-default"), max_iters=12),
-        heatmap=("ddim-25", "taa-default"),
+        curve=CurvePlan(samplers=[k for k in ("ddim-25", "flow-euler-25") if k in keys],
+                        solvers=("fp-kT", "taa-default"), max_iters=12),
+        heatmap=("ddim-25" if "ddim-25" in keys else "flow-euler-25", "taa-default"),
         quick=True,
     )

@@ -207,8 +207,9 @@ def count_units(plan: BenchPlan) -> int:
     """Units of work :func:`run_plan` reports: one per cell and seed, one per curve."""
     curves = 0
     if plan.curve is not None:
-        keys = {s.key for s in plan.samplers}
-        curves = sum(k in keys for k in plan.curve.samplers) * len(plan.curve.solvers) * len(plan.models)
+        for model in plan.models:
+            keys = {s.key for s in plan.samplers_for(model)}
+            curves += sum(k in keys for k in plan.curve.samplers) * len(plan.curve.solvers)
     return len(plan.cells()) * plan.seeds + curves
 
 
@@ -226,7 +227,7 @@ def prepare_model(name: str, device: torch.device) -> ReferenceModel:
     if device.type != "cpu" and ref.unet is not None:
         from ..models.digits import digits_denoiser
 
-        if name != "digits":
+        if name not in ("digits", "digits-flow"):
             raise InvalidOptionError(f"moving the {name!r} model to {device} is not supported yet.")
         ref = attrs.evolve(ref, denoiser=digits_denoiser(ref.unet.to(device)), unet=ref.unet.to(device))
     return ref
@@ -293,18 +294,23 @@ def run_plan(
     heatmaps: list[Heatmap] = []
     for model_name in plan.models:
         ref = (models or {}).get(model_name) or prepare_model(model_name, device)
+        if ref.prediction != plan.prediction_of(model_name):
+            raise InvalidOptionError(
+                f"the plan takes {model_name!r} as a {plan.prediction_of(model_name)!r} model but the loaded "
+                f"model predicts {ref.prediction!r}; list it in BenchPlan(predictions=...)."
+            )
         to_images = image_converter(ref.to_images, ref.shape)
         # One untimed call first: lazy initialisation must not be charged to the first cell.
         ref.denoiser(
             torch.zeros((plan.samples, *ref.shape), dtype=torch.float64, device=device),
             torch.zeros(plan.samples, dtype=torch.long, device=device),
         )
-        for spec in plan.samplers:
+        for spec in plan.samplers_for(model_name):
             cells = plan.cells(model=model_name, sampler=spec)
             records: dict[Cell, list[SolveRecord]] = {c: [] for c in cells}
             for seed in range(plan.seeds):
                 system = TriangularSystem(
-                    sampler=spec.build(ref.alphas_cumprod),
+                    sampler=spec.build(ref),
                     denoiser=ref.denoiser,
                     shape=ref.shape,
                     batch=plan.samples,

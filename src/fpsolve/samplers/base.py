@@ -21,7 +21,12 @@ import torch
 
 from ..errors import InvalidOptionError
 
-__all__ = ["AffineForm", "SequentialSampler"]
+__all__ = ["AffineForm", "SequentialSampler", "MODEL_OUTPUTS"]
+
+#: What a sampler's model returns, the sampler's ``prediction``: the noise (``"epsilon"``), the
+#: flow-matching velocity ``eps - x0`` (``"velocity"``), the clean sample (``"sample"``) or the
+#: v-parameterisation ``alpha eps - sigma x0`` (``"v_prediction"``).
+MODEL_OUTPUTS = ("epsilon", "velocity", "sample", "v_prediction")
 
 
 @attrs.define(frozen=True, eq=False)
@@ -83,16 +88,29 @@ class SequentialSampler:
     and implement :meth:`affine_form`, :meth:`state_sigmas` and :meth:`step_variances`; they may
     implement :meth:`coarsened` so that the ``coarse`` initializer can use them.
 
+    The denoiser convention is declared by two class attributes, so systems, stopping rules and
+    test problems need not guess it from the class: ``prediction`` (what the model returns, one of
+    :data:`MODEL_OUTPUTS`; the affine coefficients multiply that output) and ``continuous_time``
+    (the model is called with integer timesteps, a long tensor, or with float model times, a
+    float tensor in the system's state dtype). Stopping rules read each state's noise level from
+    :meth:`state_sigmas` and the scale of each step from :meth:`step_variances`, whatever the
+    parameterisation.
+
     Attributes:
         name: registry name (class attribute).
         aliases: other registry names mapped to option presets (class attribute).
+        prediction: what the model returns (class attribute; default ``"epsilon"``).
+        continuous_time: whether model times are floats (class attribute; default False).
     """
 
     name: ClassVar[str] = ""
     aliases: ClassVar[dict[str, dict[str, Any]]] = {}
+    prediction: ClassVar[str] = "epsilon"
+    continuous_time: ClassVar[bool] = False
 
-    #: The model timesteps ``t_0 > t_1 > ... > t_{T-1}`` at which the denoiser is called
-    #: (an attribute of every subclass).
+    #: The model times ``t_0 > t_1 > ... > t_{T-1}`` at which the denoiser is called (an
+    #: attribute of every subclass): integers, or floats where ``continuous_time`` is set (the
+    #: flow samplers declare it as a property of type ``tuple[float, ...]``).
     timesteps: tuple[int, ...]
 
     @property
@@ -105,13 +123,17 @@ class SequentialSampler:
         raise NotImplementedError
 
     def state_sigmas(self) -> torch.Tensor:
-        """``[T+1]`` float64: the noise standard deviation of each state (used by stopping rules)."""
+        """``[T+1]`` float64: the noise standard deviation of each state, in the states' units
+        (``sqrt(1 - abar)`` on a variance-preserving schedule, ``sigma`` for flow matching); the
+        noise level that stopping rules and the ``coarse`` initializer read."""
         raise NotImplementedError
 
     def step_variances(self) -> torch.Tensor:
         """``[T+1]`` float64: the DDPM posterior variance of the step that produces each state.
 
-        Entry 0 is unused. This is the scale of the ParaDiGMS stopping rule.
+        Entry 0 is unused. This is the scale of the ParaDiGMS stopping rule; samplers that are not
+        variance preserving map their levels to a variance-preserving schedule (see
+        :func:`fpsolve.samplers.flow.scaled_posterior_variances`).
         """
         raise NotImplementedError
 

@@ -30,7 +30,7 @@ import torch
 
 from ..api import solve
 from ..initializers import FromTrajectory, InitialGuess, Initializer
-from ..samplers.base import AffineForm, SequentialSampler
+from ..samplers.base import MODEL_OUTPUTS, AffineForm, SequentialSampler
 from ..solution import Solution, Status
 from ..solvers.base import FixedPointSolver, WindowView
 from ..stopping import RMS, MaxIters, StoppingRule, StoppingView
@@ -382,6 +382,14 @@ def check_sampler_interface(sampler: SequentialSampler) -> None:
     steps = sampler.num_steps
     if steps < 1 or len(sampler.timesteps) != steps:
         raise _fail(sampler, f"needs at least one timestep; num_steps is {steps}.")
+    if sampler.prediction not in MODEL_OUTPUTS:
+        raise _fail(sampler, f"prediction must be one of {MODEL_OUTPUTS} (what its model returns); "
+                             f"got {sampler.prediction!r}.")
+    if not isinstance(sampler.continuous_time, bool):
+        raise _fail(sampler, f"continuous_time must be a bool; got {sampler.continuous_time!r}.")
+    if not sampler.continuous_time and any(float(t) != int(t) for t in sampler.timesteps):
+        raise _fail(sampler, "has fractional timesteps but continuous_time is False (the model would be "
+                             "called with them rounded to integers); set continuous_time = True.")
     form = sampler.affine_form()
     if not isinstance(form, AffineForm):
         raise _fail(

@@ -10,7 +10,9 @@ Quick start::
 returns, up to the solver's tolerance. The pieces:
 
 * :func:`sample`: a pipeline call (DDPM, DDIM, DiT, Stable Diffusion) solved in parallel;
-* :func:`scheduler_system`: a scheduler plus a model as a :class:`~fpsolve.TriangularSystem`;
+* :func:`scheduler_system`: a scheduler plus a model as a :class:`~fpsolve.TriangularSystem`
+  (variance-preserving schedulers, and the flow-matching ones: ``FlowMatchEulerDiscreteScheduler``,
+  ``FlowMatchHeunDiscreteScheduler``, UniPC / DPM-Solver / DEIS with ``use_flow_sigmas=True``);
 * :func:`compile_scheduler` / :func:`scheduler_sampler`: a configured scheduler's loop as an
   fpsolve sampler, measured exactly by probing its ``step`` (see :mod:`.probe`).
 

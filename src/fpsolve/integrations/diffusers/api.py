@@ -31,7 +31,9 @@ def sample(pipe: Any, solver: Any = "taa", *, generator: Any = None, dtype: torc
 
     Args:
         pipe: a supported pipeline (``DDPMPipeline``, ``DDIMPipeline``, ``DiTPipeline``,
-            ``StableDiffusionPipeline``) with a supported scheduler.
+            ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``,
+            ``FluxPipeline``, ``StableDiffusion3Pipeline``, ``WanPipeline``: see
+            :func:`supported_pipelines` and the docs' pipeline table) with a supported scheduler.
         solver: fpsolve solver (name, class or instance): ``"taa"``, ``"fp"``, ``"sequential"``, ...
         generator: the pipeline's generator (or list of generators): initial latents and every
             step's noise are drawn from it in the pipeline's order.

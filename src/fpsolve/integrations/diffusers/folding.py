@@ -78,8 +78,10 @@ def _conversion(prediction: str, alpha: torch.Tensor, sigma: torch.Tensor) -> tu
         return alpha, -sigma, sigma, alpha
     if prediction == "sample":
         return torch.zeros_like(alpha), torch.ones_like(alpha), 1 / sigma, -alpha / sigma
+    if prediction == "flow_prediction":  # x = alpha x0 + sigma eps with alpha = 1 - sigma, v = eps - x0
+        return torch.ones_like(alpha), -sigma, torch.ones_like(alpha), alpha
     raise UnsupportedError(f"clipping with prediction_type={prediction!r} cannot be folded; "
-                           "supported: 'epsilon', 'v_prediction', 'sample'.")
+                           "supported: 'epsilon', 'v_prediction', 'sample', 'flow_prediction'.")
 
 
 def unfolded_copy(scheduler: Any) -> Any:

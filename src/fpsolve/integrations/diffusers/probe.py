@@ -39,6 +39,7 @@ __all__ = ["INPUT_SCALING", "ProbedSchedule", "probe_schedule"]
 INPUT_SCALING = ("none", "model", "model_and_step")
 
 _RANDOM_COLUMNS = 4
+_MIN_COLUMNS = 16
 # Several schedulers compute in float32 internally (Euler, DPM-Solver upcast/downcast the
 # sample), so the float64 random columns are reproduced to float32 precision only.
 _LINEARITY_TOL = 1e-5
@@ -87,18 +88,23 @@ class _Run:
 
 
 def _columns(steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probe samples and model outputs, ``[T, P]`` each: basis, zero, then random columns."""
-    size = 2 * steps + 1 + _RANDOM_COLUMNS
+    """Probe samples and model outputs, ``[T, P]`` each: basis, zero, then random columns.
+
+    There are at least ``_MIN_COLUMNS`` columns: torch's CPU ``randn`` draws tensors of fewer
+    than 16 elements in float32 and float64 from the same random numbers, so on a smaller probe a
+    float32 draw (a step that upcasts the sample first) could not be told from a draw in the
+    model's dtype, while the loop's real tensors are drawn differently in the two.
+    """
+    random = max(_RANDOM_COLUMNS, _MIN_COLUMNS - (2 * steps + 1))
+    size = 2 * steps + 1 + random
     samples = torch.zeros(steps, size, dtype=torch.float64)
     outputs = torch.zeros(steps, size, dtype=torch.float64)
     index = torch.arange(steps)
     samples[index, index] = 1.0
     outputs[index, steps + index] = 1.0
     generator = torch.Generator().manual_seed(seed)
-    samples[:, -_RANDOM_COLUMNS:] = 2.0 * torch.randn(steps, _RANDOM_COLUMNS, generator=generator,
-                                                      dtype=torch.float64)
-    outputs[:, -_RANDOM_COLUMNS:] = torch.randn(steps, _RANDOM_COLUMNS, generator=generator,
-                                                dtype=torch.float64)
+    samples[:, -random:] = 2.0 * torch.randn(steps, random, generator=generator, dtype=torch.float64)
+    outputs[:, -random:] = torch.randn(steps, random, generator=generator, dtype=torch.float64)
     return samples, outputs
 
 
@@ -113,7 +119,13 @@ def _accepts(method: Any, name: str) -> bool:
 
 def _scale_factor(scheduler: Any, sample: torch.Tensor, timestep: Any,
                   index: int) -> tuple[torch.Tensor, float]:
-    """``scale_model_input`` of this step and its factor (checked to be one scalar)."""
+    """``scale_model_input`` of this step and its factor (checked to be one scalar).
+
+    Schedulers without the method (the flow-matching ones) leave the model input as it is, as
+    their pipelines do.
+    """
+    if not hasattr(scheduler, "scale_model_input"):
+        return sample, 1.0
     scaled = scheduler.scale_model_input(sample, timestep)
     flat_in, flat_out = sample.flatten(), scaled.flatten().to(torch.float64)
     factor = float(flat_out[index])  # the basis column of this step's sample holds 1

@@ -18,7 +18,7 @@ from ...errors import UnsupportedError
 from ...samplers.base import AffineForm, SequentialSampler
 from .folding import OutputFold, make_fold, unfolded_copy
 from .probe import ProbedSchedule, probe_schedule
-from .schedulers import check_options, noise_levels, spec_for, step_variances
+from .schedulers import check_options, check_step_kwargs, noise_levels, spec_for, step_variances
 
 __all__ = ["SchedulerSampler", "SchedulerProgram", "compile_scheduler", "scheduler_sampler"]
 
@@ -103,6 +103,7 @@ def compile_scheduler(scheduler: Any, step_kwargs: Mapping[str, Any] | None = No
     """
     spec = spec_for(scheduler)
     check_options(scheduler, spec)
+    check_step_kwargs(spec, step_kwargs)
     kwargs = dict(step_kwargs or {})
     probed = probe_schedule(unfolded_copy(scheduler), kwargs, input_scaling)
     alpha, sigma = noise_levels(scheduler, spec, probed.num_steps)

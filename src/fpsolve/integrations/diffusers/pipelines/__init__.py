@@ -2,7 +2,8 @@
 
 Each adapter reproduces one pipeline class's ``__call__`` around the denoising loop: the same
 setup and random draws before it, the same model call (guidance included) inside the system's
-denoiser, and the same decode and post-processing after it.
+denoiser, and the same decode and post-processing after it. The registry of adapters, and
+the docs table made from it, is :mod:`.support`.
 """
 
 from __future__ import annotations
@@ -14,19 +15,14 @@ import torch
 
 from ....errors import UnsupportedError
 from .base import PreparedPipeline, state_dtype
-from .dit import prepare_dit
-from .stable_diffusion import prepare_stable_diffusion
-from .unet2d import prepare_ddim, prepare_ddpm
+from .support import SUPPORT, PipelineSupport, schedulers_for, support_markdown, support_rows
 
-__all__ = ["ADAPTERS", "PreparedPipeline", "prepare_pipeline", "is_pipeline"]
+__all__ = ["ADAPTERS", "SUPPORT", "PipelineSupport", "PreparedPipeline", "prepare_pipeline", "is_pipeline",
+           "support_rows", "support_markdown", "schedulers_for"]
 
-#: Supported pipeline classes by name, with their adapters.
+#: Supported pipeline classes by name, with their adapters (from the registry, :data:`SUPPORT`).
 ADAPTERS: dict[str, Callable[[Any, Mapping[str, Any], torch.dtype], PreparedPipeline]] = {
-    "DDPMPipeline": prepare_ddpm,
-    "DDIMPipeline": prepare_ddim,
-    "DiTPipeline": prepare_dit,
-    "StableDiffusionPipeline": prepare_stable_diffusion,
-}
+    name: row.prepare for name, row in SUPPORT.items()}
 
 
 def is_pipeline(obj: Any) -> bool:

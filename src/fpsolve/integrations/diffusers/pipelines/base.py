@@ -14,7 +14,9 @@ from ....system import TriangularSystem
 from ....validators import close_matches, is_integer
 from ..sampler import SchedulerProgram
 
-__all__ = ["PreparedPipeline", "bind_call", "refuse_arguments", "state_dtype", "SAMPLE_ARGUMENTS"]
+__all__ = ["PreparedPipeline", "bind_call", "refuse_arguments", "state_dtype", "SAMPLE_ARGUMENTS",
+           "batch_rows", "sample_index", "prompt_batch_size", "step_indexer",
+           "Refusals", "refuse_all", "CALLBACK_WHY", "IP_ADAPTER_WHY"]
 
 #: The keyword arguments of ``sample()`` itself (the solver's side), for did-you-mean hints.
 SAMPLE_ARGUMENTS = ("solver", "generator", "dtype", "tol", "order", "history", "ridge", "window", "stopping",
@@ -92,6 +94,19 @@ def _check_common(pipeline: str, arguments: Mapping[str, Any]) -> None:
         )
 
 
+#: Call options an adapter refuses: ``((names, why), ...)``, read by the support table too.
+Refusals = tuple[tuple[tuple[str, ...], str], ...]
+
+CALLBACK_WHY = "per-step callbacks need the sequential loop"
+IP_ADAPTER_WHY = "IP-Adapter conditioning is not wired into the parallel denoiser"
+
+
+def refuse_all(pipe: Any, arguments: Mapping[str, Any], refusals: Refusals) -> None:
+    """Raise :class:`UnsupportedError` for the first refused option the call sets."""
+    for names, why in refusals:
+        refuse_arguments(pipe, arguments, names, why)
+
+
 def refuse_arguments(pipe: Any, arguments: Mapping[str, Any], names: Iterable[str], why: str) -> None:
     """Raise for any of ``names`` that the call sets (not ``None``)."""
     for name in names:
@@ -115,3 +130,64 @@ def state_dtype(dtype: torch.dtype | None) -> torch.dtype:
             f"dtype must be a floating torch.dtype (e.g. torch.float64); got {dtype!r}."
         )
     return dtype
+
+
+def sample_index(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B]``: the pipeline sample of each row of a system batch (the system's batch is position-major).
+
+    A model batch holds whole positions (``N`` rows each, sample 0 first); the conditioning of
+    a row (its prompt, class label, guidance scale...) is picked by ``row % N``.
+
+    Raises:
+        UnsupportedError: the batch does not hold whole positions (e.g. an evaluator splitting
+            the model batch into chunks that are not multiples of ``N``): the rows' samples
+            cannot be told, and guessing would condition rows on the wrong prompts.
+    """
+    if x.shape[0] % batch:
+        raise UnsupportedError(
+            f"the pipeline's denoiser got a model batch of {x.shape[0]} rows, not whole positions of "
+            f"{batch} samples, so its rows' prompts cannot be told apart; evaluate in chunks of a "
+            f"multiple of {batch} rows (e.g. ChunkedEvaluator(system, max_batch=k * {batch}))."
+        )
+    return torch.arange(x.shape[0], device=x.device) % batch
+
+
+def batch_rows(sample: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
+    """The rows of the pipeline's own (guidance-doubled) model batch that ``sample`` stands for.
+
+    A pipeline under classifier-free guidance calls its model on ``[x, x]`` with conditioning
+    tensors of ``2 N`` rows, the unconditional half first; picking the conditioning by these
+    rows reproduces the pipeline's batch row for row (quirks of its layout included).
+    """
+    return torch.cat([sample, sample + batch]) if guided else sample
+
+
+def prompt_batch_size(prompt: Any, prompt_embeds: torch.Tensor | None) -> int:
+    """Prompts in a call, as pipelines count them: one string, a list, or ``prompt_embeds`` rows."""
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    if prompt_embeds is None:
+        raise InvalidOptionError("give prompt= or prompt_embeds=.")
+    return prompt_embeds.shape[0]
+
+
+def step_indexer(timesteps: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``index(t)``: the loop position ``i`` of each scheduler timestep in ``t`` ``[B]``.
+
+    The system's denoiser passes the scheduler's own timesteps, so each one matches exactly; a
+    pipeline whose model call depends on ``i`` (skip-layer guidance windows, a second expert
+    after a boundary) reads it from here. Needs distinct timesteps.
+    """
+    table = timesteps.detach().flatten()
+    if table.unique().numel() != table.numel():
+        raise UnsupportedError("this pipeline option needs distinct scheduler timesteps; the scheduler "
+                               f"repeats some ({table.tolist()}).")
+
+    def index(t: torch.Tensor) -> torch.Tensor:
+        hits = t.reshape(-1, 1) == table.to(t.device, t.dtype).reshape(1, -1)
+        if not bool(hits.any(dim=1).all()):
+            raise UnsupportedError("a model timestep is not one of the scheduler's timesteps.")
+        return hits.int().argmax(dim=1)
+    return index

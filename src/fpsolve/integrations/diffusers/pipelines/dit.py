@@ -23,7 +23,7 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import PreparedPipeline, bind_call
+from .base import PreparedPipeline, bind_call, sample_index
 
 __all__ = ["prepare_dit"]
 
@@ -36,7 +36,7 @@ def _dit_model(pipe: Any, labels: torch.Tensor, guidance_scale: float):
     batch = labels.shape[0]
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sample = torch.arange(x.shape[0], device=x.device) % batch  # the system's batch is position-major
+        sample = sample_index(x, batch)
         if guided:
             x, t = torch.cat([x, x]), torch.cat([t, t])
             class_input = torch.cat([labels[sample], torch.full_like(labels[sample], 1000)])

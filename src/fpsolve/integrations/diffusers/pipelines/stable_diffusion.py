@@ -20,12 +20,23 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import PreparedPipeline, bind_call, refuse_arguments
+from .base import (
+    CALLBACK_WHY,
+    IP_ADAPTER_WHY,
+    PreparedPipeline,
+    Refusals,
+    bind_call,
+    refuse_all,
+    sample_index,
+)
 
-__all__ = ["prepare_stable_diffusion"]
+__all__ = ["prepare_stable_diffusion", "REFUSED"]
 
-_CALLBACKS = ("callback", "callback_on_step_end")
-_IP_ADAPTER = ("ip_adapter_image", "ip_adapter_image_embeds")
+#: Call options refused by name.
+REFUSED: Refusals = (
+    (("callback", "callback_on_step_end"), CALLBACK_WHY),
+    (("ip_adapter_image", "ip_adapter_image_embeds"), IP_ADAPTER_WHY),
+)
 
 
 def _sd_model(pipe: Any, embeds: torch.Tensor, negative: torch.Tensor | None, guidance_scale: float,
@@ -36,7 +47,7 @@ def _sd_model(pipe: Any, embeds: torch.Tensor, negative: torch.Tensor | None, gu
     batch = embeds.shape[0]
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sample = torch.arange(x.shape[0], device=x.device) % batch  # the system's batch is position-major
+        sample = sample_index(x, batch)
         condition = embeds[sample]
         if negative is not None:
             x, t = torch.cat([x, x]), torch.cat([t, t])
@@ -114,9 +125,7 @@ def prepare_stable_diffusion(pipe: Any, call: Mapping[str, Any], dtype: torch.dt
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
     args = bind_call(pipe, call, extra=("callback", "callback_steps"))
-    refuse_arguments(pipe, args, _CALLBACKS, "per-step callbacks need the sequential loop")
-    refuse_arguments(pipe, args, _IP_ADAPTER,
-                     "IP-Adapter conditioning is not wired into the parallel denoiser")
+    refuse_all(pipe, args, REFUSED)
     height, width = _size(pipe, args["height"], args["width"])
     pipe.check_inputs(args["prompt"], height, width, args.get("callback_steps"), args["negative_prompt"],
                       args["prompt_embeds"], args["negative_prompt_embeds"], None, None,

@@ -1,0 +1,592 @@
+"""Flow-matching diffusers pipelines through ``sample(pipe, ...)`` against ``pipe(...)``.
+
+Flux, Stable Diffusion 3, Wan (text-to-video), Sana and PixArt-Sigma, each from tiny random
+components built here (CLIP / T5 text encoders over vocabularies written into a temporary
+directory, transformers with one or two layers of width 16, 8x8 latents, 2-4 steps). At a
+vanishing tolerance the latents (``output_type="latent"``) must equal the pipeline's to ``1e-5``
+relative and the decoded output to ``1/255``; at the default tolerance the decoded output is
+within ``1/255``.
+
+Noise floor (measured on these configurations, 2-core x86_64, float32 models): ``pipe()``'s own
+latents move when the same sample is generated alone or inside a batch of four (float32
+reductions round differently with the batch size), by 8.6e-8 relative (Flux), 4.4e-7 (SD3),
+2.4e-7 (Wan), 2.4e-7 (Sana), 4.4e-7 (PixArt-Sigma with DPM-Solver) and 1.6e-6 (PixArt-Sigma
+with v-prediction DDPM). fpsolve evaluates many positions in one batch, so its error rests on that
+floor; the ``1e-5`` bound leaves a factor 6 or more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from fpsolve.errors import UnsupportedError
+from fpsolve.integrations.diffusers import sample
+from fpsolve.integrations.diffusers.pipelines import ADAPTERS, SUPPORT, support_markdown, support_rows
+from fpsolve.integrations.diffusers.testing import tiny_clip_tokenizer
+from tests.test_diffusers_pipelines import run_both
+
+EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
+LATENT_PARITY = 1e-5  # relative, see the noise floor above
+PIXEL = 1 / 255
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- tiny components -----------------------------------------------------------------------------
+
+def tiny_t5_tokenizer(directory: Path):
+    """A ``T5TokenizerFast`` over letters and digits (a unigram vocabulary written to ``directory``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in characters] + [("\u2581" + c, -2.5) for c in characters]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    fast = T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0)
+    fast.save_pretrained(str(directory))
+    return T5TokenizerFast.from_pretrained(str(directory))
+
+
+def tiny_t5_encoder(tokenizer, seed: int, width: int = 16):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                      relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_clip(directory: Path, seed: int, projection: bool = False, width: int = 16):
+    """``(tokenizer, CLIP text encoder)``; with ``projection`` the encoder has a text projection."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer(directory)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=32,
+                            num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, hidden_act="gelu", projection_dim=width)
+    torch.manual_seed(seed)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    return tokenizer, model.eval()
+
+
+def tiny_kl_vae(seed: int, latent_channels: int, blocks: int = 1, **config: Any):
+    torch.manual_seed(seed)
+    vae: Any = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8,) * blocks, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        latent_channels=latent_channels, norm_num_groups=4, sample_size=16, **config)
+    return vae.eval()
+
+
+def tiny_flux_pipeline(directory: Path, guidance_embeds: bool = True) -> Any:
+    tokenizer, text_encoder = tiny_clip(directory / "clip", seed=1)
+    tokenizer_2 = tiny_t5_tokenizer(directory / "t5")
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
+                                                          max_shift=1.15)
+    pipe: Any = diffusers.FluxPipeline(
+        scheduler=scheduler, vae=tiny_kl_vae(3, 1, use_quant_conv=False, use_post_quant_conv=False,
+                                             shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=tiny_t5_encoder(tokenizer_2, seed=2),
+        tokenizer_2=tokenizer_2, transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    return tiny_flux_pipeline(tmp_path_factory.mktemp("flux"))
+
+
+def as_array(output) -> np.ndarray:
+    """The images or video frames of a pipeline output (dataclass or tuple) as float64, PIL on [0, 1]."""
+    value = output[0]
+    if isinstance(value, list):  # PIL: a list of images, or (video) a list of lists of frames
+        value = np.stack([np.stack([np.asarray(f) for f in v]) if isinstance(v, list) else np.asarray(v)
+                          for v in value]) / 255.0
+    if isinstance(value, torch.Tensor):
+        value = value.cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def assert_same_output(reference, out, limit: float) -> float:
+    """Same type, same fields, and the output within ``limit`` (max abs); returns the error."""
+    assert type(out) is type(reference)
+    if dataclasses.is_dataclass(reference):
+        assert [f.name for f in dataclasses.fields(out)] == [f.name for f in dataclasses.fields(reference)]
+    else:
+        assert len(out) == len(reference)
+    assert type(out[0]) is type(reference[0])
+    a, b = as_array(out), as_array(reference)
+    assert a.shape == b.shape
+    error = float(np.abs(a - b).max())
+    assert error <= limit, f"max abs difference {error:.2e}"
+    return error
+
+
+images_of = as_array
+
+
+def latent_relative_error(reference, out) -> float:
+    """Max abs difference of the latents over their max abs value."""
+    a, b = (torch.as_tensor(images_of(o)) for o in (out, reference))
+    assert a.shape == b.shape
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def check_latents_and_images(pipe, record_property=None, **case):
+    """tol -> 0: latents within 1e-5 relative and decoded images within 1/255 of ``pipe()``'s."""
+    reference, out, solution = run_both(pipe, output_type="latent", **case, **EXACT)
+    error = latent_relative_error(reference, out)
+    assert error <= LATENT_PARITY, error
+    reference, out, _ = run_both(pipe, output_type="np", **case, **EXACT)
+    pixels = assert_same_output(reference, out, limit=PIXEL)
+    if record_property is not None:
+        record_property("latent_relative_error", error)
+        record_property("max_abs_error_255", pixels * 255)
+    return solution
+
+
+# -- Flux ----------------------------------------------------------------------------------------
+
+FLUX = dict(height=8, width=8, num_inference_steps=4, max_sequence_length=8)
+
+
+def test_flux_guidance_embedding_batch(flux, record_property):
+    solution = check_latents_and_images(flux, record_property, prompt=["a cat", "a red dog"],
+                                        guidance_scale=3.5,
+                                        **FLUX)
+    assert solution.sample.shape == (2, 16, 4)  # packed: (8 / 2)^2 tokens of 4 x 1 channels
+
+
+def test_flux_true_cfg_with_images_per_prompt_and_generators(flux):
+    check_latents_and_images(flux, prompt="a cat", negative_prompt="blur", true_cfg_scale=3.0,
+                             num_images_per_prompt=2, generator_list=[4, 2], **FLUX)
+
+
+def test_flux_stochastic_sampling_draws_from_the_global_generator(flux):
+    # Flux passes no generator to step: stochastic_sampling draws each step's noise from torch's
+    # global generator, after the latents; fpsolve pre-draws it from there in the same order
+    scheduler = flux.scheduler
+    flux.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler.config,
+                                                                          stochastic_sampling=True)
+    try:
+        check_latents_and_images(flux, prompt=["a cat", "a dog"], global_seed=11, **FLUX)
+    finally:
+        flux.scheduler = scheduler
+
+
+def test_flux_multistep_flow_scheduler(flux):
+    # UniPC with flow sigmas: Flux then leaves the sigmas to the scheduler and passes only mu
+    scheduler = flux.scheduler
+    flux.scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                       use_flow_sigmas=True, flow_shift=3.0)
+    try:
+        check_latents_and_images(flux, prompt=["a cat", "a dog"], **FLUX)
+    finally:
+        flux.scheduler = scheduler
+
+
+def test_flux_without_guidance_embedding(tmp_path):
+    # a FLUX.1-schnell-like transformer: no guidance embedding, guidance_scale is unused
+    pipe = tiny_flux_pipeline(tmp_path, guidance_embeds=False)
+    check_latents_and_images(pipe, prompt="a cat", **FLUX)
+
+
+def test_flux_user_latents(flux):
+    # packed latents [N, (H/2)(W/2), 4C] given by the caller are used as they are
+    latents = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(8))
+    check_latents_and_images(flux, prompt="a cat", num_images_per_prompt=2, latents=latents, **FLUX)
+
+
+def test_flux_prompt_embeds_path(flux):
+    generator = torch.Generator().manual_seed(5)
+    embeds = {name: torch.randn(*shape, generator=generator) for name, shape in (
+        ("prompt_embeds", (2, 8, 16)), ("pooled_prompt_embeds", (2, 16)),
+        ("negative_prompt_embeds", (2, 8, 16)), ("negative_pooled_prompt_embeds", (2, 16)))}
+    check_latents_and_images(flux, true_cfg_scale=2.0, **embeds, **FLUX)
+
+
+@pytest.mark.parametrize("output_type", ["pt", "pil"])
+def test_flux_output_types(flux, output_type):
+    reference, out, _ = run_both(flux, prompt="a cat", output_type=output_type,
+                                 return_dict=output_type == "pt",
+                                 **FLUX, **EXACT)
+    assert_same_output(reference, out, limit=PIXEL)
+
+
+# -- Stable Diffusion 3 --------------------------------------------------------------------------
+
+def tiny_sd3_pipeline(directory: Path) -> Any:
+    tokenizer, text_encoder = tiny_clip(directory / "clip-l", seed=1, projection=True)
+    tokenizer_2, text_encoder_2 = tiny_clip(directory / "clip-g", seed=2, projection=True)
+    tokenizer_3 = tiny_t5_tokenizer(directory / "t5")
+    torch.manual_seed(0)
+    # joint attention takes the two CLIP widths side by side (16 + 16), padded to T5's (32)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+        pos_embed_max_size=8)
+    pipe: Any = diffusers.StableDiffusion3Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer.eval(),
+        vae=tiny_kl_vae(3, 4, blocks=2, shift_factor=0.06, scaling_factor=1.5), text_encoder=text_encoder,
+        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=tiny_t5_encoder(tokenizer_3, seed=3, width=32), tokenizer_3=tokenizer_3)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    return tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3"))
+
+
+SD3 = dict(height=16, width=16, num_inference_steps=4, max_sequence_length=8)
+
+
+def test_sd3_guided_batch(sd3, record_property):
+    solution = check_latents_and_images(sd3, record_property, prompt=["a cat", "a red dog"],
+                                        negative_prompt=["blur", "dark"], guidance_scale=5.0, **SD3)
+    assert solution.sample.shape == (2, 4, 8, 8)
+
+
+def test_sd3_skip_layer_guidance(sd3):
+    # steps 1 and 2 of 5 lie inside the (0.1, 0.6) window: two of the five rows get the extra call
+    check_latents_and_images(sd3, prompt="a cat", guidance_scale=4.0, skip_guidance_layers=[1],
+                             skip_layer_guidance_start=0.1, skip_layer_guidance_stop=0.6,
+                             **dict(SD3, num_inference_steps=5))
+
+
+def test_sd3_unguided_images_per_prompt_generators_and_dynamic_shift(sd3):
+    scheduler = sd3.scheduler
+    sd3.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    try:
+        check_latents_and_images(sd3, prompt=["a", "b"], guidance_scale=1.0, num_images_per_prompt=2,
+                                 generator_list=[1, 2, 3, 4], **SD3)
+    finally:
+        sd3.scheduler = scheduler
+
+
+def test_sd3_flow_heun(sd3):
+    # Heun repeats each timestep (two model calls per step): keys are step indices, not timesteps
+    scheduler = sd3.scheduler
+    sd3.scheduler = diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0)
+    try:
+        check_latents_and_images(sd3, prompt="a cat", guidance_scale=4.0, **SD3)
+    finally:
+        sd3.scheduler = scheduler
+
+
+def test_sd3_prompt_embeds_path_and_output_types(sd3):
+    generator = torch.Generator().manual_seed(5)
+    embeds = {name: torch.randn(*shape, generator=generator) for name, shape in (
+        ("prompt_embeds", (1, 24, 32)), ("pooled_prompt_embeds", (1, 32)),
+        ("negative_prompt_embeds", (1, 24, 32)), ("negative_pooled_prompt_embeds", (1, 32)))}
+    check_latents_and_images(sd3, **embeds, **SD3)
+    for output_type in ("pt", "pil"):
+        reference, out, _ = run_both(sd3, prompt="a cat", output_type=output_type, return_dict=False, **SD3,
+                                     **EXACT)
+        assert_same_output(reference, out, limit=PIXEL)
+
+
+# -- Wan (text-to-video) -------------------------------------------------------------------------
+
+def tiny_wan_transformer(seed: int) -> Any:
+    torch.manual_seed(seed)
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+    return transformer.eval()
+
+
+def tiny_wan_pipeline(directory: Path, scheduler: Any, two_experts: bool = False,
+                      expand_timesteps: bool = False) -> Any:
+    tokenizer = tiny_t5_tokenizer(directory / "t5")
+    torch.manual_seed(3)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0,
+                                                                                            0.3],
+                                     latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
+    pipe: Any = diffusers.WanPipeline(
+        tokenizer=tokenizer, text_encoder=tiny_t5_encoder(tokenizer,
+                                                          seed=2), transformer=tiny_wan_transformer(0),
+        vae=vae, scheduler=scheduler, transformer_2=tiny_wan_transformer(1) if two_experts else None,
+        boundary_ratio=0.6 if two_experts else None, expand_timesteps=expand_timesteps)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_unipc():
+    return diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                             flow_shift=3.0)
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    return tiny_wan_pipeline(tmp_path_factory.mktemp("wan"), wan_unipc())
+
+
+WAN = dict(height=32, width=32, num_frames=5, num_inference_steps=4, max_sequence_length=8)
+
+
+def test_wan_guided_video_batch(wan, record_property):
+    solution = check_latents_and_images(wan, record_property, prompt=["a cat", "a red dog"],
+                                        negative_prompt=["blur", "dark"], guidance_scale=5.0, **WAN)
+    assert solution.sample.shape == (2, 4, 2, 4, 4)  # 5 frames -> 2 latent frames, 32 px -> 4
+
+
+def test_wan_flow_euler_videos_per_prompt_generators_and_output_types(wan):
+    scheduler = wan.scheduler
+    wan.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
+    try:
+        check_latents_and_images(wan, prompt="a cat", num_videos_per_prompt=2, generator_list=[7, 8], **WAN)
+        for output_type in ("pt", "pil"):
+            reference, out, _ = run_both(wan, prompt="a cat", output_type=output_type, return_dict=False,
+                                         **WAN,
+                                         **EXACT)
+            assert_same_output(reference, out, limit=PIXEL)
+    finally:
+        wan.scheduler = scheduler
+
+
+def test_wan_two_experts_and_prompt_embeds(tmp_path):
+    pipe = tiny_wan_pipeline(tmp_path, wan_unipc(), two_experts=True)
+    generator = torch.Generator().manual_seed(5)
+    embeds = dict(prompt_embeds=torch.randn(1, 8, 16, generator=generator),
+                  negative_prompt_embeds=torch.randn(1, 8, 16, generator=generator))
+    # boundary 600: the first steps go to the first expert, the rest to the second (guidance 2.0)
+    check_latents_and_images(pipe, guidance_scale=4.0, guidance_scale_2=2.0, **embeds, **WAN)
+
+
+def test_wan_expand_timesteps(tmp_path):
+    # Wan 2.2 TI2V: the transformer gets one timestep per latent token ([N, 2 x 2 x 2] here); all
+    # tokens share the step's t, so this checks the per-token call (a wrong token count fails in
+    # the transformer) and its parity, not a different output
+    pipe = tiny_wan_pipeline(tmp_path, wan_unipc(), expand_timesteps=True)
+    check_latents_and_images(pipe, prompt=["a cat", "a dog"], guidance_scale=3.0, **WAN)
+
+
+# -- PixArt-Sigma --------------------------------------------------------------------------------
+
+def tiny_pixart_pipeline(directory: Path, sample_size: int = 8, vae_blocks: int = 2) -> Any:
+    tokenizer = tiny_t5_tokenizer(directory / "t5")
+    torch.manual_seed(0)
+    transformer = diffusers.PixArtTransformer2DModel(
+        sample_size=sample_size, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=16, in_channels=4, cross_attention_dim=16, out_channels=8, norm_num_groups=4)
+    pipe: Any = diffusers.PixArtSigmaPipeline(
+        tokenizer=tokenizer, text_encoder=tiny_t5_encoder(tokenizer, seed=2), transformer=transformer.eval(),
+        vae=tiny_kl_vae(3, 4, blocks=vae_blocks), scheduler=diffusers.DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pixart(tmp_path_factory):
+    return tiny_pixart_pipeline(tmp_path_factory.mktemp("pixart"))
+
+
+PIXART = dict(height=16, width=16, num_inference_steps=4, max_sequence_length=8, use_resolution_binning=False)
+
+
+def test_pixart_sigma_guided_batch_learned_sigma(pixart, record_property):
+    solution = check_latents_and_images(pixart, record_property, prompt=["a cat", "a red dog"],
+                                        negative_prompt="blur", guidance_scale=4.5, **PIXART)
+    assert solution.sample.shape == (2, 4, 8, 8)
+
+
+def test_pixart_sigma_ddpm_generators_images_per_prompt_and_embeds(pixart):
+    scheduler = pixart.scheduler
+    # DDPM draws step noise from the generators; v-prediction: with eps-prediction the random
+    # transformer's x0 is clipped at every step and pipe()'s own float32 floor rises to 4.5e-6
+    # (1.6e-6 with v-prediction, 4e-7 with DPM-Solver)
+    pixart.scheduler = diffusers.DDPMScheduler(prediction_type="v_prediction")
+    try:
+        check_latents_and_images(pixart, prompt="a cat", num_images_per_prompt=2, generator_list=[3, 9],
+                                 **PIXART)
+        generator = torch.Generator().manual_seed(5)
+        embeds = dict(prompt_embeds=torch.randn(1, 8, 16, generator=generator),
+                      prompt_attention_mask=torch.ones(1, 8, dtype=torch.long),
+                      negative_prompt_embeds=torch.randn(1, 8, 16, generator=generator),
+                      negative_prompt_attention_mask=torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0]]))
+        check_latents_and_images(pixart, negative_prompt=None, **embeds, **PIXART)
+        reference, out, _ = run_both(pixart, prompt="a cat", output_type="pt", return_dict=False, **PIXART,
+                                     **EXACT)
+        assert_same_output(reference, out, limit=PIXEL)
+    finally:
+        pixart.scheduler = scheduler
+
+
+def test_pixart_sigma_resolution_binning(tmp_path):
+    # sample size 32 bins to the 256-pixel ratios: 48x32 is generated at a binned size and
+    # resized and cropped back (an 8x VAE keeps the binned latents at 32x32-ish)
+    pipe = tiny_pixart_pipeline(tmp_path, sample_size=32, vae_blocks=4)
+    for output_type in ("np", "pil"):
+        reference, out, _ = run_both(pipe, prompt="a cat", height=48, width=32, num_inference_steps=2,
+                                     max_sequence_length=8, output_type=output_type, **EXACT)
+        assert_same_output(reference, out, limit=PIXEL)
+    assert as_array(out).shape == (1, 48, 32, 3)
+
+
+# -- Sana ----------------------------------------------------------------------------------------
+
+def tiny_gemma(directory: Path, seed: int):
+    """``(GemmaTokenizerFast over letters, digits and the instruction's punctuation, Gemma2Model)``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+
+    characters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.:'-"
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *characters])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = GemmaTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                              pad_token="<pad>",
+                              unk_token="<unk>")
+    fast.save_pretrained(str(directory))
+    fast = GemmaTokenizerFast.from_pretrained(str(directory))
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=len(fast), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                          max_position_embeddings=2048, pad_token_id=fast.pad_token_id,
+                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    return fast, Gemma2Model(config).eval()
+
+
+def tiny_sana_pipeline(directory: Path) -> Any:
+    tokenizer, text_encoder = tiny_gemma(directory / "gemma", seed=2)
+    torch.manual_seed(0)
+    transformer = diffusers.SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32, patch_size=1)
+    torch.manual_seed(3)
+    vae = diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "ResBlock"),
+        decoder_block_types=("ResBlock", "ResBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()), upsample_block_type="interpolate",
+        downsample_block_type="conv", scaling_factor=0.41)
+    pipe: Any = diffusers.SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sana(tmp_path_factory):
+    return tiny_sana_pipeline(tmp_path_factory.mktemp("sana"))
+
+
+SANA = dict(height=32, width=32, num_inference_steps=4, max_sequence_length=8, use_resolution_binning=False)
+
+
+def test_sana_guided_batch_behind_the_complex_instruction(sana, record_property):
+    solution = check_latents_and_images(sana, record_property, prompt=["a cat", "a red dog"],
+                                        negative_prompt="blur", guidance_scale=4.5, **SANA)
+    assert solution.sample.shape == (2, 4, 16, 16)
+
+
+def test_sana_flow_dpm_solver_images_per_prompt_generators_and_outputs(sana):
+    scheduler = sana.scheduler
+    sana.scheduler = diffusers.DPMSolverMultistepScheduler(prediction_type="flow_prediction",
+                                                           use_flow_sigmas=True,
+                                                           flow_shift=3.0)
+    try:
+        check_latents_and_images(sana, prompt="a cat", num_images_per_prompt=2, generator_list=[3, 9],
+                                 complex_human_instruction=None, **SANA)
+        for output_type in ("pt", "pil"):
+            reference, out, _ = run_both(sana, prompt="a cat", output_type=output_type, return_dict=False,
+                                         **SANA, **EXACT)
+            assert_same_output(reference, out, limit=PIXEL)
+    finally:
+        sana.scheduler = scheduler
+
+
+# -- default tolerance: the decoded output within one level --------------------------------------
+
+DEFAULT_CASES = {
+    "flux": (FLUX, dict(prompt=["a cat", "a dog"], guidance_scale=3.5)),
+    "sd3": (SD3, dict(prompt=["a cat", "a dog"], guidance_scale=5.0)),
+    "wan": (WAN, dict(prompt=["a cat", "a dog"], guidance_scale=5.0)),
+    "pixart": (PIXART, dict(prompt=["a cat", "a dog"], guidance_scale=4.5)),
+    "sana": (SANA, dict(prompt=["a cat", "a dog"], guidance_scale=4.5)),
+}
+
+
+@pytest.mark.parametrize("name", list(DEFAULT_CASES))
+def test_default_tolerance_within_one_level(name, request, record_property):
+    pipe = request.getfixturevalue(name)
+    options, case = DEFAULT_CASES[name]
+    options = dict(options, num_inference_steps=12)
+    reference, out, solution = run_both(pipe, output_type="np", **case, **options)
+    error = float(np.abs(as_array(out) - as_array(reference)).max())
+    record_property("max_abs_error_255", error * 255)
+    record_property("iterations", solution.iterations)
+    assert solution.converged and solution.iterations < 12
+    assert error <= PIXEL
+
+
+# -- the support table in the docs ---------------------------------------------------------------
+
+def test_docs_table_is_the_registry():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "pipelines.md").read_text()
+    start, end = "<!-- pipeline-support:start -->\n", "<!-- pipeline-support:end -->"
+    shown = page[page.index(start) + len(start):page.index(end)]
+    assert shown == support_markdown(), "regenerate the table: print(support_markdown())"
+    assert [row["pipeline"] for row in support_rows()] == sorted(
+        SUPPORT, key=lambda name: (SUPPORT[name].family != "noise", name))
+    assert set(ADAPTERS) == set(SUPPORT)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "wan", "pixart", "sana"])
+def test_every_refused_option_in_the_table_is_refused_by_name(name, request):
+    pipe = request.getfixturevalue(name)
+    options = dict(DEFAULT_CASES[name][0], prompt="a", num_inference_steps=2)
+    for names, _ in SUPPORT[type(pipe).__name__].refused:
+        for option in names:
+            with pytest.raises(UnsupportedError, match=option):
+                sample(pipe, **options, **{option: object()})
+
+
+def test_chunked_model_batches_must_hold_whole_positions(flux):
+    # A row's prompt is read from its place in the position-major batch: chunks of whole positions
+    # (multiples of N rows) give the unchunked result, other chunks are refused, never misread.
+    from fpsolve.gpu import ChunkedEvaluator
+    from fpsolve.integrations.diffusers import prepare_pipeline
+
+    call = dict(prompt=["a cat", "a red dog"], generator=torch.Generator().manual_seed(0),
+                output_type="latent", **FLUX)
+    system = prepare_pipeline(flux, call).system
+    states, positions = system.flat_noise[:1].expand(4, -1, -1).clone(), torch.arange(4)
+    with torch.no_grad():
+        whole = ChunkedEvaluator(system, remember=False)(states, positions)
+        in_pairs = ChunkedEvaluator(system, max_batch=4, remember=False)(states, positions)
+        assert torch.allclose(in_pairs, whole, rtol=0, atol=1e-6 * float(whole.abs().max()))
+        with pytest.raises(UnsupportedError, match="whole positions"):
+            ChunkedEvaluator(system, max_batch=3, remember=False)(states, positions)
