@@ -360,7 +360,7 @@ def test_demo_on_digits_flow(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("model digits-flow, FlowEuler-6")
     assert "parallel iterations" in out and "max pixel difference to sequential" in out
-    assert {p.name for p in tmp_path.iterdir()} == {"sequential.png", "taa.png", "residuals.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"demo.png"}  # the one labelled figure
 
 
 def test_bench_command_on_digits_flow(tmp_path):
