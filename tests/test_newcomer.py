@@ -357,3 +357,15 @@ def test_sample_reports_the_median_of_repeats(capsys, monkeypatch):
     assert torch.get_num_threads() == threads
     out = capsys.readouterr().out
     assert "2.000 s (" in out and "median of 3 runs" in out
+
+
+def test_sample_takes_the_models_own_sampler_and_refuses_one_that_does_not_fit(tmp_path, capsys):
+    # digits-flow is a velocity model: the default --sampler auto gives flow Euler; a VP sampler
+    # (which needs alphas_cumprod) is refused in one line before anything runs.
+    out = tmp_path / "s.pt"
+    flow = ["sample", "--model", "digits-flow", "--steps", "4", "--samples", "1", "--out", str(out)]
+    assert main(flow) == 0
+    assert "flow_euler-4" in capsys.readouterr().out and out.exists()
+    assert main([*flow, "--sampler", "ddim"]) != 0
+    err = capsys.readouterr().err
+    assert "--sampler ddim does not fit --model digits-flow" in err and len(err.strip().splitlines()) == 1

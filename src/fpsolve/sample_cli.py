@@ -27,7 +27,11 @@ import torch
 from .errors import FpsolveError, InvalidOptionError
 from .stopping import RMS
 
-SAMPLERS = ("ddim", "ddpm", "dpm_solver")
+#: ``--sampler`` choices: ``auto`` is the model's own (``ref.sampler``: DDIM for an epsilon model,
+#: flow Euler for a flow model); the VP samplers need an epsilon model, the flow ones a flow model.
+VP_SAMPLERS = ("ddim", "ddpm", "dpm_solver")
+FLOW_SAMPLERS = ("flow_euler", "flow_dpm_solver")
+SAMPLERS = ("auto", *VP_SAMPLERS, *FLOW_SAMPLERS)
 
 #: ``--out`` suffix -> what the file holds.
 OUT_FORMATS: dict[str, str] = {
@@ -39,8 +43,14 @@ OUT_FORMATS: dict[str, str] = {
 
 
 def default_file_name(args: argparse.Namespace, model: str) -> str:
-    """The file a folder given to ``--out`` receives, e.g. ``samples-digits-ddim50-taa-seed0.pt``."""
-    return f"samples-{model}-{args.sampler}{args.steps}-{args.solver}-seed{args.seed}.pt"
+    """The file a folder given to ``--out`` receives, e.g. ``samples-digits-ddim50-taa-seed0.pt``
+    (``--sampler auto`` is named after the sampler it picks: ddim, or flow_euler for a flow model)."""
+    sampler = args.sampler
+    if sampler == "auto":
+        from .models import reference_prediction
+
+        sampler = "flow_euler" if reference_prediction(model) == "velocity" else "ddim"
+    return f"samples-{model}-{sampler}{args.steps}-{args.solver}-seed{args.seed}.pt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default="digits", choices=available_references(),
                         help="reference model (default digits; gmm if the digits model cannot be loaded)")
-    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS,
-                        help="sequential sampler (default ddim)")
+    parser.add_argument("--sampler", default="auto", choices=SAMPLERS,
+                        help="sequential sampler (default auto: the model's own, DDIM for an epsilon "
+                             "model, flow_euler for digits-flow)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps T (default 50)")
     parser.add_argument("--solver", default="taa",
                         help="taa (default), fp, picard, jacobi, aa, sequential, ...")
@@ -142,18 +153,35 @@ def _load_model(name: str, device: torch.device, say: Any) -> Any:
         from .models import digits
 
         # the digits denoiser runs the UNet where the UNet lives: rebuild it on this rank's GPU
-        ref = type(ref)(ref.name, digits.digits_denoiser(ref.unet.to(device)), ref.alphas_cumprod,
-                        ref.shape, ref.to_images, ref.unet)
+        ref = attrs.evolve(ref, denoiser=digits.digits_denoiser(ref.unet.to(device)))
     return ref
 
 
-def _system(args: argparse.Namespace, ref: Any, device: torch.device) -> Any:
+def _sampler(name: str, steps: int, ref: Any) -> Any:
+    """The sequential sampler ``--sampler name`` over ``steps`` steps for the reference ``ref``."""
     from . import samplers
     from .models import spaced_timesteps
+
+    if name == "auto":
+        return ref.sampler(steps)
+    flow = ref.prediction == "velocity"
+    if flow != (name in FLOW_SAMPLERS):
+        fits = FLOW_SAMPLERS if flow else VP_SAMPLERS
+        raise InvalidOptionError(
+            f"--sampler {name} does not fit --model {ref.name}, a {ref.prediction} model; use --sampler "
+            f"auto or one of {', '.join(fits)}."
+        )
+    if flow:
+        classes = {"flow_euler": samplers.FlowEuler, "flow_dpm_solver": samplers.FlowDPMSolver}
+        return classes[name](sigmas=ref.flow_sigmas(steps), num_train_timesteps=ref.num_train_timesteps)
+    vp = {"ddim": samplers.DDIM, "ddpm": samplers.DDPM, "dpm_solver": samplers.DPMSolver}
+    return vp[name](alphas_cumprod=ref.alphas_cumprod, timesteps=spaced_timesteps(steps))
+
+
+def _system(args: argparse.Namespace, ref: Any, device: torch.device) -> Any:
     from .system import TriangularSystem
 
-    classes = {"ddim": samplers.DDIM, "ddpm": samplers.DDPM, "dpm_solver": samplers.DPMSolver}
-    sampler = classes[args.sampler](alphas_cumprod=ref.alphas_cumprod, timesteps=spaced_timesteps(args.steps))
+    sampler = _sampler(args.sampler, args.steps, ref)
     # noise is drawn on the CPU from the seed, so every rank (and a single process) has the same
     return TriangularSystem(sampler=sampler, denoiser=ref.denoiser, shape=ref.shape, batch=args.samples,
                             generator=torch.Generator().manual_seed(args.seed),
@@ -272,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         wall_time = statistics.median(times)
         per_iteration = wall_time / max(solution.iterations, 1)
         timing = f"median of {args.repeats} runs" if args.repeats > 1 else "1 run; --repeats N for a median"
-        say(f"model {ref.name}, {args.sampler}-{args.steps}, solver {args.solver}, window {width}, "
+        say(f"model {ref.name}, {system.sampler.name}-{args.steps}, solver {args.solver}, window {width}, "
             f"{args.samples} samples, seed {args.seed}, {world} process(es) on {device.type}"
             + (f", {chosen.mode.rstrip('s')} sharding ({chosen.reason})" if world > 1 else ""))
         say(f"  {solution.iterations} iterations, {solution.model_evals} model evaluations, "
