@@ -52,8 +52,8 @@ from .solvers.base import FixedPointSolver, WindowView
 from .stopping import RMS
 from .system import TriangularSystem
 
-__all__ = ["invert", "InverseSampler", "ImplicitInverseSystem", "inverse_system", "check_invertible",
-           "reconstruction_error"]
+__all__ = ["invert", "InverseSampler", "ImplicitInverseSystem", "inverse_system", "solve_inverse",
+           "check_invertible", "reconstruction_error"]
 
 
 #: Default cap of an exact inversion, in parallel iterations per step: without the triangular
@@ -96,33 +96,63 @@ def check_invertible(sampler: SequentialSampler, argument: str = "system") -> Af
     return form
 
 
+def _as_conversion(value: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if value is None:
+        return None
+    r, u = (torch.as_tensor(v, dtype=torch.float64).flatten() for v in value)
+    return r, u
+
+
 @attrs.define(frozen=True, eq=False)
 class InverseSampler(SequentialSampler):
-    """A one-step deterministic sampler run backwards, from ``x_0`` to ``x_T``.
+    """A one-step deterministic sampler run backwards, from ``x_0`` to ``x_T`` (DDIM inversion).
 
     Position ``p`` holds ``s_{T-p}``; the model is called at position ``p - 1`` with the key of
     the noisier state ``t_{T-p}`` (so the keys are the forward timesteps reversed). Sigmas and
     step variances are the forward sampler's, reversed.
 
+    The inverted step keeps eps frozen. When the model predicts something else (``v``, ``x0``),
+    ``output_to_eps = (r, u)`` (``[T+1]`` each) says how eps follows from the output ``m`` at
+    state ``j``, ``eps = r_j s_j + u_j m``: the step is then written in eps, and eps is read at
+    the less noisy state with that state's level, as diffusers' ``DDIMInverseScheduler`` does.
+    ``None`` means the output is eps (fpsolve's samplers).
+
     Args:
         forward: the forward sampler (checked by :func:`check_invertible`).
+        output_to_eps: ``(r, u)`` or ``None``.
     """
 
     name = "inverse"
 
     forward: SequentialSampler
+    output_to_eps: tuple[torch.Tensor, torch.Tensor] | None = attrs.field(
+        default=None, converter=_as_conversion, repr=False)
     timesteps: tuple[int, ...] = attrs.field(init=False)
     form: AffineForm = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         forward_form = check_invertible(self.forward)
+        steps = forward_form.num_steps
         object.__setattr__(self, "timesteps", tuple(reversed(tuple(self.forward.timesteps))))
-        a = forward_form.state[1:, 0].flip(0)  # A_i for i = T..1, i.e. p = 1..T
-        b = forward_form.output[1:, 0].flip(0)
+        big_a, big_b = forward_form.state[1:, 0], forward_form.output[1:, 0]  # step i = 1..T
+        if self.output_to_eps is None:
+            state, output = 1 / big_a, -big_b / big_a
+        else:
+            r, u = self.output_to_eps
+            if r.numel() != steps + 1 or u.numel() != steps + 1:
+                raise InvalidOptionError(f"output_to_eps needs two tensors of T+1 = {steps + 1} values; "
+                                         f"got {r.numel()} and {u.numel()}.")
+            a = big_a - big_b * r[:-1] / u[:-1]  # the forward step in eps: s_i = a s_{i-1} + b eps
+            b = big_b / u[:-1]
+            state, output = (1 - b * r[1:]) / a, -b * u[1:] / a  # eps read at s_i, level i
+        if not (torch.isfinite(state).all() and torch.isfinite(output).all()):
+            raise UnsupportedError("invert(system=...): the inverse steps have non-finite coefficients "
+                                   "(an output that cannot be converted to eps at some state, e.g. x0 "
+                                   "prediction at sigma = 0).")
         zero = torch.zeros(1, dtype=torch.float64)
-        form = AffineForm(state=torch.cat([zero, 1 / a]).unsqueeze(1),
-                          output=torch.cat([zero, -b / a]).unsqueeze(1),
-                          noise=torch.zeros(a.numel() + 1, dtype=torch.float64))
+        form = AffineForm(state=torch.cat([zero, state.flip(0)]).unsqueeze(1),
+                          output=torch.cat([zero, output.flip(0)]).unsqueeze(1),
+                          noise=torch.zeros(steps + 1, dtype=torch.float64))
         object.__setattr__(self, "form", form)
 
     def affine_form(self) -> AffineForm:
@@ -214,18 +244,21 @@ def _batched(x0: torch.Tensor, system: TriangularSystem) -> tuple[torch.Tensor, 
     raise ShapeError(f"x0 must have shape [*shape] = {list(shape)} or [N, *shape]; got {list(x0.shape)}.")
 
 
-def inverse_system(system: TriangularSystem, x0: torch.Tensor, exact: bool = False) -> TriangularSystem:
+def inverse_system(system: TriangularSystem, x0: torch.Tensor, exact: bool = False,
+                   output_to_eps: tuple[torch.Tensor, torch.Tensor] | None = None) -> TriangularSystem:
     """The triangular system whose solution runs ``system``'s sampler backwards from ``x0``.
 
     Args:
         system: the forward system (its sampler, denoiser, dtypes and device are used).
         x0: ``[*shape]`` or ``[N, *shape]``.
         exact: ``False`` for DDIM inversion, ``True`` for the implicit (exact) inverse.
+        output_to_eps: see :class:`InverseSampler` (only for ``exact=False``: the exact inverse
+            solves the forward step as it is, in any parameterisation).
     """
     flat, batch = _batched(x0, system)
     if not torch.isfinite(flat).all():
         raise ShapeError("x0 must be finite.")
-    sampler = InverseSampler(system.sampler)
+    sampler = InverseSampler(system.sampler, None if exact else output_to_eps)
     steps = sampler.num_steps
     noise = torch.zeros(steps + 1, flat.shape[0], flat.shape[1], dtype=system.dtype, device=system.device)
     noise[0] = flat.detach().to(system.device, system.dtype)
@@ -311,7 +344,18 @@ def invert(system: TriangularSystem | Any, x0: torch.Tensor,
     if solve_options.get("differentiable"):
         raise InvalidOptionError("invert(..., differentiable=True) is not supported; differentiate a "
                                  "forward solve with fpsolve.solve(..., differentiable=True) instead.")
-    inverse = inverse_system(system, x0, exact=exact)
+    return solve_inverse(inverse_system(system, x0, exact=exact), solver, exact, **solve_options)
+
+
+def solve_inverse(inverse: TriangularSystem, solver: Any = "taa", exact: bool = False,
+                  **solve_options: Any) -> Solution:
+    """Solve a system built by :func:`inverse_system` (what :func:`invert` does after building it).
+
+    ``exact`` must match the one the system was built with; options as for :func:`invert`.
+    """
+    if exact != isinstance(inverse, ImplicitInverseSystem):
+        raise InvalidOptionError(f"solve_inverse(exact={exact}) got a system built with exact={not exact}; "
+                                 "build it with inverse_system(..., exact=...) to match.")
     if not exact:
         return solve(inverse, solver, **solve_options)
     return _solve_exact(inverse, solver, dict(solve_options))

@@ -10,6 +10,7 @@ Quick start::
 returns, up to the solver's tolerance. The pieces:
 
 * :func:`sample`: a pipeline call (DDPM, DDIM, DiT, Stable Diffusion) solved in parallel;
+* :func:`invert`: the latents from which ``sample`` makes a given image (Stable Diffusion);
 * :func:`scheduler_system`: a scheduler plus a model as a :class:`~fpsolve.TriangularSystem`;
 * :func:`compile_scheduler` / :func:`scheduler_sampler`: a configured scheduler's loop as an
   fpsolve sampler, measured exactly by probing its ``step`` (see :mod:`.probe`).
@@ -20,6 +21,7 @@ Importing this package does not import diffusers; diffusers is imported when it 
 from __future__ import annotations
 
 from .api import sample
+from .inversion import encode_image, invert
 from .pipelines import ADAPTERS, PreparedPipeline, prepare_pipeline
 from .sampler import SchedulerProgram, SchedulerSampler, compile_scheduler, scheduler_sampler
 from .schedulers import SPECS, supported_names
@@ -27,6 +29,8 @@ from .system import scheduler_system
 
 __all__ = [
     "sample",
+    "invert",
+    "encode_image",
     "scheduler_system",
     "compile_scheduler",
     "scheduler_sampler",
