@@ -49,7 +49,8 @@ def _pipeline_name(pipe: Any) -> str | None:
     return None
 
 
-def invert(pipe: Any, image: Any, solver: Any = "taa", *, exact: bool = False, dtype: torch.dtype | None = None,
+def invert(pipe: Any, image: Any, solver: Any = "taa", *, exact: bool = False,
+           dtype: torch.dtype | None = None,
            tol: float | None = None, order: int | None = None, history: int | None = None,
            window: int | None = None, stopping: Any = None, max_iters: int | None = None,
            observers: Sequence[Any] = (), solver_options: Mapping[str, Any] | None = None,
@@ -98,7 +99,8 @@ def invert(pipe: Any, image: Any, solver: Any = "taa", *, exact: bool = False, d
                          f"makes {system.num_samples} (prompts x num_images_per_prompt); make them equal.")
     scheduler = pipe.scheduler
     alpha, sigma = noise_levels(scheduler, spec_for(scheduler), system.num_steps)
-    conversion = _conversion(scheduler.config.prediction_type, alpha, sigma)[2:]  # eps = r s + u m
+    _, _, r, u = _conversion(scheduler.config.prediction_type, alpha, sigma)  # eps = r s + u m
+    conversion = (r, u)
     inverse = inverse_system(system, x0.to(system.dtype), exact=exact, output_to_eps=conversion)
     options = {k: v for k, v in dict(tol=tol, order=order, history=history, window=window, stopping=stopping,
                                      max_iters=max_iters).items() if v is not None}
