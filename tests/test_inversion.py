@@ -219,6 +219,17 @@ def test_stable_diffusion_refusals(sd):
         invert(object(), image)
 
 
+def test_stable_diffusion_with_a_multistep_scheduler_is_refused(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from fpsolve.integrations.diffusers import invert
+    from fpsolve.integrations.diffusers.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(diffusers.DPMSolverMultistepScheduler(), tmp_path)
+    reason = r"invert\(pipe=\.\.\.\).*DPMSolverMultistepScheduler.*multistep"
+    with pytest.raises(UnsupportedError, match=reason):
+        invert(pipe, torch.zeros(1, 3, 16, 16), prompt="a cat", num_inference_steps=5)
+
+
 def test_stable_diffusion_ddim_inversion_equals_ddim_inverse_scheduler_in_v_prediction(sd):
     diffusers = pytest.importorskip("diffusers")
     from fpsolve.integrations.diffusers import encode_image, invert, sample

@@ -70,7 +70,7 @@ def check_invertible(sampler: SequentialSampler, argument: str = "system") -> Af
             its input (``A_i = 0``); the message names ``argument`` and the reason.
     """
     form = sampler.affine_form()
-    label = type(sampler).__name__
+    label = getattr(sampler, "scheduler_name", None) or type(sampler).__name__
     noisy = (form.noise[1:] != 0).nonzero().flatten()
     if noisy.numel():
         steps = ", ".join(str(int(i) + 1) for i in noisy[:5])

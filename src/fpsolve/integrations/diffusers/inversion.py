@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ...errors import InvalidOptionError, ShapeError, UnsupportedError
-from ...inversion import inverse_system, solve_inverse
+from ...inversion import check_invertible, inverse_system, solve_inverse
 from ...solution import Solution
 from .folding import _conversion
 from .pipelines import prepare_pipeline
@@ -94,6 +94,7 @@ def invert(pipe: Any, image: Any, solver: Any = "taa", *, exact: bool = False,
     pipe_kwargs.setdefault("width", x0.shape[-1] * scale)
     prepared = prepare_pipeline(pipe, dict(pipe_kwargs, generator=torch.Generator().manual_seed(0)), dtype)
     system = prepared.system
+    check_invertible(system.sampler, argument="pipe")  # names the pipeline's scheduler in the reason
     if x0.shape[0] != system.num_samples:
         raise ShapeError(f"invert(pipe, image, ...): the image batch has {x0.shape[0]} image(s) but the call "
                          f"makes {system.num_samples} (prompts x num_images_per_prompt); make them equal.")
