@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fpsolve
 from fpsolve.adjoint import AdjointSampler, denoiser_parameters, gradient_record
@@ -216,3 +218,29 @@ def test_differentiable_solve_refusals():
     solution = fpsolve.solve(frozen_system, differentiable=True, params=[weight])
     with pytest.raises(InvalidOptionError, match="no_grad"):
         solution.sample.sum().backward()
+
+
+@settings(max_examples=15, deadline=None)
+@given(kind=st.sampled_from(["ddim", "ddpm", "dpm_solver_3m"]), steps=st.integers(2, 10),
+       window_fraction=st.floats(0.1, 1.0), solver=st.sampled_from(["taa", "fp"]),
+       chunk=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**16))
+def test_property_the_adjoint_solve_is_exact_for_any_window_and_chunk(kind, steps, window_fraction, solver,
+                                                                      chunk, seed):
+    """Implicit function theorem: at tol -> 0, the adjoint gradient is autograd's, whatever the
+    window (the anchor moves over the adjoint like over the forward) and the VJP chunking."""
+    sampler = SAMPLERS[kind](steps)
+    weight = torch.randn(DIM, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) / DIM
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+
+    def denoiser(x, t):
+        return scale * torch.tanh(x @ weight) + 1e-4 * t[:, None].double() * x
+
+    noise = torch.randn(steps + 1, 2, DIM, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(seed + 1)).requires_grad_(True)
+    want = torch.autograd.grad(sequential_loop(sampler, denoiser, noise).sin().sum(), [noise, scale])
+    system = fpsolve.TriangularSystem(sampler=sampler, denoiser=denoiser, shape=(DIM,), noise=noise)
+    window = max(1, round(window_fraction * steps))
+    solution = fpsolve.solve(system, solver, tol=1e-13, window=window, differentiable=True, vjp_chunk=chunk)
+    got = torch.autograd.grad(solution.trajectory.sin().sum(), [noise, scale])
+    for g, w in zip(got, want, strict=True):
+        assert relative_error(g, w) <= 1e-8

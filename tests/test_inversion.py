@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fpsolve
 from fpsolve.errors import InvalidOptionError, ShapeError, UnsupportedError
@@ -247,3 +249,18 @@ def test_stable_diffusion_ddim_inversion_equals_ddim_inverse_scheduler_in_v_pred
     # v is converted to eps at the less noisy state's level, as the scheduler does (freezing v
     # itself instead differs by 0.05); measured 2e-7, the float32 UNet's floor
     assert (got - latents).abs().max() <= 1e-5
+
+
+@settings(max_examples=15, deadline=None)
+@given(steps=st.integers(1, 25), window_fraction=st.floats(0.05, 1.0),
+       solver=st.sampled_from(["taa", "fp", "newton"]), seed=st.integers(0, 2**16))
+def test_property_ddim_inversion_is_the_sequential_inverse_for_any_window(steps, window_fraction, solver,
+                                                                          seed):
+    """The inverse recurrence is triangular: at tol -> 0 every solver and window reproduces it."""
+    system = ddim_system(steps, batch=2)
+    x0 = torch.randn(2, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    want = sequential_ddim_inversion(system.sampler, MODEL, x0)
+    window = max(1, round(window_fraction * steps))
+    got = fpsolve.invert(system, x0, solver, tol=1e-12, window=window)
+    assert got.converged and got.iterations <= steps  # the safeguard bounds a triangular solve by T
+    assert (got.sample - want).abs().max() <= 1e-9 * max(1.0, float(want.abs().max()))
