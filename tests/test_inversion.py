@@ -264,3 +264,20 @@ def test_property_ddim_inversion_is_the_sequential_inverse_for_any_window(steps,
     got = fpsolve.invert(system, x0, solver, tol=1e-12, window=window)
     assert got.converged and got.iterations <= steps  # the safeguard bounds a triangular solve by T
     assert (got.sample - want).abs().max() <= 1e-9 * max(1.0, float(want.abs().max()))
+
+
+def test_a_sampler_can_bring_its_own_inverse():
+    calls = []
+
+    class Custom(DDIM):
+        def inverse_sampler(self, output_to_eps=None):
+            calls.append(output_to_eps)
+            return InverseSampler(self, output_to_eps)
+
+    sampler = Custom(alphas_cumprod=MODEL.alphas_cumprod, timesteps=spaced(10))
+    system = fpsolve.TriangularSystem(sampler=sampler, denoiser=MODEL, shape=(DIM,),
+                                      generator=torch.Generator().manual_seed(0))
+    x0 = sample_of(system)
+    got = fpsolve.invert(system, x0, tol=1e-12).sample
+    assert calls == [None]
+    assert (got - sequential_ddim_inversion(sampler, MODEL, x0[None])[0]).abs().max() <= 1e-10

@@ -26,6 +26,12 @@ A deterministic one-step sampler steps ``s_i = A_i s_{i-1} + B_i eps(s_{i-1}, t_
   ``solver="sequential"`` is the per-step fixed-point loop of the literature (ReNoise, AIDI
   without acceleration): each step iterated until its residual meets the tolerance.
 
+Extension point: a sampler class may define ``inverse_sampler(output_to_eps=None)`` returning
+its own backward sampler (position ``p`` holding ``s_{T-p}``, the model called at position
+``p - 1`` with the key of the noisier state, one lag, no noise); :func:`inverse_system` uses it
+instead of :class:`InverseSampler` for both modes. A flow sampler needs none while its affine
+form is the one-step Euler step; one whose keys or levels differ overrides this.
+
 Samplers that cannot be inverted are refused with the reason: those that inject noise (DDIM
 with ``eta > 0``, DDPM: ``x_T`` is not a function of ``x_0``) and multistep samplers (each step
 reads several noisier states, so stepping back from ``x_0`` is not a recurrence). A flow
@@ -258,7 +264,15 @@ def inverse_system(system: TriangularSystem, x0: torch.Tensor, exact: bool = Fal
     flat, batch = _batched(x0, system)
     if not torch.isfinite(flat).all():
         raise ShapeError("x0 must be finite.")
-    sampler = InverseSampler(system.sampler, None if exact else output_to_eps)
+    conversion = None if exact else output_to_eps
+    custom = getattr(system.sampler, "inverse_sampler", None)  # the extension point (flow samplers)
+    if callable(custom):
+        sampler = custom(output_to_eps=conversion)
+    else:
+        sampler = InverseSampler(system.sampler, conversion)
+    if not isinstance(sampler, SequentialSampler) or sampler.num_steps != system.num_steps:
+        raise InvalidOptionError(f"{type(system.sampler).__name__}.inverse_sampler() must return a "
+                                 f"SequentialSampler with {system.num_steps} steps; got {sampler!r}.")
     steps = sampler.num_steps
     noise = torch.zeros(steps + 1, flat.shape[0], flat.shape[1], dtype=system.dtype, device=system.device)
     noise[0] = flat.detach().to(system.device, system.dtype)
