@@ -286,7 +286,9 @@ class GradientRecord:
     Attributes:
         adjoint: the :class:`~fpsolve.Solution` of the last adjoint solve (``None`` before any).
         vjp_evals: vector-Jacobian products of the last backward pass, per sample and state (the
-            adjoint solve's plus the final pass over every state).
+            adjoint solve's, counted as the driver counts evaluations, so including position 0,
+            which needs no model call, in the rounds where it is in the window; plus the final
+            pass over every state).
         backward_calls: how many times the backward pass ran.
     """
 
