@@ -13,12 +13,13 @@ Quick start::
 
 from __future__ import annotations
 
-from . import errors, initializers, samplers, solvers, stopping
+from . import adjoint, errors, initializers, inversion, samplers, solvers, stopping
 from .api import make_system, solve
 from .driver import DriverConfig, IterationInfo
 from .errors import NotConvergedError, NotConvergedWarning
 from .hookspecs import hookimpl
 from .initializers import Initializer
+from .inversion import invert
 from .registry import list_plugins, register_plugin, unregister_plugin
 from .samplers.base import SequentialSampler
 from .solution import ResidualTrace, Solution, Status
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "solve",
+    "invert",
     "make_system",
     "Solution",
     "Status",
@@ -52,6 +54,8 @@ __all__ = [
     "solvers",
     "stopping",
     "initializers",
+    "adjoint",
+    "inversion",
     "models",
 ]
 

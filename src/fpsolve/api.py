@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import torch
 
+from .adjoint import differentiable_solution
 from .driver import DriverConfig, Evaluator, Observer, run
 from .errors import InvalidOptionError, NotConvergedWarning
 from .initializers import Initializer
@@ -21,7 +24,7 @@ from .validators import as_flag, as_real, is_integer
 #: solve()'s own keyword arguments, for did-you-mean hints on a misspelt solver option.
 _SOLVE_ARGUMENTS = {name: "an argument of solve()" for name in (
     "order", "history", "ridge", "window", "tol", "stopping", "initializer", "max_iters", "observers",
-    "progress", "distributed")}
+    "progress", "distributed", "differentiable", "params", "adjoint_tol", "vjp_chunk")}
 
 __all__ = ["solve", "make_system"]
 
@@ -57,6 +60,10 @@ def solve(
     observers: Sequence[Observer] = (),
     progress: bool = False,
     distributed: Any = None,
+    differentiable: bool = False,
+    params: Sequence[torch.Tensor] | None = None,
+    adjoint_tol: float | None = None,
+    vjp_chunk: int | None = None,
     **solver_options: Any,
 ) -> Solution:
     """Solve a sampler's trajectory in parallel (or sequentially, with ``solver="sequential"``).
@@ -83,11 +90,26 @@ def solve(
         distributed: ``True`` to shard each iteration's model call over the ranks of the default
             ``torch.distributed`` process group (every rank calls ``solve`` with the same
             arguments and gets the same solution), or a ``ProcessGroup`` to use that group.
+        differentiable: make ``sample`` and ``trajectory`` carry gradients to the system's noise
+            (when it requires grad), to the denoiser's parameters and to tensors it closes over,
+            by the implicit function theorem: ``backward`` solves the adjoint triangular system
+            with the same solver, window and cap, in parallel (see :mod:`fpsolve.adjoint`).
+        params: with ``differentiable``: the tensors to differentiate besides the noise (default:
+            found in the denoiser by :func:`fpsolve.adjoint.denoiser_parameters`).
+        adjoint_tol: with ``differentiable``: the adjoint solve's tolerance, relative to the
+            size of its right-hand side (default: ``tol``, else 2e-4).
+        vjp_chunk: with ``differentiable``: states per vector-Jacobian product in the final
+            pass of the backward (default: the window).
 
     Returns:
         The :class:`Solution`.
     """
     system = make_system(system)
+    if not isinstance(differentiable, bool):
+        raise InvalidOptionError(f"differentiable must be True or False; got {differentiable!r}.")
+    if not differentiable and (params is not None or adjoint_tol is not None or vjp_chunk is not None):
+        raise InvalidOptionError("params=, adjoint_tol= and vjp_chunk= are options of differentiable=True; "
+                                 "pass differentiable=True or leave them unset.")
     options = {k: v for k, v in dict(order=order, history=history, ridge=ridge).items() if v is not None}
     options.update(solver_options)
     solver_obj = resolve("solver", solver, options, also=_SOLVE_ARGUMENTS)
@@ -155,9 +177,12 @@ def solve(
         from .gpu.chunking import ChunkedEvaluator
 
         evaluate = ChunkedEvaluator(system)
+    # A differentiable solve runs without autograd; its backward is the adjoint solve.
+    grad_mode = torch.no_grad() if differentiable else contextlib.nullcontext()
     try:
-        solution = run(system, solver_obj, stopping_obj, initializer_obj,
-                       DriverConfig(window=window, max_iters=max_iters), observers, evaluate=evaluate)
+        with grad_mode:
+            solution = run(system, solver_obj, stopping_obj, initializer_obj,
+                           DriverConfig(window=window, max_iters=max_iters), observers, evaluate=evaluate)
     finally:
         if bar is not None:
             bar.close()
@@ -168,5 +193,11 @@ def solve(
             f"{solution.message} "
             "(status " + solution.status.name + "). Check solution.status, or call "
             "solution.raise_for_status() to make this an error."), stacklevel=2)
-    return attrs.evolve(solution, window=None if solver_obj.sequential else min(window or steps, steps),
-                        plan=None if auto is None else auto.plan)
+    solution = attrs.evolve(solution, window=None if solver_obj.sequential else min(window or steps, steps),
+                            plan=None if auto is None else auto.plan)
+    if differentiable:
+        solution = differentiable_solution(
+            system, solution, solver_obj, window=window, max_iters=max_iters, params=params,
+            adjoint_tol=adjoint_tol if adjoint_tol is not None else (tol if tol is not None else 2e-4),
+            vjp_chunk=vjp_chunk)
+    return solution

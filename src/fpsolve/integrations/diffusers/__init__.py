@@ -9,7 +9,9 @@ Quick start::
 ``out`` is what ``pipe(generator=<same seed>, num_inference_steps=50, output_type="np")``
 returns, up to the solver's tolerance. The pieces:
 
-* :func:`sample`: a pipeline call (DDPM, DDIM, DiT, Stable Diffusion) solved in parallel;
+* :func:`sample`: a pipeline call solved in parallel (DDPM, DDIM, DiT, Stable Diffusion 1/2, SDXL,
+  PixArt-Sigma, Sana, Flux, SD3, Wan: see docs/pipelines.md);
+* :func:`invert`: the latents from which ``sample`` makes a given image (Stable Diffusion);
 * :func:`scheduler_system`: a scheduler plus a model as a :class:`~fpsolve.TriangularSystem`
   (variance-preserving schedulers, and the flow-matching ones: ``FlowMatchEulerDiscreteScheduler``,
   ``FlowMatchHeunDiscreteScheduler``, UniPC / DPM-Solver / DEIS with ``use_flow_sigmas=True``);
@@ -22,6 +24,7 @@ Importing this package does not import diffusers; diffusers is imported when it 
 from __future__ import annotations
 
 from .api import sample
+from .inversion import encode_image, invert
 from .pipelines import ADAPTERS, PreparedPipeline, prepare_pipeline
 from .sampler import SchedulerProgram, SchedulerSampler, compile_scheduler, scheduler_sampler
 from .schedulers import SPECS, supported_names
@@ -29,6 +32,8 @@ from .system import scheduler_system
 
 __all__ = [
     "sample",
+    "invert",
+    "encode_image",
     "scheduler_system",
     "compile_scheduler",
     "scheduler_sampler",
