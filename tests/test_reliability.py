@@ -322,9 +322,9 @@ def test_a_denoiser_writing_into_its_input_changes_nothing_in_chunks():
     clean_system, dirty_system = plain_system(batch=3), plain_system(batch=3, denoiser=halving)
     parts = dict(solver=TAA(), stopping=RMS(), initializer=NoiseCopy(), config=DriverConfig(window=4))
     clean = run(clean_system, **parts)
-    dirty = run(dirty_system, **parts, evaluate=ChunkedEvaluator(dirty_system, max_batch=2, remember=False))
+    dirty = run(dirty_system, **parts, evaluate=ChunkedEvaluator(dirty_system, max_batch=3, remember=False))
     assert torch.equal(dirty.trajectory, clean.trajectory)
-    chunked = ChunkedEvaluator(dirty_system, max_batch=2, remember=False)
+    chunked = ChunkedEvaluator(dirty_system, max_batch=3, remember=False)
     reference = run_sequential(clean_system)
     assert torch.equal(run_sequential(dirty_system, evaluate=chunked).trajectory, reference.trajectory)
 
