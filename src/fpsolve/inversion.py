@@ -90,8 +90,10 @@ def check_invertible(sampler: SequentialSampler, argument: str = "system") -> Af
         raise UnsupportedError(
             f"invert({argument}=...): the sampler {label} is multistep (a step reads {form.lags} earlier "
             "states), so stepping back from x_0 needs states that are not known yet: it has no inverse "
-            "recurrence. Invert with a one-step sampler on the same timesteps (DDIM with eta=0, or "
-            "DPMSolver(order=1)) and sample back with it."
+            "recurrence. Invert with a one-step sampler on the same timesteps "
+            + ("(FlowEuler on the same sigmas" if type(sampler).prediction == "velocity"
+               else "(DDIM with eta=0, or DPMSolver(order=1)")
+            + ") and sample back with it."
         )
     forgets = (form.state[1:, 0] == 0).nonzero().flatten()
     if forgets.numel():
@@ -160,6 +162,20 @@ class InverseSampler(SequentialSampler):
                           output=torch.cat([zero, output.flip(0)]).unsqueeze(1),
                           noise=torch.zeros(steps + 1, dtype=torch.float64))
         object.__setattr__(self, "form", form)
+
+    # The model convention is the forward sampler's: the same model is called, at the same keys.
+    # (A flow sampler's keys are float model times: read as integers they would be truncated,
+    # e.g. 549.99... -> 549, and the inverse would call the model at the wrong time.)
+    @property  # type: ignore[misc]
+    def continuous_time(self) -> bool:  # type: ignore[override]
+        """Whether model times are floats: the forward sampler's convention."""
+        return bool(type(self.forward).continuous_time)
+
+    @property  # type: ignore[misc]
+    def prediction(self) -> str:  # type: ignore[override]
+        """What the model returns: the forward sampler's convention (the output read at the less
+        noisy state; for a flow sampler the velocity, so ``exact=False`` is Euler run backwards)."""
+        return str(type(self.forward).prediction)
 
     def affine_form(self) -> AffineForm:
         """``u_p = u_{p-1} / A_i - (B_i / A_i) e_{p-1}``, ``i = T - p + 1``."""
