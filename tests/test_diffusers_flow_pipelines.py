@@ -588,5 +588,11 @@ def test_chunked_model_batches_must_hold_whole_positions(flux):
         whole = ChunkedEvaluator(system, remember=False)(states, positions)
         in_pairs = ChunkedEvaluator(system, max_batch=4, remember=False)(states, positions)
         assert torch.allclose(in_pairs, whole, rtol=0, atol=1e-6 * float(whole.abs().max()))
+        # The chunked evaluator rounds a chunk down to whole positions (3 rows -> 2 = one position):
+        # the same result, never a shifted prompt.
+        odd = ChunkedEvaluator(system, max_batch=3, remember=False)(states, positions)
+        assert torch.allclose(odd, whole, rtol=0, atol=1e-6 * float(whole.abs().max()))
+        # A model batch that is not whole positions, handed to the denoiser directly, is refused.
+        x, t = system.model_inputs(states, positions)
         with pytest.raises(UnsupportedError, match="whole positions"):
-            ChunkedEvaluator(system, max_batch=3, remember=False)(states, positions)
+            system.denoise(x[:3], t[:3])
