@@ -24,6 +24,7 @@ from fpsolve.testing.problems import linear_alphas_cumprod, spaced_timesteps
 TIGHT_RULES = {
     fpsolve.stopping.RMS: fpsolve.stopping.RMS(tol1=1e-12, tol2=1e-12),
     fpsolve.stopping.Paradigms: fpsolve.stopping.Paradigms(tol=1e-9),
+    fpsolve.stopping.X0Change: fpsolve.stopping.X0Change(atol=1e-12, tol=1e-12),
 }
 
 

@@ -28,4 +28,19 @@ def history_option(instance: Any, attribute: Any, value: int) -> None:
 def ridge_option(instance: Any, attribute: Any, value: float) -> None:
     """``ridge`` (lambda) is a finite number >= 0."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise InvalidOptionError(f"ridge must be a finite number >= 0 (default 1e-3); got {value!r}.")
+        raise InvalidOptionError(f"{attribute.name} must be a finite number >= 0; got {value!r}.")
+
+
+def prior_option(instance: Any, attribute: Any, value: str) -> None:
+    """The Jacobian prior of the quasi-Newton solvers: ``"zero"`` or ``"x0"``."""
+    if value not in ("zero", "x0"):
+        raise InvalidOptionError(
+            f"{attribute.name} must be 'zero' (frozen outputs, Picard) or 'x0' (frozen predicted x_0); "
+            f"got {value!r}."
+        )
+
+
+def unit_interval_option(instance: Any, attribute: Any, value: float) -> None:
+    """A weight in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise InvalidOptionError(f"{attribute.name} must be a number in [0, 1]; got {value!r}.")

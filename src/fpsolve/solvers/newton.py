@@ -22,10 +22,17 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ._validators import order_option, ridge_option
+from ._validators import order_option, prior_option, ridge_option, unit_interval_option
 from .base import FixedPointSolver, WindowView
 
-__all__ = ["QuasiNewton", "NewtonState"]
+__all__ = ["QuasiNewton", "NewtonState", "prior_slopes"]
+
+
+def prior_slopes(system: object, clamp: float) -> torch.Tensor:
+    """``[T+1]``: ``1 / sigma_j`` clamped to ``clamp``, the slope of eps at state ``j`` when the
+    predicted ``x_0`` is held fixed (``eps = (x - alpha_j x0) / sigma_j``)."""
+    sigmas = system.sigmas  # type: ignore[attr-defined]
+    return (1 / sigmas.clamp_min(1 / clamp)).clamp(max=clamp)
 
 
 @attrs.define(frozen=True, eq=False)
@@ -39,6 +46,7 @@ class NewtonState:
     gamma: torch.Tensor = attrs.field(repr=False)
     state_coef: torch.Tensor = attrs.field(repr=False)
     output_coef: torch.Tensor = attrs.field(repr=False)
+    prior: torch.Tensor | None = attrs.field(default=None, repr=False)
 
 
 @attrs.define(frozen=True, eq=False, kw_only=True)
@@ -48,6 +56,11 @@ class QuasiNewton(FixedPointSolver):
     Args:
         order: k; the correction reaches at most k rows down (``None`` = T, default).
         clamp: bound on ``|gamma|`` (guards against a secant through nearly equal states).
+        prior: ``gamma`` of a state without a secant yet: ``"zero"`` (default; Picard's frozen
+            outputs) or ``"x0"`` (``1 / sigma_j``: the Jacobian of eps when the predicted ``x_0``
+            is held fixed, ParaSolver's extrapolation; VP samplers, whose outputs are eps).
+        prior_weight: ``w`` in [0, 1]; a state's slope is ``(1 - w) secant + w prior`` (default
+            0: the secant alone; 1: the prior alone, no secants).
     """
 
     name = "newton"
@@ -55,13 +68,17 @@ class QuasiNewton(FixedPointSolver):
 
     order: int | None = attrs.field(default=None, validator=order_option)
     clamp: float = attrs.field(default=50.0, validator=ridge_option)
+    prior: str = attrs.field(default="zero", validator=prior_option)
+    prior_weight: float = attrs.field(default=0.0, validator=unit_interval_option)
 
     def init(self, system: object) -> NewtonState:
-        """No secants yet: ``gamma = 0`` everywhere (the first step is Picard's)."""
+        """No secants yet: ``gamma`` is the prior everywhere (``zero``: the first step is Picard's)."""
         steps, samples = system.num_steps, system.num_samples  # type: ignore[attr-defined]
         gamma = torch.zeros(steps + 1, samples, dtype=system.dtype, device=system.device)  # type: ignore[attr-defined]
+        if self.prior == "x0":
+            gamma += prior_slopes(system, self.clamp)[:, None]
         state_coef, output_coef, _ = system._device_coefficients()  # type: ignore[attr-defined]
-        return NewtonState(0, None, None, gamma, state_coef, output_coef)
+        return NewtonState(0, None, None, gamma, state_coef, output_coef, gamma[:, :1].clone())
 
     def step(self, view: WindowView, state: NewtonState) -> tuple[torch.Tensor, NewtonState]:
         """Update the secants at the evaluated states, then solve for the Newton correction."""
@@ -81,7 +98,10 @@ class QuasiNewton(FixedPointSolver):
                 squared = d_states.pow(2).sum(-1)
                 secant = (d_outputs * d_states).sum(-1) / squared.clamp_min(torch.finfo(squared.dtype).tiny)
                 moved = squared > 0
-                gamma[start:stop] = torch.where(moved, secant.clamp(-self.clamp, self.clamp), gamma[start:stop])
+                slope = secant.clamp(-self.clamp, self.clamp)
+                if self.prior_weight and state.prior is not None:
+                    slope = (1 - self.prior_weight) * slope + self.prior_weight * state.prior[start:stop]
+                gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
         correction = self._correction(view, gamma, state.state_coef, state.output_coef)
         return view.states + correction, attrs.evolve(state, first=first, states=states, outputs=outputs,
                                                       gamma=gamma)
