@@ -42,10 +42,11 @@ def _solver_classes():
         solver = resolve("solver", entry.name)
         if solver.sequential or (entry.alias_of and not entry.preset):
             continue  # the reference itself; an alias without a preset is the same solver again
-        yield (
-            _class_name(entry.name),
-            type("", (SolverConformance,), {"solver": solver, "expect_registered": True}),
-        )
+        attributes = {"solver": solver, "expect_registered": True}
+        default = solver.default_stopping()
+        if type(default) in TIGHT_RULES:  # a solver's own loose default (newton: x0), made tight
+            attributes["stopping"] = TIGHT_RULES[type(default)]
+        yield _class_name(entry.name), type("", (SolverConformance,), attributes)
 
 
 def _sampler_classes():

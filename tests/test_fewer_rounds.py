@@ -173,6 +173,17 @@ def test_newton_variants_reach_the_sequential_sample(kind, options):
     torch.testing.assert_close(solution.sample, _sequential(system)[-1], rtol=0, atol=1e-9)
 
 
+def test_newton_defaults_are_the_measured_best_and_bring_the_x0_rule():
+    solver = QuasiNewton()
+    assert (solver.prior, solver.prior_weight) == ("x0", 0.5)
+    assert solver.default_stopping() == X0Change() or isinstance(solver.default_stopping(), X0Change)
+    assert (X0Change().atol, X0Change().tol) == (1.5e-2, 2e-5)
+    system = make_system("ddim", steps=12)
+    solution = fpsolve.solve(system)  # the default solver is newton with its own rule
+    assert isinstance(solution.solver, QuasiNewton)
+    assert float((solution.sample - _sequential(system)[-1]).abs().max()) <= 1.5e-2
+
+
 @pytest.mark.parametrize("options", [dict(prior="eps"), dict(prior_weight=1.5), dict(prior_weight=-0.1)])
 def test_newton_refuses_bad_prior_options(options):
     with pytest.raises(InvalidOptionError, match="prior"):
@@ -187,7 +198,7 @@ def test_diagonal_secant_with_infinite_shrink_is_the_scalar_secant(kind):
     """``shrink -> inf`` pulls every element's slope to the state's scalar secant: ``newton``."""
     system = make_system(kind, steps=12)
     diagonal = fpsolve.solve(system, DiagonalNewton(shrink=1e12, prior="zero"), tol=1e-8)
-    scalar = fpsolve.solve(system, QuasiNewton(), tol=1e-8)
+    scalar = fpsolve.solve(system, QuasiNewton(prior="zero", prior_weight=0.0), tol=1e-8)
     assert diagonal.iterations == scalar.iterations
     torch.testing.assert_close(diagonal.trajectory, scalar.trajectory, rtol=0, atol=1e-9)
 
