@@ -49,7 +49,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "taa-m3": dict(solver="taa", history=3),
     "taa-m5": dict(solver="taa", history=5),
     "newton": dict(solver="newton"),
-    "default": dict(),
+    "default": dict(),  # fpsolve.solve(system): the default solver at its defaults
     "newton+x0": dict(solver="newton", initializer=Extrapolate(steps=0)),
     "newton+ex1": dict(solver="newton", initializer=Extrapolate(steps=1)),
     "newton+ex2": dict(solver="newton", initializer=Extrapolate(steps=2)),
@@ -147,7 +147,7 @@ def run_cell(ref: Any, cell: str, config: dict[str, Any], samples: int, seed: in
     options = _options(config, system.num_steps)
     rule = options.pop("stopping", None)
     if rule is None:
-        solver = fpsolve.registry.resolve("solver", options.get("solver", "taa"),
+        solver = fpsolve.registry.resolve("solver", options.get("solver", "newton"),
                                           {k: v for k, v in options.items()
                                            if k not in ("solver", "initializer", "window", "max_iters")})
         rule = solver.default_stopping() or RMS()

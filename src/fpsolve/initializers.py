@@ -24,8 +24,7 @@ from .hookspecs import hookimpl
 if TYPE_CHECKING:
     from .system import TriangularSystem
 
-__all__ = ["InitialGuess", "Initializer", "NoiseCopy", "FromTrajectory", "Coarse", "Extrapolate",
-           "frozen_x0_rows"]
+__all__ = ["InitialGuess", "Initializer", "NoiseCopy", "FromTrajectory", "Coarse", "Extrapolate"]
 
 
 @attrs.define(frozen=True, eq=False)
@@ -184,7 +183,7 @@ def _steps_option(instance: Any, attribute: Any, value: int) -> None:
         )
 
 
-def frozen_x0_rows(system: TriangularSystem, trajectory: torch.Tensor, outputs: torch.Tensor,
+def _frozen_x0_rows(system: TriangularSystem, trajectory: torch.Tensor, outputs: torch.Tensor,
                    first: int, x0: torch.Tensor) -> bool:
     """Fill rows ``first + 1 .. T`` of ``trajectory`` by running the sampler with ``x_0`` held fixed.
 
@@ -212,7 +211,7 @@ def frozen_x0_rows(system: TriangularSystem, trajectory: torch.Tensor, outputs: 
 class Extrapolate(Initializer):
     """ParaSolver's initialisation: ``steps`` exact sequential steps from ``x_T`` (counted as
     iterations), then the rest of the trajectory extrapolated with the latest predicted ``x_0``
-    held fixed (:func:`frozen_x0_rows`). ``steps = 0`` makes no model call and extrapolates
+    held fixed (see ``_frozen_x0_rows``). ``steps = 0`` makes no model call and extrapolates
     towards ``x_0 = 0``, the data mean of a normalised model.
 
     Samplers without a variance-preserving schedule fall back to the lazy noise copy after the
@@ -245,7 +244,7 @@ class Extrapolate(Initializer):
         if steps == system.num_steps:
             return InitialGuess(trajectory, valid_upto=steps, anchor=steps, iterations=steps,
                                 model_evals=steps * system.num_samples)
-        filled = frozen_x0_rows(system, trajectory, outputs, steps, x0)
+        filled = _frozen_x0_rows(system, trajectory, outputs, steps, x0)
         return InitialGuess(trajectory, valid_upto=system.num_steps if filled else steps, anchor=steps,
                             iterations=steps, model_evals=steps * system.num_samples)
 

@@ -242,7 +242,8 @@ def print_tables(result: BenchResult, console: Any) -> None:
                 row = cell_row(cell)
                 table.add_row(*(row[i] for i in keep), style=None if cell.converged else "red")
             console.print(table)
-        headline = Table(title=f"{model}: the defaults vs fp k=T and the paradigms rule", title_justify="left")
+        headline = Table(title=f"{model}: the defaults vs fp k=T and the paradigms rule",
+                         title_justify="left")
         for column in ("sampler", "T", "newton default", "taa default", "fp k=T", "fp k=T + paradigms"):
             headline.add_column(column)
         for row in headline_rows(result, model):

@@ -28,8 +28,8 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ._validators import order_option, prior_option, ridge_option, unit_interval_option
 from ..stopping import StoppingRule, X0Change
+from ._validators import order_option, prior_option, ridge_option, unit_interval_option
 from .base import FixedPointSolver, WindowView
 
 __all__ = ["QuasiNewton", "NewtonState", "prior_slopes"]
