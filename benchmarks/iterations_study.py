@@ -49,6 +49,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "taa-m3": dict(solver="taa", history=3),
     "taa-m5": dict(solver="taa", history=5),
     "newton": dict(solver="newton"),
+    # newton before issue 14: the secant alone, Picard's slope 0 before a state has one
+    "newton-secant": dict(solver="newton", prior="zero", prior_weight=0.0, stopping=lambda T: RMS()),
+    "newton-secant/x0": dict(solver="newton", prior="zero", prior_weight=0.0, stopping=lambda T: X0Change()),
     "default": dict(),  # fpsolve.solve(system): the default solver at its defaults
     "newton+x0": dict(solver="newton", initializer=Extrapolate(steps=0)),
     "newton+ex1": dict(solver="newton", initializer=Extrapolate(steps=1)),

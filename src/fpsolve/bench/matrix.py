@@ -205,10 +205,11 @@ class Cell:
 
     @property
     def tol_label(self) -> str:
-        """``1e-03``, ``0.1 (paradigms)``, ``default`` or ``-`` (sequential)."""
+        """``1e-03``, ``0.1 (paradigms)``, ``default``, ``x0`` or ``-`` (sequential)."""
         if self.solver.stopping == "tolerance":
             return f"{self.tol:.0e}"
-        return {"paradigms": "0.1 (paradigms)", "default": "default"}.get(self.solver.stopping, "-")
+        labels = {"paradigms": "0.1 (paradigms)", "default": "default", "x0": "x0"}
+        return labels.get(self.solver.stopping, "-")
 
 
 def _positive_int(name: str):
