@@ -6,11 +6,9 @@ included), so a new built-in joins the suite by registering, like in the mix mat
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import fpsolve
-from fpsolve.errors import InvalidOptionError
 from fpsolve.registry import BUILTIN_PLUGINS, get_registry, resolve
 from fpsolve.testing import (
     InitializerConformance,
