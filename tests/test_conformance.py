@@ -22,6 +22,7 @@ from fpsolve.testing.problems import problem_sampler
 TIGHT_RULES = {
     fpsolve.stopping.RMS: fpsolve.stopping.RMS(tol1=1e-12, tol2=1e-12),
     fpsolve.stopping.Paradigms: fpsolve.stopping.Paradigms(tol=1e-9),
+    fpsolve.stopping.X0Change: fpsolve.stopping.X0Change(atol=1e-12, tol=1e-12),
 }
 
 
@@ -39,10 +40,11 @@ def _solver_classes():
         solver = resolve("solver", entry.name)
         if solver.sequential or (entry.alias_of and not entry.preset):
             continue  # the reference itself; an alias without a preset is the same solver again
-        yield (
-            _class_name(entry.name),
-            type("", (SolverConformance,), {"solver": solver, "expect_registered": True}),
-        )
+        attributes = {"solver": solver, "expect_registered": True}
+        default = solver.default_stopping()
+        if type(default) in TIGHT_RULES:  # a solver's own loose default (newton: x0), made tight
+            attributes["stopping"] = TIGHT_RULES[type(default)]
+        yield _class_name(entry.name), type("", (SolverConformance,), attributes)
 
 
 def _sampler_classes():

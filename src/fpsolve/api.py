@@ -47,7 +47,7 @@ def make_system(obj: Any, **options: Any) -> TriangularSystem:
 
 def solve(
     system: TriangularSystem | Any,
-    solver: str | type[FixedPointSolver] | FixedPointSolver = "taa",
+    solver: str | type[FixedPointSolver] | FixedPointSolver = "newton",
     *,
     order: int | None = None,
     history: int | None = None,
@@ -70,8 +70,9 @@ def solve(
 
     Args:
         system: a :class:`TriangularSystem` (or an object an adapter plugin turns into one).
-        solver: a registered name (``"taa"``, ``"fp"``, ``"jacobi"``, ``"picard"``, ``"aa"``,
-            ``"sequential"``, ...), a solver class, or an instance.
+        solver: a registered name (``"newton"``, the default: the fewest rounds measured on the
+            benchmark at equal error; ``"taa"`` (ParaTAA), ``"fp"``, ``"jacobi"``, ``"picard"``,
+            ``"aa"``, ``"sequential"``, ...), a solver class, or an instance.
         order, history, ridge, **solver_options: options of the solver (e.g. ``order`` = k of the
             equations, ``history`` = m); an option the solver does not take is an error.
         window: positions solved per iteration (``None``: the solver's
@@ -81,8 +82,8 @@ def solve(
             window is predicted to beat it; see :mod:`fpsolve.gpu` and :attr:`Solution.plan`.
         tol: shortcut for the ``rms`` rule with ``tol1 = tol2 = tol``.
         stopping: a stopping rule (name, class or instance). Default: the solver's
-            :meth:`~fpsolve.FixedPointSolver.default_stopping` if it has one (e.g. the
-            ``paradigms`` plugin solver), else ``rms`` with tol 2e-4.
+            :meth:`~fpsolve.FixedPointSolver.default_stopping` if it has one (``newton``: the
+            ``x0`` rule; the ``paradigms`` plugin solver: its own), else ``rms`` with tol 2e-4.
         initializer: first guess (name, class or instance); default ``noise_copy``.
         max_iters: cap on parallel iterations (``None``: T).
         observers: callables receiving an :class:`~fpsolve.driver.IterationInfo` per iteration.

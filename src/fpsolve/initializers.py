@@ -6,10 +6,13 @@
   neighbouring prompt), optionally freezing its noisier part and solving only the last steps.
 * ``coarse``: a cheap sequential solve on a subset of the timesteps, interpolated onto the fine
   grid; its model calls are counted as iterations.
+* ``extrapolate`` (ParaSolver's start): ``steps`` exact sequential steps, then every later row
+  from the sampler run with the latest predicted ``x_0`` held fixed (no model calls).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -22,7 +25,7 @@ from .validators import check_int, is_integer
 if TYPE_CHECKING:
     from .system import TriangularSystem
 
-__all__ = ["InitialGuess", "Initializer", "NoiseCopy", "FromTrajectory", "Coarse"]
+__all__ = ["InitialGuess", "Initializer", "NoiseCopy", "FromTrajectory", "Coarse", "Extrapolate"]
 
 
 def _integer(value: Any) -> Any:
@@ -185,7 +188,81 @@ def _interpolate(states: torch.Tensor, sigmas: list[float], sigma: float) -> tor
     return states[-1]
 
 
+def _steps_option(instance: Any, attribute: Any, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidOptionError(
+            f"extrapolate steps must be an int >= 0 (exact sequential steps before extrapolating); "
+            f"got {value!r}."
+        )
+
+
+def _frozen_x0_rows(system: TriangularSystem, trajectory: torch.Tensor, outputs: torch.Tensor,
+                   first: int, x0: torch.Tensor) -> bool:
+    """Fill rows ``first + 1 .. T`` of ``trajectory`` by running the sampler with ``x_0`` held fixed.
+
+    The model output at each extrapolated state ``s_j`` is replaced by the eps that a denoiser
+    predicting ``x0`` there would return, ``(s_j - alpha_j x0) / sigma_j`` (VP samplers, whose
+    outputs are eps); ``outputs[j]`` for ``j < first`` must hold the true model outputs (a
+    multistep sampler reads a few of them). For DDIM this is the straight line to ``x0``, the
+    DDIM jump. No model calls. Returns False, leaving the rows untouched, for samplers without a
+    variance-preserving schedule (``state_alphas_cumprod``), whose outputs need not be eps.
+    """
+    schedule = getattr(system.sampler, "state_alphas_cumprod", None)
+    if schedule is None:
+        return False
+    abar = schedule().to(system.device, system.dtype)
+    alphas, sigmas = abar.sqrt(), (1 - abar).clamp_min(0).sqrt()
+    outputs = outputs.clone()
+    for row in range(first, system.num_steps):
+        if sigmas[row] > 0:  # states with sigma 0 (the final one) are never read by a step
+            outputs[row] = (trajectory[row] - alphas[row] * x0) / sigmas[row]
+        trajectory[row + 1] = system.first_order_rhs(trajectory, outputs, row + 1, row + 1)[0]
+    return True
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class Extrapolate(Initializer):
+    """ParaSolver's initialisation: ``steps`` exact sequential steps from ``x_T`` (counted as
+    iterations), then the rest of the trajectory extrapolated with the latest predicted ``x_0``
+    held fixed (see ``_frozen_x0_rows``). ``steps = 0`` makes no model call and extrapolates
+    towards ``x_0 = 0``, the data mean of a normalised model.
+
+    Samplers without a variance-preserving schedule fall back to the lazy noise copy after the
+    exact steps (an initial guess only changes the rounds, never the solution).
+
+    Args:
+        steps: exact sequential steps before extrapolating (default 1: one model call at ``x_T``).
+    """
+
+    name = "extrapolate"
+    aliases = {"parasolver": {}}
+
+    steps: int = attrs.field(default=1, validator=_steps_option)
+
+    def initialize(self, system: TriangularSystem) -> InitialGuess:
+        """Exact steps, then the frozen-x0 extrapolation of every later row."""
+        steps = min(self.steps, system.num_steps)
+        trajectory = _empty_trajectory(system)
+        outputs = torch.zeros(system.num_steps, system.num_samples, system.state_size,
+                              dtype=system.dtype, device=system.device)
+        x0 = torch.zeros_like(trajectory[0])
+        for row in range(steps):
+            outputs[row] = system.evaluate(trajectory[row:row + 1], [row])[0]
+            trajectory[row + 1] = system.first_order_rhs(trajectory, outputs, row + 1, row + 1)[0]
+        if steps:
+            schedule = getattr(system.sampler, "state_alphas_cumprod", None)
+            if schedule is not None:
+                abar = float(schedule()[steps - 1])
+                x0 = (trajectory[steps - 1] - math.sqrt(1 - abar) * outputs[steps - 1]) / math.sqrt(abar)
+        if steps == system.num_steps:
+            return InitialGuess(trajectory, valid_upto=steps, anchor=steps, iterations=steps,
+                                model_evals=steps * system.num_samples)
+        filled = _frozen_x0_rows(system, trajectory, outputs, steps, x0)
+        return InitialGuess(trajectory, valid_upto=system.num_steps if filled else steps, anchor=steps,
+                            iterations=steps, model_evals=steps * system.num_samples)
+
+
 @hookimpl
 def fpsolve_register_initializers() -> list[type[Initializer]]:
     """fpsolve's own initializers."""
-    return [NoiseCopy, FromTrajectory, Coarse]
+    return [NoiseCopy, FromTrajectory, Coarse, Extrapolate]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, settings
 
-
 settings.register_profile(
     "fpsolve-paradigms",
     max_examples=25,

@@ -22,7 +22,7 @@ from .. import samplers as _samplers
 from ..errors import InvalidOptionError, UnknownNameError
 from ..models import ReferenceModel, reference_prediction, spaced_timesteps
 from ..samplers.base import SequentialSampler
-from ..stopping import RMS, Paradigms
+from ..stopping import RMS, Paradigms, X0Change
 
 __all__ = [
     "SamplerSpec",
@@ -175,7 +175,7 @@ def parse_sampler(text: str) -> SamplerSpec:
     return SamplerSpec(labels.get(match.group(1), match.group(1)), int(match.group(2)))
 
 
-Stopping = Literal["sequential", "tolerance", "paradigms", "default"]
+Stopping = Literal["sequential", "tolerance", "paradigms", "default", "x0"]
 
 
 @attrs.define(frozen=True)
@@ -189,7 +189,8 @@ class SolverSpec:
             number of steps (so ``fp k=T`` stays k = T whatever the library default becomes).
         stopping: ``tolerance`` (the RMS rule at each tolerance of the plan), ``paradigms`` (the
             ParaDiGMS rule at its default tol 0.1), ``default`` (no stopping option at all: the
-            library's default rule) or ``sequential`` (no stopping rule).
+            library's default rule), ``x0`` (the ``x0`` rule at its defaults: stop once the output
+            settles) or ``sequential`` (no stopping rule).
         single_tolerance: run at the plan's first tolerance only.
     """
 
@@ -217,6 +218,8 @@ class SolverSpec:
             return RMS(tol1=tol, tol2=tol)
         if self.stopping == "paradigms":
             return Paradigms()
+        if self.stopping == "x0":
+            return X0Change()
         return None
 
 
@@ -237,8 +240,16 @@ SOLVERS: dict[str, SolverSpec] = {
         SolverSpec("taa-m5", "taa m=5", "taa", (("order", "T"), ("history", 5))),
         # solve(system, "taa") with no options at all: whatever the library's defaults are.
         SolverSpec("taa-default", "taa default", "taa", (), stopping="default"),
-        # The quasi-Newton solver with the default stopping rule.
+        # The quasi-Newton solver with no options: fpsolve.solve's default solver (issue 14).
         SolverSpec("newton-default", "newton default", "newton", (), stopping="default"),
+        # Issue 14's ablations, each with the x0 rule (equal error): the secant alone (newton
+        # before issue 14), the x0 prior alone, the diagonal secant; taa and Picard with the rule.
+        SolverSpec("newton-secant", "newton secant only", "newton",
+                   (("prior", "zero"), ("prior_weight", 0.0)), stopping="x0"),
+        SolverSpec("newton-prior", "newton prior only", "newton", (("prior_weight", 1.0),), stopping="x0"),
+        SolverSpec("newton-diag", "newton_diag", "newton_diag", (), stopping="x0"),
+        SolverSpec("taa-x0", "taa + x0 rule", "taa", (), stopping="x0"),
+        SolverSpec("fp-x0", "fp k=T + x0 rule", "fp", (("order", "T"),), stopping="x0"),
     )
 }
 
@@ -263,10 +274,11 @@ class Cell:
 
     @property
     def tol_label(self) -> str:
-        """``1e-03``, ``0.1 (paradigms)``, ``default`` or ``-`` (sequential)."""
+        """``1e-03``, ``0.1 (paradigms)``, ``default``, ``x0`` or ``-`` (sequential)."""
         if self.solver.stopping == "tolerance":
             return f"{self.tol:.0e}"
-        return {"paradigms": "0.1 (paradigms)", "default": "default"}.get(self.solver.stopping, "-")
+        labels = {"paradigms": "0.1 (paradigms)", "default": "default", "x0": "x0"}
+        return labels.get(self.solver.stopping, "-")
 
 
 def _positive_int(name: str):
@@ -404,7 +416,7 @@ def _shipped_prediction(model: str) -> str:
 
 def full_plan(models: Sequence[str]) -> BenchPlan:
     """The committed report's matrix: 6 samplers for epsilon models (DDIM, DDPM, DPM++2M) and 5
-    for flow models (flow Euler, flow DPM++2M) x 9 solvers x tolerances 1e-3, 1e-4.
+    for flow models (flow Euler, flow DPM++2M) x every solver x tolerances 1e-3, 1e-4.
 
     Sized for about fifteen minutes on two shared CPU cores with the digits UNet: two seeds of
     one sample each (``--seeds``/``--samples`` raise it), curves on DDIM-50, DDPM-100 and
@@ -422,10 +434,10 @@ def full_plan(models: Sequence[str]) -> BenchPlan:
         curve=CurvePlan(
             samplers=[k for k in ("ddim-50", "ddpm-100", "flow-euler-50") if k in keys],
             # not fp k=1: at a tolerance this tight it moves one state per iteration (flat curve)
-            solvers=("fp-kT", "aa", "taa-m3", "taa-default"),
+            solvers=("fp-kT", "aa", "taa-m3", "taa-default", "newton-default"),
             max_iters=25,
         ),
-        heatmap=("ddim-100" if "ddim-100" in keys else "flow-euler-100", "taa-default"),
+        heatmap=("ddim-100" if "ddim-100" in keys else "flow-euler-100", "newton-default"),
     )
 
 

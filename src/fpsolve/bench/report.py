@@ -75,7 +75,8 @@ def cell_row(result: CellResult) -> list[str]:
 
 
 def headline_rows(result: BenchResult, model: str) -> list[list[str]]:
-    """Per sampler: ``taa default`` against ``fp k=T`` (first tolerance) and the ParaDiGMS rule,
+    """Per sampler: ``solve()``'s default (``newton default``) and ``taa default`` against ``fp k=T``
+    (first tolerance) and the ParaDiGMS rule,
     as "iterations (error)", the error being the max pixel difference (or the RMS without images)."""
     tol = result.plan.tolerances[0] if result.plan.tolerances else None
 
@@ -91,6 +92,7 @@ def headline_rows(result: BenchResult, model: str) -> list[list[str]]:
             [
                 spec.label,
                 str(spec.steps),
+                brief(result.cell(model, spec.key, "newton-default")),
                 brief(result.cell(model, spec.key, "taa-default")),
                 brief(result.cell(model, spec.key, "fp-kT", tol)),
                 brief(result.cell(model, spec.key, "fp-paradigms")),
@@ -179,7 +181,11 @@ def write_markdown(
         "(tol1 = tol2 = tol) at each tolerance (`fp k=1`, the slowest, at the first only). "
         "`fp k=T + paradigms` is ParaDiGMS' rule at tol 0.1. Stopping `default`: "
         "`fpsolve.solve(system, name)` with no options at all, so the library's default solver "
-        "options and stopping rule" + (f" (in this run: {defaults})." if defaults else "."),
+        "options and stopping rule" + (f" (in this run: {defaults})." if defaults else ".")
+        + " Stopping `x0`: the `x0` rule at its defaults (stop once the output x_0 moved by at most "
+        "1.5e-2 in an iteration; rows at RMS 2e-5): `newton secant only` is newton before issue 14, "
+        "`newton prior only` takes the slope 1/sigma without secants, `newton_diag` a per-element "
+        "secant; `taa + x0 rule` and `fp k=T + x0 rule` compare the solvers at the same rule.",
         "- Plots: iterations against T; the error after n parallel iterations (`MaxIters(n) & "
         "RMS(1e-10)`, seed 0); the per-position residual of one solve by iteration.",
         "",
@@ -196,6 +202,7 @@ def write_markdown(
             [
                 "sampler",
                 "T",
+                "newton default (solve's default)",
                 "taa default",
                 f"fp k=T, tol {tol:g}" if tol else "fp k=T",
                 "fp k=T + paradigms",
@@ -231,8 +238,9 @@ def print_tables(result: BenchResult, console: Any) -> None:
                 row = cell_row(cell)
                 table.add_row(*(row[i] for i in keep), style=None if cell.converged else "red")
             console.print(table)
-        headline = Table(title=f"{model}: taa default vs fp k=T and the paradigms rule", title_justify="left")
-        for column in ("sampler", "T", "taa default", "fp k=T", "fp k=T + paradigms"):
+        headline = Table(title=f"{model}: the defaults vs fp k=T and the paradigms rule",
+                         title_justify="left")
+        for column in ("sampler", "T", "newton default", "taa default", "fp k=T", "fp k=T + paradigms"):
             headline.add_column(column)
         for row in headline_rows(result, model):
             headline.add_row(*row)

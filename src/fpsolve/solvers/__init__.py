@@ -10,6 +10,7 @@ name            what it does
 ``aa``          standard Anderson acceleration over the stacked window
 ``taa``         triangular Anderson acceleration with the safeguard (ParaTAA)
 ``newton``      quasi-Newton: a per-state secant estimate of the model Jacobian
+``newton_diag`` quasi-DEER: a per-element (diagonal) secant estimate of the Jacobian
 ==============  =====================================================================
 """
 
@@ -18,14 +19,15 @@ from __future__ import annotations
 from ..hookspecs import hookimpl
 from .anderson import AA, TAA
 from .base import FixedPointSolver, WindowView
+from .diagonal_newton import DiagonalNewton
 from .fp import FP
 from .newton import QuasiNewton
 from .sequential import Sequential
 
-__all__ = ["FixedPointSolver", "WindowView", "FP", "AA", "TAA", "QuasiNewton", "Sequential"]
+__all__ = ["FixedPointSolver", "WindowView", "FP", "AA", "TAA", "QuasiNewton", "DiagonalNewton", "Sequential"]
 
 
 @hookimpl
 def fpsolve_register_solvers() -> list[type[FixedPointSolver]]:
     """fpsolve's own solvers."""
-    return [Sequential, FP, AA, TAA, QuasiNewton]
+    return [Sequential, FP, AA, TAA, QuasiNewton, DiagonalNewton]

@@ -26,7 +26,7 @@ from ..validators import (
 __all__ = [
     "integer", "real", "order_option", "history_option", "ridge_option", "flag_option",
     "as_flag", "as_int", "as_real", "check_flag", "check_int", "check_real", "close_matches",
-    "did_you_mean", "is_integer", "is_real",
+    "did_you_mean", "is_integer", "is_real", "prior_option", "unit_interval_option",
 ]
 
 
@@ -67,3 +67,18 @@ def ridge_option(instance: Any, attribute: Any, value: float) -> None:
 def flag_option(instance: Any, attribute: Any, value: Any) -> None:
     """A boolean option is exactly ``True`` or ``False`` (``"no"`` is not False)."""
     as_flag(attribute.name, value)
+
+
+def prior_option(instance: Any, attribute: Any, value: str) -> None:
+    """The Jacobian prior of the quasi-Newton solvers: ``"zero"`` or ``"x0"``."""
+    if value not in ("zero", "x0"):
+        raise InvalidOptionError(
+            f"{attribute.name} must be 'zero' (frozen outputs, Picard) or 'x0' (frozen predicted x_0); "
+            f"got {value!r}."
+        )
+
+
+def unit_interval_option(instance: Any, attribute: Any, value: float) -> None:
+    """A weight in [0, 1] (numpy numbers accepted, booleans refused)."""
+    if not (is_real(value) and 0 <= float(value) <= 1):
+        raise InvalidOptionError(f"{attribute.name} must be a number in [0, 1]; got {value!r}.")

@@ -20,7 +20,7 @@ from .pipelines import prepare_pipeline
 __all__ = ["sample"]
 
 
-def sample(pipe: Any, solver: Any = "taa", *, generator: Any = None, dtype: torch.dtype | None = None,
+def sample(pipe: Any, solver: Any = "newton", *, generator: Any = None, dtype: torch.dtype | None = None,
            tol: float | None = None, order: int | None = None, history: int | None = None,
            ridge: float | None = None, window: int | str | None = None, stopping: Any = None,
            initializer: Any = None, max_iters: int | None = None, observers: Sequence[Any] = (),
@@ -32,9 +32,10 @@ def sample(pipe: Any, solver: Any = "taa", *, generator: Any = None, dtype: torc
     Args:
         pipe: a supported pipeline (``DDPMPipeline``, ``DDIMPipeline``, ``DiTPipeline``,
             ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``,
-            ``FluxPipeline``, ``StableDiffusion3Pipeline``, ``WanPipeline``: see
+            ``SanaPipeline``, ``FluxPipeline``, ``StableDiffusion3Pipeline``, ``WanPipeline``: see
             :func:`supported_pipelines` and the docs' pipeline table) with a supported scheduler.
-        solver: fpsolve solver (name, class or instance): ``"taa"``, ``"fp"``, ``"sequential"``, ...
+        solver: fpsolve solver (name, class or instance): ``"newton"`` (default), ``"taa"``, ``"fp"``,
+            ``"sequential"``, ...
         generator: the pipeline's generator (or list of generators): initial latents and every
             step's noise are drawn from it in the pipeline's order.
         dtype: dtype of the solver state (default float64; the model keeps its own dtype).

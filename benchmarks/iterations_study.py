@@ -1,0 +1,199 @@
+"""Iterations study (issue 14): rounds and error of one solver configuration on the benchmark cells.
+
+For each cell (DDIM-25/50/100, DDPM-100, DPM++2M-25 by default) it solves one batch of samples
+from fixed seeds with the configuration's defaults and reports
+
+* ``it``: parallel iterations (rounds of one batched model call; initializer rounds included),
+* ``px``: max pixel difference to the sequential sample on [0, 255] (models without images: the
+  max absolute difference times 127.5, the same scale for data in [-1, 1]),
+* ``oracle``: the first iteration after which stopping would already have met <= 1 px on this
+  run: the x_0 the driver would output if every row were accepted then, ``x_0 + R^k_T`` (read
+  inside the stopping rule, before the update), compared with the sequential sample;
+* ``evals``: model evaluations per sample, JVP probes counted as model evaluations.
+
+Sequential references are cached under ``/tmp/fpsolve-iterations-study``. Run::
+
+    python benchmarks/iterations_study.py default newton-secant/x0 taa/x0 fp/x0 --samples 2
+    python benchmarks/iterations_study.py --list
+
+Machine noted in the report: 2-core x86_64 CPU, shared with other jobs, torch 1 thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+import fpsolve
+from fpsolve.bench.matrix import parse_sampler
+from fpsolve.initializers import Extrapolate
+from fpsolve.models import load_reference
+from fpsolve.stopping import RMS, StoppingRule, StoppingView, X0Change
+
+CACHE = Path("/tmp/fpsolve-iterations-study")
+CELLS = ("ddim-25", "ddim-50", "ddim-100", "ddpm-100", "dpm2m-25")
+
+def _x0(atol: float = 1e-2, tol: float = 2e-5) -> Any:
+    """The ``x0`` rule; the study's first setting was atol 1e-2 (the default became 1.5e-2)."""
+    return lambda steps: X0Change(atol=atol, tol=tol)
+
+
+def _newton(prior: str, weight: float, **extra: Any) -> dict[str, Any]:
+    return dict(solver="newton", prior=prior, prior_weight=weight, **extra)
+
+
+#: name -> keyword arguments of fpsolve.solve (callables are called with the number of steps).
+#: Every option is pinned, so a name measures the same thing whatever the library defaults are
+#: (except ``default``: ``fpsolve.solve(system)`` as it is now).
+CONFIGS: dict[str, dict[str, Any]] = {
+    "default": dict(),
+    # baselines at the rms rule's default 2e-4 (the defaults before issue 14)
+    "fp": dict(solver="fp", stopping=lambda steps: RMS()),
+    "taa": dict(solver="taa", stopping=lambda steps: RMS()),
+    "taa-m3": dict(solver="taa", history=3, stopping=lambda steps: RMS()),
+    "newton-secant": _newton("zero", 0.0, stopping=lambda steps: RMS()),  # newton before issue 14
+    # idea 1: the x0 rule
+    "newton-secant/x0": _newton("zero", 0.0, stopping=_x0()),
+    "newton-secant/x0-row2e-4": _newton("zero", 0.0, stopping=_x0(tol=2e-4)),
+    "taa/x0": dict(solver="taa", stopping=_x0()),
+    "taa-m3/x0": dict(solver="taa", history=3, stopping=_x0()),
+    "fp/x0": dict(solver="fp", stopping=_x0()),
+    # idea 2: ParaSolver's start (extrapolate); ex0 = steps 0, ex1 = steps 1
+    "newton-secant+ex0": _newton("zero", 0.0, stopping=lambda steps: RMS(), initializer=Extrapolate(steps=0)),
+    "newton-secant+ex1": _newton("zero", 0.0, stopping=lambda steps: RMS(), initializer=Extrapolate(steps=1)),
+    "default+ex0": dict(initializer=Extrapolate(steps=0)),
+    "default+ex1": dict(initializer=Extrapolate(steps=1)),
+    # idea 3a: diagonal secant (quasi-DEER)
+    "diag/x0": dict(solver="newton_diag", prior="zero", stopping=_x0()),
+    "diag-s10/x0": dict(solver="newton_diag", prior="zero", shrink=10.0, stopping=_x0()),
+    "diag-s0.1/x0": dict(solver="newton_diag", prior="zero", shrink=0.1, stopping=_x0()),
+    "diag-d0.2/x0": dict(solver="newton_diag", prior="zero", damping=0.2, stopping=_x0()),
+    "diag-px0/x0": dict(solver="newton_diag", prior="x0", stopping=_x0()),
+    # idea 3b: newton's slope prior 1/sigma, blended with weight w; "/x0a": atol 1.5e-2
+    "newton-px0-w0/x0": _newton("x0", 0.0, stopping=_x0()),
+    "newton-px0-w.3/x0": _newton("x0", 0.3, stopping=_x0()),
+    "newton-px0-w.5/x0": _newton("x0", 0.5, stopping=_x0()),
+    "newton-px0-w.7/x0": _newton("x0", 0.7, stopping=_x0()),
+    "newton-px0-w1/x0": _newton("x0", 1.0, stopping=_x0()),
+    "newton-px0-w.5/x0a": _newton("x0", 0.5, stopping=_x0(atol=1.5e-2)),
+    "newton-px0-w.7/x0a": _newton("x0", 0.7, stopping=_x0(atol=1.5e-2)),
+    "newton-px0-w1/x0a": _newton("x0", 1.0, stopping=_x0(atol=1.5e-2)),
+}
+
+
+@attrs.define(eq=False)
+class _Watch(StoppingRule):
+    """Delegates to ``rule``; records, per iteration, the x_0 the driver would output now."""
+
+    rule: StoppingRule
+    outputs: list[torch.Tensor] = attrs.field(factory=list)
+    steps: int = 0
+
+    def converged(self, view: StoppingView) -> torch.Tensor | None:
+        if view.hi == self.steps:
+            self.outputs.append((view.states[-1] + view.residual[-1]).detach().clone())
+        else:
+            self.outputs.append(torch.full_like(view.states[-1], float("nan")))
+        return self.rule.converged(view)
+
+    def stop(self, iteration: int) -> str | None:
+        return self.rule.stop(iteration)
+
+
+def _px(ref: Any, sample: torch.Tensor, reference: torch.Tensor) -> float:
+    if not torch.isfinite(sample).all():
+        return float("inf")
+    if ref.name == "gmm":
+        return float((sample - reference).abs().max() * 127.5)
+    a = ref.to_images(sample.reshape(-1, *ref.shape)).astype(np.int64)
+    b = ref.to_images(reference.reshape(-1, *ref.shape)).astype(np.int64)
+    return float(np.abs(a - b).max())
+
+
+def _system(ref: Any, cell: str, samples: int, seed: int) -> fpsolve.TriangularSystem:
+    return fpsolve.TriangularSystem(
+        sampler=parse_sampler(cell).build(ref.alphas_cumprod), denoiser=ref.denoiser, shape=ref.shape,
+        batch=samples, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference(ref: Any, cell: str, samples: int, seed: int) -> torch.Tensor:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"{ref.name}-{cell}-n{samples}-s{seed}.pt"
+    if path.exists():
+        return torch.load(path)
+    sample = fpsolve.solve(_system(ref, cell, samples, seed), "sequential").sample
+    torch.save(sample, path)
+    return sample
+
+
+def _options(config: dict[str, Any], steps: int) -> dict[str, Any]:
+    return {k: (v(steps) if k == "stopping" and callable(v) and not isinstance(v, type) else v)
+            for k, v in config.items()}
+
+
+def run_cell(ref: Any, cell: str, config: dict[str, Any], samples: int, seed: int) -> dict[str, Any]:
+    """Solve one cell with ``config``; iterations, error and the oracle iteration."""
+    system = _system(ref, cell, samples, seed)
+    reference = _reference(ref, cell, samples, seed)
+    options = _options(config, system.num_steps)
+    rule = options.pop("stopping", None)
+    if rule is None:
+        solver = fpsolve.registry.resolve("solver", options.get("solver", "newton"),
+                                          {k: v for k, v in options.items()
+                                           if k not in ("solver", "initializer", "window", "max_iters")})
+        rule = solver.default_stopping() or RMS()
+    watch = _Watch(rule, steps=system.num_steps)
+    started = time.perf_counter()
+    solution = fpsolve.solve(system, stopping=watch, **options)
+    wall = time.perf_counter() - started
+    errors = [_px(ref, x, reference.reshape(x.shape)) for x in watch.outputs]
+    offset = solution.iterations - len(watch.outputs)  # rounds spent by the initializer
+    oracle = next((offset + i + 1 for i, e in enumerate(errors) if e <= 1.0), None)
+    return dict(cell=cell, it=solution.iterations, px=_px(ref, solution.sample, reference),
+                oracle=oracle, evals=solution.model_evals / samples, status=solution.status.name,
+                wall=round(wall, 2), trace=[None if e != e else e for e in errors])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="*", help=f"configurations: {', '.join(CONFIGS)}")
+    parser.add_argument("--model", default="digits", help="digits or gmm")
+    parser.add_argument("--cells", default=",".join(CELLS))
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--json", help="append results as JSON lines to this file")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--trace", action="store_true", help="print the per-iteration px error")
+    args = parser.parse_args(argv)
+    if args.list or not args.configs:
+        for name, config in CONFIGS.items():
+            print(f"{name:24s} {config}")
+        return 0
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ref = load_reference(args.model)
+    for name in args.configs:
+        row = [f"{name:22s}"]
+        for cell in args.cells.split(","):
+            result = run_cell(ref, cell, CONFIGS[name], args.samples, args.seed)
+            row.append(f"{cell} {result['it']:>3} it {result['px']:>4.0f}px (o {result['oracle']})")
+            if args.trace:
+                print(name, cell, result["trace"], file=sys.stderr)
+            if args.json:
+                with open(args.json, "a") as handle:
+                    handle.write(json.dumps(dict(config=name, model=args.model, samples=args.samples,
+                                                 seed=args.seed, **result)) + "\n")
+        print(" | ".join(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""Issue 14's components: the ``x0`` stopping rule, the ``extrapolate`` initializer, the Jacobian
+prior of ``newton`` and the diagonal-secant solver ``newton_diag``.
+
+The exactness tests use a point-mass denoiser, ``eps(x, t) = (x - sqrt(abar_t) c) / sqrt(1 - abar_t)``:
+the exact eps of data concentrated at ``c``. Its predicted x_0 is ``c`` at every state, so the
+frozen-x0 extrapolation is the exact trajectory and ``1 / sigma`` is its exact Jacobian.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fpsolve
+from fpsolve.errors import InvalidOptionError
+from fpsolve.initializers import Extrapolate
+from fpsolve.samplers import DDIM, DDPM, DPMSolver
+from fpsolve.solvers import DiagonalNewton, QuasiNewton
+from fpsolve.stopping import RMS, X0Change
+from fpsolve.testing.problems import linear_alphas_cumprod, make_system
+
+ABAR = linear_alphas_cumprod()
+# Timesteps from 990 down to 90: every state before x_0 has sigma > 0.1, so the prior slope
+# 1 / sigma stays far below the clamp and is exact for the point mass.
+TIMESTEPS = list(range(990, 89, -100))
+
+
+class PointMass:
+    """The exact eps-predictor of data concentrated at ``center``."""
+
+    def __init__(self, center: torch.Tensor):
+        self.center = center
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = ABAR.to(x.dtype)[t].view(-1, *([1] * (x.dim() - 1)))
+        return (x - abar.sqrt() * self.center) / (1 - abar).sqrt()
+
+
+def _point_mass_system(sampler: str, batch: int = 2) -> fpsolve.TriangularSystem:
+    samplers = {
+        "ddim": DDIM(alphas_cumprod=ABAR, timesteps=TIMESTEPS),
+        "ddpm": DDPM(alphas_cumprod=ABAR, timesteps=TIMESTEPS),
+        "dpm_solver": DPMSolver(alphas_cumprod=ABAR, timesteps=TIMESTEPS, order=2),
+    }
+    center = torch.linspace(-0.8, 0.7, 6, dtype=torch.float64)
+    return fpsolve.TriangularSystem(sampler=samplers[sampler], denoiser=PointMass(center), shape=(6,),
+                                    batch=batch, generator=torch.Generator().manual_seed(5))
+
+
+def _sequential(system: fpsolve.TriangularSystem) -> torch.Tensor:
+    return fpsolve.solve(system, "sequential").trajectory
+
+
+# -- the x0 rule ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpm_solver"])
+@pytest.mark.parametrize("solver", ["newton", "taa", "fp"])
+def test_x0_rule_reaches_the_sequential_sample_as_its_tolerances_go_to_zero(kind, solver):
+    system = make_system(kind, steps=12)
+    exact = _sequential(system)[-1]
+    errors = []
+    for atol in (1e-2, 1e-5, 1e-10):
+        solution = fpsolve.solve(system, solver, stopping=X0Change(atol=atol, tol=atol))
+        errors.append(float((solution.sample - exact).abs().max()))
+    assert errors[-1] < 1e-9  # float64: the solve is exact to rounding once both bounds are tiny
+    assert errors[-1] <= errors[0]
+
+
+def test_x0_rule_stops_once_the_output_moved_less_than_atol():
+    """A huge ``atol`` accepts everything at the first iteration that has a previous output
+    (iteration 2), and the sample is the frozen-output run from the anchor: x_0 + R^T_T."""
+    system = make_system("ddim", steps=12)
+    solution = fpsolve.solve(system, "fp", stopping=X0Change(atol=1e9, tol=1e-12))
+    assert solution.iterations == 2
+    # Iteration 2 evaluates iterate 1 and returns x_0 = G^T_T(iterate 1), which is what plain
+    # Picard holds at x_0 after two iterations (fp takes the right-hand side at every row).
+    capped = fpsolve.solve(system, "fp", tol=1e-12, max_iters=2)
+    torch.testing.assert_close(solution.sample, capped.sample, rtol=0, atol=1e-12)
+
+
+def test_x0_rule_with_a_tiny_atol_is_the_rms_rule():
+    """Until x_0 settles, rows are judged by the RMS rule alone: with atol tiny the iterates are
+    exactly those of ``RMS(tol)``."""
+    system = make_system("ddpm", steps=12)
+    rule = fpsolve.solve(system, "newton", stopping=X0Change(atol=1e-300, tol=1e-6))
+    rms = fpsolve.solve(system, "newton", stopping=RMS(tol1=1e-6, tol2=1e-6))
+    assert rule.iterations == rms.iterations
+    torch.testing.assert_close(rule.trajectory, rms.trajectory, rtol=0, atol=0)
+
+
+def test_one_x0_rule_instance_judges_consecutive_solves_alike():
+    rule = X0Change(atol=1e-3)
+    first = fpsolve.solve(make_system("ddim", steps=12), "newton", stopping=rule)
+    second = fpsolve.solve(make_system("ddim", steps=12), "newton", stopping=rule)
+    assert first.iterations == second.iterations
+    torch.testing.assert_close(first.sample, second.sample, rtol=0, atol=0)
+
+
+def test_x0_rule_with_a_sliding_window_falls_back_to_rows():
+    system = make_system("ddim", steps=12)
+    solution = fpsolve.solve(system, "newton", stopping=X0Change(atol=1e-12, tol=1e-12), window=4)
+    torch.testing.assert_close(solution.sample, _sequential(system)[-1], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("options", [dict(atol=0.0), dict(atol=-1.0), dict(tol=float("nan"))])
+def test_x0_rule_refuses_bad_bounds(options):
+    with pytest.raises(InvalidOptionError, match="atol|tol"):
+        X0Change(**options)
+
+
+# -- the extrapolate initializer -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpm_solver"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_extrapolation_is_exact_when_the_predicted_x0_does_not_change(kind, steps):
+    """For the point mass every state predicts the same x_0, so holding it fixed is exact."""
+    system = _point_mass_system(kind)
+    guess = Extrapolate(steps=steps).initialize(system)
+    assert (guess.anchor, guess.iterations, guess.valid_upto) == (steps, steps, system.num_steps)
+    assert guess.model_evals == steps * system.num_samples
+    exact = _sequential(system).reshape(guess.trajectory.shape)
+    torch.testing.assert_close(guess.trajectory, exact, rtol=0, atol=1e-12)
+
+
+def test_extrapolation_keeps_the_exact_prefix_and_the_solve_reaches_sequential():
+    system = make_system("ddpm", steps=12)
+    exact = _sequential(system).reshape(13, 2, -1)
+    guess = Extrapolate(steps=4).initialize(system)
+    torch.testing.assert_close(guess.trajectory[:5], exact[:5], rtol=0, atol=1e-12)
+    solution = fpsolve.solve(system, "taa", initializer=Extrapolate(steps=4), tol=1e-12)
+    assert solution.iterations <= system.num_steps
+    torch.testing.assert_close(solution.sample, _sequential(system)[-1], rtol=0, atol=1e-9)
+
+
+def test_extrapolation_towards_zero_makes_no_model_call():
+    system = make_system("ddim", steps=8)
+    guess = Extrapolate(steps=0).initialize(system)
+    assert (guess.iterations, guess.model_evals, guess.anchor) == (0, 0, 0)
+    sigmas = system.sigmas
+    # DDIM with x_0 = 0 held fixed: s_j = sigma_j / sigma_0 * x_T.
+    expected = sigmas[:, None, None] / sigmas[0] * system.flat_noise[0]
+    torch.testing.assert_close(guess.trajectory, expected, rtol=0, atol=1e-12)
+
+
+def test_extrapolate_refuses_negative_steps():
+    with pytest.raises(InvalidOptionError, match="steps"):
+        Extrapolate(steps=-1)
+
+
+# -- newton's Jacobian prior ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpm_solver"])
+def test_newton_with_the_exact_jacobian_solves_an_affine_model_in_one_step(kind):
+    """The point mass's eps is affine with slope exactly 1 / sigma: Newton with that Jacobian
+    (prior x0, no secants) lands on the solution in one iteration; the second only confirms it."""
+    system = _point_mass_system(kind)
+    solver = QuasiNewton(prior="x0", prior_weight=1.0, clamp=1e4)
+    solution = fpsolve.solve(system, solver, tol=1e-10)
+    assert solution.iterations <= 2
+    torch.testing.assert_close(solution.sample, _sequential(system)[-1], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpm_solver"])
+@pytest.mark.parametrize("options", [dict(), dict(prior="zero", prior_weight=0.0),
+                                     dict(prior="x0", prior_weight=1.0)])
+def test_newton_variants_reach_the_sequential_sample(kind, options):
+    system = make_system(kind, steps=12)
+    solution = fpsolve.solve(system, QuasiNewton(**options), tol=1e-12)
+    assert solution.iterations <= system.num_steps
+    torch.testing.assert_close(solution.sample, _sequential(system)[-1], rtol=0, atol=1e-9)
+
+
+def test_newton_defaults_are_the_measured_best_and_bring_the_x0_rule():
+    solver = QuasiNewton()
+    assert (solver.prior, solver.prior_weight) == ("x0", 0.5)
+    assert solver.default_stopping() == X0Change() or isinstance(solver.default_stopping(), X0Change)
+    assert (X0Change().atol, X0Change().tol) == (1.5e-2, 2e-5)
+    system = make_system("ddim", steps=12)
+    solution = fpsolve.solve(system)  # the default solver is newton with its own rule
+    assert isinstance(solution.solver, QuasiNewton)
+    assert float((solution.sample - _sequential(system)[-1]).abs().max()) <= 1.5e-2
+
+
+@pytest.mark.parametrize("options", [dict(prior="eps"), dict(prior_weight=1.5), dict(prior_weight=-0.1)])
+def test_newton_refuses_bad_prior_options(options):
+    with pytest.raises(InvalidOptionError, match="prior"):
+        QuasiNewton(**options)
+
+
+# -- newton_diag -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpm_solver"])
+def test_diagonal_secant_with_infinite_shrink_is_the_scalar_secant(kind):
+    """``shrink -> inf`` pulls every element's slope to the state's scalar secant: ``newton``."""
+    system = make_system(kind, steps=12)
+    diagonal = fpsolve.solve(system, DiagonalNewton(shrink=1e12, prior="zero"), tol=1e-8)
+    scalar = fpsolve.solve(system, QuasiNewton(prior="zero", prior_weight=0.0), tol=1e-8)
+    assert diagonal.iterations == scalar.iterations
+    torch.testing.assert_close(diagonal.trajectory, scalar.trajectory, rtol=0, atol=1e-9)
+
+
+def test_diagonal_secant_is_exact_for_an_elementwise_affine_model():
+    system = _point_mass_system("ddim")
+    solution = fpsolve.solve(system, DiagonalNewton(clamp=1e4), tol=1e-10)
+    assert solution.iterations <= 2
+    torch.testing.assert_close(solution.sample, _sequential(system)[-1], rtol=0, atol=1e-10)
+
+
+def test_diagonal_secant_needs_the_whole_window():
+    with pytest.raises(InvalidOptionError, match="order"):
+        fpsolve.solve(make_system("ddim", steps=12), DiagonalNewton(order=3))
+
+
+@pytest.mark.parametrize("options", [dict(damping=1.0), dict(shrink=-1.0), dict(prior="none")])
+def test_diagonal_secant_refuses_bad_options(options):
+    with pytest.raises(InvalidOptionError):
+        DiagonalNewton(**options)
