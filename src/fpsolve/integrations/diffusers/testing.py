@@ -225,7 +225,7 @@ def tiny_sd_pipeline(scheduler: Any, directory: Path, seed: int = 0, output_scal
 def tiny_t5_tokenizer(directory: Path):
     """A ``T5TokenizerFast`` over letters and digits (a unigram vocabulary written to ``directory``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]  # a lazy alias in transformers 5
 
     characters = "abcdefghijklmnopqrstuvwxyz0123456789"
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
