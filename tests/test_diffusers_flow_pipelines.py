@@ -29,7 +29,13 @@ import torch
 from fpsolve.errors import UnsupportedError
 from fpsolve.integrations.diffusers import sample
 from fpsolve.integrations.diffusers.pipelines import ADAPTERS, SUPPORT, support_markdown, support_rows
-from fpsolve.integrations.diffusers.testing import tiny_clip_tokenizer
+from fpsolve.integrations.diffusers.testing import (
+    tiny_flux_pipeline,
+    tiny_kl_vae,
+    tiny_sd3_pipeline,
+    tiny_t5_encoder,
+    tiny_t5_tokenizer,
+)
 from tests.test_diffusers_pipelines import run_both
 
 EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
@@ -45,78 +51,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# -- tiny components -----------------------------------------------------------------------------
-
-def tiny_t5_tokenizer(directory: Path):
-    """A ``T5TokenizerFast`` over letters and digits (a unigram vocabulary written to ``directory``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    characters = "abcdefghijklmnopqrstuvwxyz0123456789"
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(c, -3.0) for c in characters] + [("\u2581" + c, -2.5) for c in characters]
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                             special_tokens=[("</s>", 1)])
-    fast = T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                           extra_ids=0)
-    fast.save_pretrained(str(directory))
-    return T5TokenizerFast.from_pretrained(str(directory))
-
-
-def tiny_t5_encoder(tokenizer, seed: int, width: int = 16):
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                      relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
-    return T5EncoderModel(config).eval()
-
-
-def tiny_clip(directory: Path, seed: int, projection: bool = False, width: int = 16):
-    """``(tokenizer, CLIP text encoder)``; with ``projection`` the encoder has a text projection."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer = tiny_clip_tokenizer(directory)
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=32,
-                            num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, hidden_act="gelu", projection_dim=width)
-    torch.manual_seed(seed)
-    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-    return tokenizer, model.eval()
-
-
-def tiny_kl_vae(seed: int, latent_channels: int, blocks: int = 1, **config: Any):
-    torch.manual_seed(seed)
-    vae: Any = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8,) * blocks, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-        latent_channels=latent_channels, norm_num_groups=4, sample_size=16, **config)
-    return vae.eval()
-
-
-def tiny_flux_pipeline(directory: Path, guidance_embeds: bool = True) -> Any:
-    tokenizer, text_encoder = tiny_clip(directory / "clip", seed=1)
-    tokenizer_2 = tiny_t5_tokenizer(directory / "t5")
-    torch.manual_seed(0)
-    transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
-        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
-                                                          max_shift=1.15)
-    pipe: Any = diffusers.FluxPipeline(
-        scheduler=scheduler, vae=tiny_kl_vae(3, 1, use_quant_conv=False, use_post_quant_conv=False,
-                                             shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=tiny_t5_encoder(tokenizer_2, seed=2),
-        tokenizer_2=tokenizer_2, transformer=transformer.eval())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
+# -- tiny components (built by fpsolve.integrations.diffusers.testing) ---------------------------
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
@@ -241,25 +176,6 @@ def test_flux_output_types(flux, output_type):
 
 
 # -- Stable Diffusion 3 --------------------------------------------------------------------------
-
-def tiny_sd3_pipeline(directory: Path) -> Any:
-    tokenizer, text_encoder = tiny_clip(directory / "clip-l", seed=1, projection=True)
-    tokenizer_2, text_encoder_2 = tiny_clip(directory / "clip-g", seed=2, projection=True)
-    tokenizer_3 = tiny_t5_tokenizer(directory / "t5")
-    torch.manual_seed(0)
-    # joint attention takes the two CLIP widths side by side (16 + 16), padded to T5's (32)
-    transformer = diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-        pos_embed_max_size=8)
-    pipe: Any = diffusers.StableDiffusion3Pipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer.eval(),
-        vae=tiny_kl_vae(3, 4, blocks=2, shift_factor=0.06, scaling_factor=1.5), text_encoder=text_encoder,
-        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-        text_encoder_3=tiny_t5_encoder(tokenizer_3, seed=3, width=32), tokenizer_3=tokenizer_3)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):

@@ -6,7 +6,8 @@ imports diffusers and transformers; the integration itself never imports it.
 * :class:`GaussianDenoiser`: a cheap model with the behaviour of a trained one (it predicts the
   posterior mean for Gaussian data, plus a small nonlinear term), for any prediction type;
 * :func:`reference_loop`: diffusers' own sequential loop for a scheduler and a model;
-* ``tiny_*``: tiny UNet2DModel / DiT / Stable Diffusion pipelines with seeded random weights.
+* ``tiny_*``: tiny UNet2DModel / DiT / Stable Diffusion / Flux / Stable Diffusion 3 pipelines
+  (and their text encoders) with seeded random weights.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import attrs
 import torch
 
 __all__ = ["GaussianDenoiser", "reference_loop", "tiny_unet2d", "tiny_unet_pipeline", "tiny_dit_pipeline",
-           "tiny_sd_pipeline", "tiny_clip_tokenizer", "tiny_vae", "psnr"]
+           "tiny_sd_pipeline", "tiny_clip_tokenizer", "tiny_vae", "psnr", "tiny_t5_tokenizer",
+           "tiny_t5_encoder", "tiny_clip", "tiny_kl_vae", "tiny_flux_pipeline", "tiny_sd3_pipeline"]
 
 
 @attrs.define(frozen=True, eq=False)
@@ -214,5 +216,117 @@ def tiny_sd_pipeline(scheduler: Any, directory: Path, seed: int = 0, output_scal
     pipe: Any = StableDiffusionPipeline(
         vae=tiny_vae(seed + 2), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- flow-matching pipelines (Flux, Stable Diffusion 3) and their text encoders -------------------
+
+def tiny_t5_tokenizer(directory: Path):
+    """A ``T5TokenizerFast`` over letters and digits (a unigram vocabulary written to ``directory``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]  # a lazy alias in transformers 5
+
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in characters] + [("\u2581" + c, -2.5) for c in characters]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    fast = T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0)
+    fast.save_pretrained(str(directory))
+    return T5TokenizerFast.from_pretrained(str(directory))
+
+
+def tiny_t5_encoder(tokenizer: Any, seed: int, width: int = 16):
+    """A one-layer random ``T5EncoderModel`` of width ``width`` for ``tokenizer``'s vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                      relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_clip(directory: Path, seed: int, projection: bool = False, width: int = 16):
+    """``(tokenizer, CLIP text encoder)``; with ``projection`` the encoder has a text projection."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer(directory)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=32,
+                            num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, hidden_act="gelu", projection_dim=width)
+    torch.manual_seed(seed)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    return tokenizer, model.eval()
+
+
+def tiny_kl_vae(seed: int, latent_channels: int, blocks: int = 1, **config: Any):
+    """A tiny random ``AutoencoderKL`` of width 8 (``2**(blocks-1)`` downsampling); ``config``:
+    further options (``shift_factor``, ``scaling_factor``, ``use_quant_conv``, ...)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae: Any = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8,) * blocks, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        latent_channels=latent_channels, norm_num_groups=4, sample_size=16, **config)
+    return vae.eval()
+
+
+def tiny_flux_pipeline(directory: Path, guidance_embeds: bool = True) -> Any:
+    """A ``FluxPipeline`` from tiny random components, tokenizers written under ``directory``.
+
+    One double and one single transformer block (width 16) on 1-channel latents packed into
+    4-channel tokens, a 1-block VAE (no downsampling) with Flux's shift and scaling, CLIP and T5
+    text encoders, and a ``FlowMatchEulerDiscreteScheduler`` with dynamic shifting.
+    """
+    import diffusers
+
+    tokenizer, text_encoder = tiny_clip(directory / "clip", seed=1)
+    tokenizer_2 = tiny_t5_tokenizer(directory / "t5")
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
+                                                          max_shift=1.15)
+    pipe: Any = diffusers.FluxPipeline(
+        scheduler=scheduler, vae=tiny_kl_vae(3, 1, use_quant_conv=False, use_post_quant_conv=False,
+                                             shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=tiny_t5_encoder(tokenizer_2, seed=2),
+        tokenizer_2=tokenizer_2, transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(directory: Path) -> Any:
+    """A ``StableDiffusion3Pipeline`` from tiny random components, tokenizers written under ``directory``.
+
+    A 2-layer MMDiT (patch 2, 4 latent channels), a 2-block VAE with a shift and scaling, two
+    CLIP encoders with projections, a T5 encoder, and ``FlowMatchEulerDiscreteScheduler(shift=3)``.
+    """
+    import diffusers
+
+    tokenizer, text_encoder = tiny_clip(directory / "clip-l", seed=1, projection=True)
+    tokenizer_2, text_encoder_2 = tiny_clip(directory / "clip-g", seed=2, projection=True)
+    tokenizer_3 = tiny_t5_tokenizer(directory / "t5")
+    torch.manual_seed(0)
+    # joint attention takes the two CLIP widths side by side (16 + 16), padded to T5's (32)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+        pos_embed_max_size=8)
+    pipe: Any = diffusers.StableDiffusion3Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer.eval(),
+        vae=tiny_kl_vae(3, 4, blocks=2, shift_factor=0.06, scaling_factor=1.5), text_encoder=text_encoder,
+        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=tiny_t5_encoder(tokenizer_3, seed=3, width=32), tokenizer_3=tokenizer_3)
     pipe.set_progress_bar_config(disable=True)
     return pipe
