@@ -11,7 +11,7 @@ returns, up to the solver's tolerance. The pieces:
 
 * :func:`sample`: a pipeline call solved in parallel (DDPM, DDIM, DiT, Stable Diffusion 1/2, SDXL,
   PixArt-Sigma, Sana, Flux, SD3, Wan: see docs/pipelines.md);
-* :func:`invert`: the latents from which ``sample`` makes a given image (Stable Diffusion);
+* :func:`invert`: the latents from which ``sample`` makes a given image (Stable Diffusion, SD3, Flux);
 * :func:`scheduler_system`: a scheduler plus a model as a :class:`~fpsolve.TriangularSystem`
   (variance-preserving schedulers, and the flow-matching ones: ``FlowMatchEulerDiscreteScheduler``,
   ``FlowMatchHeunDiscreteScheduler``, UniPC / DPM-Solver / DEIS with ``use_flow_sigmas=True``);
