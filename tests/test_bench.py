@@ -442,3 +442,22 @@ def test_progressive_run_equals_the_whole_run_and_keeps_finished_slices(tmp_path
         run_progressively(plan, torch.device("cpu"), Interrupt(), models, tmp_path / "bench.json")
     kept = json.loads((tmp_path / "bench.json").read_text())
     assert len(kept["cells"]) == len(plan.cells(sampler=plan.samplers[0]))  # the finished slice survived
+
+
+def test_progressive_run_of_an_epsilon_and_a_flow_model_runs_each_on_its_own_samplers(tmp_path):
+    # A plan over both kinds of model: each (model, sampler) slice must pair a model only with
+    # the samplers it predicts for (DDIM for gmm, flow Euler for digits-flow), as the whole run does.
+    from fpsolve.bench.cli import run_progressively
+
+    plan = matrix.BenchPlan(
+        models=("gmm", "digits-flow"),
+        samplers=[matrix.parse_sampler("ddim-3"), matrix.parse_sampler("flow-euler-3")],
+        solvers=[matrix.SOLVERS[k] for k in ("sequential", "fp-kT")],
+        tolerances=(1e-3,), seeds=1, samples=1,
+    )
+    models = {"gmm": load_reference("gmm"), "digits-flow": load_reference("digits-flow")}
+    whole = runner.run_plan(plan, models=models)
+    sliced = run_progressively(plan, torch.device("cpu"), runner.Reporter(), models, tmp_path / "bench.json")
+    pairs = [(c.cell.model, c.cell.sampler.label) for c in sliced.cells]
+    assert pairs == [(c.cell.model, c.cell.sampler.label) for c in whole.cells]
+    assert sorted(set(pairs)) == [("digits-flow", "FlowEuler-3"), ("gmm", "DDIM-3")]

@@ -274,7 +274,7 @@ def run_progressively(
     from .report import write_json
     from .runner import run_plan
 
-    slices = [(model, spec) for model in plan.models for spec in plan.samplers]
+    slices = [(model, spec) for model in plan.models for spec in plan.samplers_for(model)]  # fitting pairs
     parts = []
     for done, (model, spec) in enumerate(slices, start=1):
         part_plan = attrs.evolve(plan, models=[model], samplers=[spec])
