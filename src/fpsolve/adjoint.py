@@ -51,6 +51,7 @@ import torch
 from .driver import DriverConfig, run
 from .errors import InvalidOptionError
 from .initializers import NoiseCopy
+from .registry import iteration_hook
 from .samplers.base import AffineForm, SequentialSampler
 from .solution import Solution
 from .solvers.base import FixedPointSolver
@@ -342,7 +343,7 @@ class _Backward:
         tol = self.adjoint_tol * scale if scale > 0 else 1.0
         with torch.no_grad():
             solved = run(adjoint, self.solver, RMS(tol1=tol, tol2=tol), NoiseCopy(),
-                         DriverConfig(window=self.window, max_iters=self.max_iters))
+                         DriverConfig(window=self.window, max_iters=self.max_iters), [iteration_hook()])
         w = adjoint.flat_noise.new_zeros(self.states.shape)
         flat_adjoint = solved.trajectory.reshape(self.states.shape)
         w[:steps] = flat_adjoint.flip(0)[:steps]  # w_j for j = 0..T-1

@@ -13,8 +13,12 @@ import torch
 from .adjoint import differentiable_solution
 from .driver import DriverConfig, Evaluator, Observer, run
 from .errors import InvalidOptionError, NotConvergedWarning
+from .gpu.auto import resolve_auto_window
+from .gpu.chunking import ChunkedEvaluator
 from .initializers import Initializer
-from .registry import get_plugin_manager, resolve
+from .progress import ProgressBar
+from .registry import get_plugin_manager, iteration_hook, resolve
+from .sharding import sharded_evaluator
 from .solution import Solution, Status
 from .solvers.base import FixedPointSolver
 from .stopping import RMS, StoppingRule
@@ -153,29 +157,23 @@ def solve(
     if is_integer(window):
         window = int(window)  # numpy integers are integers
     initializer_obj = resolve("initializer", initializer if initializer is not None else "noise_copy")
-    observers = list(observers)
+    observers = [iteration_hook(), *observers]  # plugins' fpsolve_iteration_end hooks first
     auto = None
     if isinstance(window, str):
         if window != "auto":
             raise InvalidOptionError(f"window must be an int >= 1, None or 'auto'; got {window!r}.")
-        from .gpu.auto import resolve_auto_window
 
         auto = resolve_auto_window(system, solver_obj, stopping_obj, distributed=distributed)
         window, solver_obj = auto.window, auto.solver
         observers.append(auto.observer)  # what the solve took teaches the next plan
     bar = None
     if progress:
-        from .progress import ProgressBar
-
         bar = ProgressBar(f"fpsolve {solver_obj.name}")
         observers.append(bar)
     evaluate: Evaluator | None = None
     if distributed is not None and distributed is not False:
-        from .distributed import sharded_evaluator
-
         evaluate = sharded_evaluator(system, distributed)
     elif system.device.type == "cuda":  # a model call that does not fit is split, not fatal
-        from .gpu.chunking import ChunkedEvaluator
 
         evaluate = ChunkedEvaluator(system)
     # A differentiable solve runs without autograd; its backward is the adjoint solve.

@@ -17,6 +17,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from . import __version__
+from .errors import FpsolveError, InvalidOptionError
+
 __all__ = ["main", "COMMANDS", "OneLineParser", "unknown_command_message"]
 
 #: sub-command -> (module, one-line help). Each module defines ``add_arguments(parser)`` and
@@ -42,8 +45,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -94,7 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = command.parse_args(rest)
     except SystemExit as done:
         return int(done.code or 0)
-    from .errors import FpsolveError, InvalidOptionError
 
     try:
         return int(module.run(args) or 0)

@@ -30,6 +30,7 @@ from . import solve
 from .bench.metrics import ToImages, compare_samples, image_converter
 from .cli_output import check_output_dir
 from .errors import InvalidOptionError
+from .gpu.planner import latency_curve, predicted_parallel_seconds
 from .models import ReferenceModel, available_references, load_reference
 from .progress import JobProgress
 from .system import TriangularSystem
@@ -129,8 +130,6 @@ def predict_gpu(
     (``eager``, ``cudagraph``) with ``sequential_s``, ``parallel_s``, ``ratio`` (sequential /
     parallel) and the model's name and size.
     """
-    from .gpu.planner import latency_curve, predicted_parallel_seconds
-
     data = json.loads(Path(table).read_text())
     models = data["models"]
     size_m = (parameters or 0) / 1e6
@@ -286,7 +285,7 @@ def save_figure(
     """The demo's one figure: both grids, their difference and the residual heatmap, labelled."""
     from matplotlib.figure import Figure
 
-    from .bench.plots import _save, draw_residual_heatmap
+    from .bench.plots import _save, draw_residual_heatmap  # needs matplotlib (the "bench" extra)
 
     seq, par = _pictures(to_images, sequential), _pictures(to_images, parallel)
     nrow = min(8, len(seq)) if to_images is not None else 1

@@ -51,6 +51,7 @@ import torch
 
 from .errors import InvalidOptionError, PluginOutputError
 from .initializers import Initializer
+from .plugin_marks import plugin_of_class
 from .solution import ResidualTrace, Solution, Status
 from .solvers.base import FixedPointSolver, WindowView
 from .stopping import StoppingRule, StoppingView, rms_per_row
@@ -118,9 +119,6 @@ class IterationInfo:
 
 
 def _notify(observers: Sequence[Observer], info: IterationInfo) -> None:
-    from .registry import get_plugin_manager
-
-    get_plugin_manager().hook.fpsolve_iteration_end(info=info)
     for observer in observers:
         observer(info)
 
@@ -187,9 +185,7 @@ def plugin_label(component: Any) -> str:
     """``'name' (module.Class, from plugin 'x')`` for error messages about a plugin's output."""
     cls = type(component)
     label = f"{getattr(component, 'name', '') or cls.__name__!r} ({cls.__module__}.{cls.__qualname__}"
-    from .registry import plugin_of  # only on the error path: the registry sits above the driver
-
-    plugin = plugin_of(cls)
+    plugin = plugin_of_class(cls)  # recorded by the registry when it built its table
     return label + (f", registered by plugin {plugin!r})" if plugin else ")")
 
 
@@ -451,46 +447,25 @@ def run_sequential(system: TriangularSystem, observers: Sequence[Observer] = (),
     A sample whose model output turns non-finite keeps its last finite state from then on (the
     others go on); the solve stops early only when every sample has failed.
     """
-    evaluate = evaluate or system.evaluate
     started = time.perf_counter()
     steps, samples = system.num_steps, system.num_samples
-    states = torch.empty_like(system.flat_noise)
-    states[0] = system.flat_noise[0]
-    outputs = torch.zeros(steps, samples, system.state_size, dtype=system.dtype, device=system.device)
     recorder = _Recorder(steps)
-    status, message = Status.CONVERGED, "sequential sampling completed"
-    failures: dict[int, str] = {}
-    failed = torch.zeros(samples, dtype=torch.bool, device=system.device)
-    calls = 0
-    for row in range(1, steps + 1):
-        # A copy: the denoiser may write into its input, and x_T (or any state) must not change.
-        evaluated = evaluate(states[row - 1:row].clone(), [row - 1])
-        calls = row
-        if failures:
-            evaluated = evaluated.masked_fill(failed[None, :, None], 0.0)
-        if not torch.isfinite(evaluated).all():
-            bad = _bad_samples(evaluated)
-            where = (f"the denoiser returned non-finite values at step {row}, position {row - 1} "
-                     f"(timestep {system.sampler.timesteps[row - 1]})")
-            for index in bad.nonzero().flatten().tolist():
-                failures.setdefault(index, where)
-            if len(failures) == samples:
-                status = Status.NONFINITE
-                message = (f"{where}; states from {row} on are copies" if samples == 1
-                           else _failure_summary(failures, samples) + f"; states from {row} on are copies")
-                states[row:] = states[row - 1]
-                break
-            failed |= bad
-            evaluated = evaluated.masked_fill(failed[None, :, None], 0.0)
-        outputs[row - 1] = evaluated[0]
-        states[row] = system.first_order_rhs(states, outputs, row, row)[0]
-        if failures:  # a failed sample keeps its last finite state
-            states[row] = torch.where(failed[:, None], states[row - 1], states[row])
-        zero = torch.zeros(1, dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+
+    def report(row: int) -> None:
         recorder.add(row, row, zero, row, samples)
         _notify(observers, IterationInfo(row, row, row, row, steps, samples, row * samples, zero,
                                          torch.ones(1, dtype=torch.bool)))
-    if failures and status is Status.CONVERGED:
+
+    result = system.sequential(evaluate, on_step=report)
+    states, calls, failures = result.states, result.calls, result.failures
+    status, message = Status.CONVERGED, "sequential sampling completed"
+    if result.stopped_at is not None:
+        where = failures[min(failures)] if samples == 1 else None
+        status = Status.NONFINITE
+        copies = f"; states from {result.stopped_at} on are copies"
+        message = (where if where is not None else _failure_summary(failures, samples)) + copies
+    elif failures:
         status = Status.NONFINITE
         message = _failure_summary(failures, samples) + "; the other samples completed"
     _synchronize(system.device)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from .plugin_marks import hookimpl as hookimpl  # re-exported: plugins mark hooks with it
+
 if TYPE_CHECKING:
     from .driver import IterationInfo
     from .initializers import Initializer
@@ -30,7 +32,6 @@ if TYPE_CHECKING:
     from .system import TriangularSystem
 
 hookspec = pluggy.HookspecMarker("fpsolve")
-hookimpl = pluggy.HookimplMarker("fpsolve")
 
 
 @hookspec

@@ -13,17 +13,15 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import torch
 
 from .errors import InvalidOptionError, ShapeError
-from .hookspecs import hookimpl
+from .plugin_marks import hookimpl
+from .system import TriangularSystem
 from .validators import check_int, is_integer
-
-if TYPE_CHECKING:
-    from .system import TriangularSystem
 
 __all__ = ["InitialGuess", "Initializer", "NoiseCopy", "FromTrajectory", "Coarse", "Extrapolate"]
 
@@ -147,9 +145,6 @@ class Coarse(Initializer):
 
     def initialize(self, system: TriangularSystem) -> InitialGuess:
         """Run the coarse sampler from the same ``x_T`` and interpolate."""
-        from .api import solve  # the public API; imported here to keep module imports acyclic
-        from .system import TriangularSystem
-
         fine_steps = system.num_steps
         steps = self.steps if self.steps is not None else min(fine_steps, max(2, fine_steps // 5))
         if not 1 <= steps <= fine_steps:
@@ -164,16 +159,16 @@ class Coarse(Initializer):
             batch=system.num_samples, noise=noise.reshape(noise.shape[0], system.num_samples, *system.shape),
             dtype=system.dtype, device=system.device, model_dtype=system.model_dtype,
         )
-        coarse = solve(coarse_system, solver="sequential")
-        coarse_states = coarse.trajectory.reshape(coarse_sampler.num_steps + 1, system.num_samples, -1)
+        coarse = coarse_system.sequential()  # the system's own sequential loop
+        coarse_states = coarse.states.reshape(coarse_sampler.num_steps + 1, system.num_samples, -1)
         fine_sigma = system.sampler.state_sigmas().tolist()
         coarse_sigma = coarse_sampler.state_sigmas().tolist()
         trajectory = _empty_trajectory(system)
         for row, sigma in enumerate(fine_sigma):
             trajectory[row] = _interpolate(coarse_states, coarse_sigma, sigma)
         trajectory[0] = system.flat_noise[0]
-        return InitialGuess(trajectory, valid_upto=fine_steps, iterations=coarse.iterations,
-                            model_evals=coarse.model_evals)
+        return InitialGuess(trajectory, valid_upto=fine_steps, iterations=coarse.calls,
+                            model_evals=coarse.calls * system.num_samples)
 
 
 def _interpolate(states: torch.Tensor, sigmas: list[float], sigma: float) -> torch.Tensor:

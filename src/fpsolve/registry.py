@@ -18,7 +18,9 @@ import attrs
 import pluggy
 
 from . import hookspecs
+from .driver import IterationInfo, Observer
 from .errors import InvalidOptionError, PluginConflictError, UnknownNameError
+from .plugin_marks import forget_origins, record_origin
 from .validators import close_matches
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "list_plugins",
     "resolve",
     "plugin_of",
+    "iteration_hook",
 ]
 
 ENTRY_POINT_GROUP = "fpsolve"
@@ -189,7 +192,25 @@ def _build_registry(manager: pluggy.PluginManager) -> Registry:
                     table[entry_name] = RegistryEntry(kind, entry_name, cls, preset, impl.plugin_name,
                                                       dist, version, alias_of)
         entries[kind] = table
+    # The driver names the plugin behind a component in its errors from this record.
+    forget_origins()
+    for table in entries.values():
+        for entry in table.values():
+            record_origin(entry.cls, entry.plugin)
     return Registry(entries)
+
+
+def iteration_hook() -> Observer:
+    """An observer that calls every plugin's ``fpsolve_iteration_end`` hook with its ``info``.
+
+    The api puts it first among a solve's observers; the driver itself knows no registry.
+    """
+    hook = get_plugin_manager().hook.fpsolve_iteration_end
+
+    def notify_plugins(info: IterationInfo) -> None:
+        hook(info=info)
+
+    return notify_plugins
 
 
 def get_registry() -> Registry:

@@ -24,8 +24,15 @@ from typing import Any
 import attrs
 import torch
 
+from . import api, models, samplers
+from .bench.metrics import image_converter
+from .cli_output import atomic_write, check_output_dir
+from .distributed import plan, solve_distributed
 from .errors import FpsolveError, InvalidOptionError
+from .models import digits
+from .models.digits import save_digit_grid
 from .stopping import RMS
+from .system import TriangularSystem
 
 #: ``--sampler`` choices: ``auto`` is the model's own (``ref.sampler``: DDIM for an epsilon model,
 #: flow Euler for a flow model); the VP samplers need an epsilon model, the flow ones a flow model.
@@ -47,17 +54,13 @@ def default_file_name(args: argparse.Namespace, model: str) -> str:
     (``--sampler auto`` is named after the sampler it picks: ddim, or flow_euler for a flow model)."""
     sampler = args.sampler
     if sampler == "auto":
-        from .models import reference_prediction
-
-        sampler = "flow_euler" if reference_prediction(model) == "velocity" else "ddim"
+        sampler = "flow_euler" if models.reference_prediction(model) == "velocity" else "ddim"
     return f"samples-{model}-{sampler}{args.steps}-{args.solver}-seed{args.seed}.pt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fpsolve sample``."""
-    from .models import available_references
-
-    parser.add_argument("--model", default="digits", choices=available_references(),
+    parser.add_argument("--model", default="digits", choices=models.available_references(),
                         help="reference model (default digits; gmm if the digits model cannot be loaded)")
     parser.add_argument("--sampler", default="auto", choices=SAMPLERS,
                         help="sequential sampler (default auto: the model's own, DDIM for an epsilon "
@@ -139,19 +142,15 @@ def _init_group(args: argparse.Namespace, device: torch.device, launch: dict[str
 
 
 def _load_model(name: str, device: torch.device, say: Any) -> Any:
-    from .models import load_reference
-
     try:
-        ref = load_reference(name)
+        ref = models.load_reference(name)
     except Exception as error:  # the digits UNet needs its weights file and the models extra
         if name != "digits":
             raise
         say(f"fpsolve sample: the digits model could not be loaded ({type(error).__name__}: {error}); "
             "using the gmm reference model instead.")
-        return load_reference("gmm")
+        return models.load_reference("gmm")
     if ref.unet is not None and device.type != "cpu":
-        from .models import digits
-
         # the digits denoiser runs the UNet where the UNet lives: rebuild it on this rank's GPU
         ref = attrs.evolve(ref, denoiser=digits.digits_denoiser(ref.unet.to(device)))
     return ref
@@ -159,8 +158,6 @@ def _load_model(name: str, device: torch.device, say: Any) -> Any:
 
 def _sampler(name: str, steps: int, ref: Any) -> Any:
     """The sequential sampler ``--sampler name`` over ``steps`` steps for the reference ``ref``."""
-    from . import samplers
-    from .models import spaced_timesteps
 
     if name == "auto":
         return ref.sampler(steps)
@@ -175,12 +172,10 @@ def _sampler(name: str, steps: int, ref: Any) -> Any:
         classes = {"flow_euler": samplers.FlowEuler, "flow_dpm_solver": samplers.FlowDPMSolver}
         return classes[name](sigmas=ref.flow_sigmas(steps), num_train_timesteps=ref.num_train_timesteps)
     vp = {"ddim": samplers.DDIM, "ddpm": samplers.DDPM, "dpm_solver": samplers.DPMSolver}
-    return vp[name](alphas_cumprod=ref.alphas_cumprod, timesteps=spaced_timesteps(steps))
+    return vp[name](alphas_cumprod=ref.alphas_cumprod, timesteps=models.spaced_timesteps(steps))
 
 
 def _system(args: argparse.Namespace, ref: Any, device: torch.device) -> Any:
-    from .system import TriangularSystem
-
     sampler = _sampler(args.sampler, args.steps, ref)
     # noise is drawn on the CPU from the seed, so every rank (and a single process) has the same
     return TriangularSystem(sampler=sampler, denoiser=ref.denoiser, shape=ref.shape, batch=args.samples,
@@ -206,8 +201,6 @@ def resolve_out(args: argparse.Namespace, model: str) -> Path | None:
     """The file ``--out`` names: a folder (existing, or written with a trailing slash) gets
     :func:`default_file_name`; the suffix must be one of :data:`OUT_FORMATS`. The folder is
     created and checked writable here, before sampling."""
-    from .cli_output import check_output_dir
-
     if args.out is None:
         return None
     out = Path(args.out)
@@ -231,8 +224,6 @@ def _settings(args: argparse.Namespace, model: str, width: int, world: int, shar
 
 def save_samples(out: Path, samples: torch.Tensor, settings: dict[str, Any], to_images: Any) -> Path:
     """Write ``samples`` to ``out`` in the format of its suffix (:data:`OUT_FORMATS`), atomically."""
-    from .cli_output import atomic_write
-
     samples = samples.detach().cpu()
     with atomic_write(out) as temporary:
         if out.suffix == ".pt":
@@ -243,8 +234,6 @@ def save_samples(out: Path, samples: torch.Tensor, settings: dict[str, Any], to_
             save_file({"samples": samples.contiguous()}, str(temporary),
                       metadata={key: str(value) for key, value in settings.items()})
         else:
-            from .models.digits import save_digit_grid
-
             save_digit_grid(to_images(samples), temporary, nrow=min(8, samples.shape[0]), scale=6)
     return out
 
@@ -254,8 +243,6 @@ def run(args: argparse.Namespace) -> int:
     import statistics
 
     import torch.distributed as dist
-
-    from .distributed import plan, solve_distributed
 
     launch = _launch_environment()
     local_rank = int(launch["LOCAL_RANK"]) if launch else 0
@@ -278,7 +265,6 @@ def run(args: argparse.Namespace) -> int:
         ref = _load_model(args.model, device, say)
         if out is not None and ref.name != args.model and args.out.is_dir():
             out = resolve_out(args, ref.name)  # the fallback model names the file
-        from .bench.metrics import image_converter
 
         to_images = image_converter(ref.to_images, ref.shape)
         if out is not None and out.suffix == ".png" and to_images is None:
@@ -293,9 +279,7 @@ def run(args: argparse.Namespace) -> int:
             if distributed:
                 solution = solve_distributed(system, args.solver, shard=chosen.mode, **options)
             else:
-                from .api import solve
-
-                solution = solve(system, args.solver, **options)
+                solution = api.solve(system, args.solver, **options)
             times.append(solution.wall_time)
         wall_time = statistics.median(times)
         per_iteration = wall_time / max(solution.iterations, 1)

@@ -23,7 +23,7 @@ import attrs
 import torch
 
 from .errors import InvalidOptionError
-from .hookspecs import hookimpl
+from .plugin_marks import hookimpl
 from .validators import is_integer, is_real
 
 if TYPE_CHECKING:

@@ -357,3 +357,70 @@ class TriangularSystem:
             band = (offsets[:, None] - offsets[None, :]) < order
             weights = weights * band
         return (weights @ first_order.reshape(width, -1)).reshape(first_order.shape)
+
+    def sequential(self, evaluate: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None = None,
+                   on_step: Callable[[int], Any] | None = None) -> SequentialRun:
+        """The ONE sequential loop: T model calls, each over the N samples, each followed by the
+        sampler's exact step (``states[t] = first_order_rhs``).
+
+        The driver's ``sequential`` solver, the ``coarse`` initializer and the digits model's
+        sequential sampling all run this loop. A sample whose model output turns non-finite keeps
+        its last finite state from then on (the others go on); the loop stops early only when
+        every sample has failed.
+
+        Args:
+            evaluate: ``evaluate(states [1, N, D], [position]) -> [1, N, D]`` model outputs;
+                default :meth:`evaluate` (the driver passes a chunked or sharded evaluator).
+            on_step: called with the row ``t`` after each step (the driver reports iterations).
+        """
+        evaluate = evaluate or self.evaluate
+        steps, samples = self.num_steps, self.num_samples
+        states = torch.empty_like(self.flat_noise)
+        states[0] = self.flat_noise[0]
+        outputs = torch.zeros(steps, samples, self.state_size, dtype=self.dtype, device=self.device)
+        failures: dict[int, str] = {}
+        failed = torch.zeros(samples, dtype=torch.bool, device=self.device)
+        calls, stopped_at = 0, None
+        for row in range(1, steps + 1):
+            # A copy: the denoiser may write into its input, and x_T (or any state) must not change.
+            evaluated = evaluate(states[row - 1:row].clone(), [row - 1])
+            calls = row
+            if failures:
+                evaluated = evaluated.masked_fill(failed[None, :, None], 0.0)
+            if not torch.isfinite(evaluated).all():
+                bad = (~torch.isfinite(evaluated)).any(-1).any(0)
+                where = (f"the denoiser returned non-finite values at step {row}, position {row - 1} "
+                         f"(timestep {self.sampler.timesteps[row - 1]})")
+                for index in bad.nonzero().flatten().tolist():
+                    failures.setdefault(index, where)
+                if len(failures) == samples:
+                    states[row:] = states[row - 1]
+                    stopped_at = row
+                    break
+                failed |= bad
+                evaluated = evaluated.masked_fill(failed[None, :, None], 0.0)
+            outputs[row - 1] = evaluated[0]
+            states[row] = self.first_order_rhs(states, outputs, row, row)[0]
+            if failures:  # a failed sample keeps its last finite state
+                states[row] = torch.where(failed[:, None], states[row - 1], states[row])
+            if on_step is not None:
+                on_step(row)
+        return SequentialRun(states=states, calls=calls, failures=failures, stopped_at=stopped_at)
+
+
+@attrs.define(frozen=True, eq=False)
+class SequentialRun:
+    """What :meth:`TriangularSystem.sequential` computed.
+
+    Attributes:
+        states: ``[T+1, N, D]`` flat states, ``states[0] = x_T``.
+        calls: model calls made (T unless every sample failed first).
+        failures: ``{sample: why}`` for each sample whose model output turned non-finite.
+        stopped_at: the step at which every sample had failed (states from there on are copies),
+            or ``None`` when the loop ran to the end.
+    """
+
+    states: torch.Tensor
+    calls: int
+    failures: dict[int, str]
+    stopped_at: int | None

@@ -22,8 +22,10 @@ import torch
 
 from ..cli_output import check_output_dir
 from ..errors import FpsolveError, InvalidOptionError
+from . import runner  # called through the module: tests replace runner.prepare_model, run_plan
 from .matrix import SOLVERS, BenchPlan, CurvePlan, full_plan, parse_sampler, parse_solver, quick_plan
-from .runner import Reporter
+from .report import print_tables, write_json, write_markdown
+from .runner import BenchResult, Reporter
 
 __all__ = [
     "add_arguments",
@@ -155,19 +157,17 @@ def _fit_heatmap(plan: BenchPlan) -> tuple[str, str] | None:
 
 def _models(requested: list[str] | None, device: torch.device) -> dict[str, Any]:
     """Load the requested models; with no request, digits, or gmm when its weights are missing."""
-    from .runner import prepare_model
-
     if requested:
-        return {name: prepare_model(name, device) for name in dict.fromkeys(requested)}
+        return {name: runner.prepare_model(name, device) for name in dict.fromkeys(requested)}
     try:
-        return {"digits": prepare_model("digits", device)}
+        return {"digits": runner.prepare_model("digits", device)}
     except (FileNotFoundError, ImportError) as error:
         print(
             f"fpsolve bench: the digits model is unavailable ({error}); benchmarking the 'gmm' model "
             "instead (no image metrics).",
             file=sys.stderr,
         )
-        return {"gmm": prepare_model("gmm", device)}
+        return {"gmm": runner.prepare_model("gmm", device)}
 
 
 def _machine(device: torch.device, threads: int) -> str:
@@ -220,7 +220,7 @@ class _RichReporter(Reporter):
 
 
 def _write_plots(result: Any, out: Path) -> dict[str, list[str]]:
-    from . import plots
+    from . import plots  # needs matplotlib (the "bench" extra); --no-plots runs without it
 
     written: dict[str, list[str]] = {}
     for model in result.plan.models:
@@ -247,8 +247,6 @@ def _write_plots(result: Any, out: Path) -> dict[str, list[str]]:
 def merge_results(plan: BenchPlan, parts: list[Any]) -> Any:
     """One :class:`~fpsolve.bench.runner.BenchResult` of ``plan`` from the results of its parts
     (each a (model, sampler) slice of it, in the plan's order)."""
-    from .runner import BenchResult
-
     return BenchResult(
         plan,
         tuple(c for part in parts for c in part.cells),
@@ -271,14 +269,12 @@ def run_progressively(
     its sampler, in the same order, from the same seeds); the returned result equals a run of
     the whole plan. The partial files say so in ``meta.partial``.
     """
-    from .report import write_json
-    from .runner import run_plan
 
     slices = [(model, spec) for model in plan.models for spec in plan.samplers_for(model)]  # fitting pairs
     parts = []
     for done, (model, spec) in enumerate(slices, start=1):
         part_plan = attrs.evolve(plan, models=[model], samplers=[spec])
-        parts.append(run_plan(part_plan, device, reporter, models=models))
+        parts.append(runner.run_plan(part_plan, device, reporter, models=models))
         if done < len(slices):
             partial = merge_results(plan, parts)
             partial.meta["partial"] = f"{done} of {len(slices)} (model, sampler) groups finished"
@@ -291,8 +287,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .report import print_tables, write_json, write_markdown
-    from .runner import count_units
 
     if args.threads < 1:
         print("fpsolve bench: --threads must be >= 1.", file=sys.stderr)
@@ -317,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-            reporter = _RichReporter(progress, count_units(plan))
+            reporter = _RichReporter(progress, runner.count_units(plan))
             result = run_progressively(plan, device, reporter, models, out / "bench.json")
     finally:
         torch.set_num_threads(previous_threads)  # in-process callers (tests) keep their setting

@@ -17,6 +17,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter
 
+from ..cli_output import atomic_write
+from ..registry import resolve
 from .curves import CapCurve
 from .matrix import SolverSpec
 from .runner import BenchResult
@@ -38,8 +40,6 @@ _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
 
 def _save(fig: Figure, path: str | Path, dpi: int = _DPI) -> Path:
     """Save atomically (a temporary file renamed into place): a reader never sees half a PNG."""
-    from ..cli_output import atomic_write
-
     path = Path(path)
     with atomic_write(path) as temporary:
         fig.savefig(temporary, dpi=dpi, format=path.suffix.lstrip(".") or "png")
@@ -60,7 +60,6 @@ def stopping_text(solver: SolverSpec, tol: float | None) -> str:
     if rule is None:
         if solver.stopping == "sequential":
             return "exact"
-        from ..registry import resolve
 
         rule = resolve("solver", solver.solver).default_stopping() or resolve("stopping rule", "rms")
         prefix = "default: "

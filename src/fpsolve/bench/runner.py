@@ -20,6 +20,7 @@ import torch
 from ..api import solve
 from ..errors import InvalidOptionError
 from ..models import ReferenceModel, load_reference
+from ..models.digits import digits_denoiser
 from ..solution import Solution
 from ..system import TriangularSystem
 from .curves import CapCurve, error_vs_cap
@@ -225,8 +226,6 @@ def prepare_model(name: str, device: torch.device) -> ReferenceModel:
     """
     ref = load_reference(name)
     if device.type != "cpu" and ref.unet is not None:
-        from ..models.digits import digits_denoiser
-
         if name not in ("digits", "digits-flow"):
             raise InvalidOptionError(f"moving the {name!r} model to {device} is not supported yet.")
         ref = attrs.evolve(ref, denoiser=digits_denoiser(ref.unet.to(device)), unet=ref.unet.to(device))

@@ -11,7 +11,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PerDenoiser", "input_key"]
+import torch
+
+__all__ = ["PerDenoiser", "denoiser_cache_key", "input_key"]
 
 
 def input_key(shape: tuple[int, ...], dtype: Any, device: Any) -> tuple[tuple[int, ...], str, str]:
@@ -60,3 +62,20 @@ class _Strong:
 
     def __call__(self) -> Any:
         return self.obj
+
+
+def denoiser_cache_key(denoiser: Any) -> str | None:
+    """A name that identifies the model across processes, or ``None`` if there is no safe one.
+
+    A ``cache_key`` attribute (string) wins; wrappers of this module forward their model's key;
+    a ``torch.nn.Module`` is named by its class and parameter count. Plain functions have no
+    safe name (two closures of one factory may wrap different networks): give them a
+    ``cache_key`` attribute to cache their latency on disk.
+    """
+    key = getattr(denoiser, "cache_key", None)
+    if isinstance(key, str) and key:
+        return key
+    if isinstance(denoiser, torch.nn.Module):
+        count = sum(p.numel() for p in denoiser.parameters())
+        return f"{type(denoiser).__module__}.{type(denoiser).__qualname__}:{count}"
+    return None

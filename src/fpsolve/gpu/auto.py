@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 
 from ..errors import InvalidOptionError
+from ..registry import resolve
 from ..solvers.base import FixedPointSolver
 from ..system import TriangularSystem
 from ._identity import PerDenoiser
@@ -175,8 +176,6 @@ def resolve_auto_window(
     if solver.sequential:
         return AutoChoice(None, solver, plan, _Observer(record, None, curve), table)
     if plan.use_sequential:
-        from ..registry import resolve
-
         warnings.warn(
             f"window='auto': {plan.reason}; running the sequential loop.", AutoWindowWarning, stacklevel=3
         )

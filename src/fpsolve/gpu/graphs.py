@@ -22,6 +22,7 @@ import attrs
 import torch
 
 from ..errors import InvalidOptionError
+from ._identity import denoiser_cache_key
 
 __all__ = ["CUDAGraphDenoiser", "CUDAGraphWarning"]
 
@@ -169,8 +170,6 @@ class CUDAGraphDenoiser:
     @property
     def cache_key(self) -> str | None:
         """A stable name for on-disk latency caches: the wrapped model's, marked as graphed."""
-        from .latency import denoiser_cache_key
-
         inner = denoiser_cache_key(self.denoiser)
         return None if inner is None else f"cudagraph({inner})"
 

@@ -21,7 +21,7 @@ import attrs
 import torch
 
 from ..errors import InvalidOptionError
-from ._identity import PerDenoiser, input_key
+from ._identity import PerDenoiser, denoiser_cache_key, input_key
 from .timing import DeviceTimer
 
 __all__ = [
@@ -94,23 +94,6 @@ def device_name(device: str | torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type
-
-
-def denoiser_cache_key(denoiser: Any) -> str | None:
-    """A name that identifies the model across processes, or ``None`` if there is no safe one.
-
-    A ``cache_key`` attribute (string) wins; wrappers of this module forward their model's key;
-    a ``torch.nn.Module`` is named by its class and parameter count. Plain functions have no
-    safe name (two closures of one factory may wrap different networks): give them a
-    ``cache_key`` attribute to cache their latency on disk.
-    """
-    key = getattr(denoiser, "cache_key", None)
-    if isinstance(key, str) and key:
-        return key
-    if isinstance(denoiser, torch.nn.Module):
-        count = sum(p.numel() for p in denoiser.parameters())
-        return f"{type(denoiser).__module__}.{type(denoiser).__qualname__}:{count}"
-    return None
 
 
 def measure_latency(

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ._identity import denoiser_cache_key
+
 __all__ = ["synchronize", "DeviceTimer", "TimedDenoiser"]
 
 
@@ -92,8 +94,6 @@ class TimedDenoiser:
     @property
     def cache_key(self) -> str | None:
         """The wrapped model's on-disk latency-cache key (timing does not change latency)."""
-        from .latency import denoiser_cache_key
-
         return denoiser_cache_key(self.denoiser)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

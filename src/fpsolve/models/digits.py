@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 from fpsolve.errors import InvalidOptionError, ShapeError
+from fpsolve.samplers import DDIM, FlowEuler
+from fpsolve.system import TriangularSystem
 
 if TYPE_CHECKING:  # pragma: no cover - only for annotations
     from diffusers import UNet2DModel
@@ -582,18 +584,16 @@ def ddim_sample_digits(
         raise InvalidOptionError(
             f"ddim_sample_digits: steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {steps}."
         )
-    denoiser = digits_denoiser(unet)
-    alphas_cumprod = digits_alphas_cumprod()
     timesteps = (torch.arange(steps) * (NUM_TRAIN_TIMESTEPS // steps)).flip(0)
-    x = torch.randn((n, *DIGITS_SHAPE), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    x = x.to(dtype)
-    for i, t in enumerate(timesteps.tolist()):
-        a_t = alphas_cumprod[t].item()
-        a_prev = alphas_cumprod[timesteps[i + 1]].item() if i + 1 < steps else 1.0
-        eps = denoiser(x, torch.full((n,), t, dtype=torch.long))
-        x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
-        x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * eps
-    return x
+    x_t = torch.randn((n, *DIGITS_SHAPE), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    noise = torch.zeros((steps + 1, n, *DIGITS_SHAPE), dtype=dtype)  # DDIM draws no step noise
+    noise[0] = x_t.to(dtype)
+    system = TriangularSystem(
+        sampler=DDIM(alphas_cumprod=digits_alphas_cumprod(), timesteps=timesteps.tolist(),
+                     final_alpha_cumprod=1.0),
+        denoiser=digits_denoiser(unet), shape=DIGITS_SHAPE, batch=n, noise=noise, dtype=dtype,
+    )
+    return system.unflatten(system.sequential().states)[-1]  # the system's one sequential loop
 
 
 def flow_sigmas(steps: int) -> torch.Tensor:
@@ -630,14 +630,14 @@ def flow_euler_sample_digits(
     Returns:
         Samples ``[n, *DIGITS_SHAPE]`` in ``dtype`` on the CPU, roughly in ``[-1, 1]``.
     """
-    sigmas = flow_sigmas(steps)
-    velocity = digits_denoiser(unet)
-    x = torch.randn((n, *DIGITS_SHAPE), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    x = x.to(dtype)
-    for i in range(steps):
-        t = torch.full((n,), float(sigmas[i]) * NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
-        x = x + float(sigmas[i + 1] - sigmas[i]) * velocity(x, t)
-    return x
+    x_t = torch.randn((n, *DIGITS_SHAPE), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    noise = torch.zeros((steps + 1, n, *DIGITS_SHAPE), dtype=dtype)  # flow Euler draws no step noise
+    noise[0] = x_t.to(dtype)
+    system = TriangularSystem(
+        sampler=FlowEuler(sigmas=flow_sigmas(steps), num_train_timesteps=NUM_TRAIN_TIMESTEPS),
+        denoiser=digits_denoiser(unet), shape=DIGITS_SHAPE, batch=n, noise=noise, dtype=dtype,
+    )
+    return system.unflatten(system.sequential().states)[-1]  # the system's one sequential loop
 
 
 def save_digit_grid(

@@ -15,7 +15,9 @@ import attrs
 import numpy as np
 import torch
 
+from .. import samplers
 from ..errors import InvalidOptionError, UnknownNameError, UnsupportedError
+from . import digits
 from .analytic import GaussianMixtureDenoiser, spaced_timesteps
 
 if TYPE_CHECKING:  # pragma: no cover - only for annotations
@@ -98,7 +100,6 @@ class ReferenceModel:
         """
         if isinstance(num_steps, bool) or not isinstance(num_steps, int):
             raise InvalidOptionError(f"num_steps must be an int; got {num_steps!r}.")
-        from .. import samplers  # the samplers import the models package: import on use
 
         if self.prediction == "velocity":
             assert self.flow_sigmas is not None  # checked at construction
@@ -123,16 +124,12 @@ def _load_gmm() -> ReferenceModel:
 
 
 def _load_digits() -> ReferenceModel:
-    from . import digits  # needs diffusers + safetensors (the "models" extra)
-
     unet = digits.load_digits_unet()
     return ReferenceModel("digits", digits.digits_denoiser(unet), digits.digits_alphas_cumprod(),
                           tuple(digits.DIGITS_SHAPE), digits.digits_to_images, unet)
 
 
 def _load_digits_flow() -> ReferenceModel:
-    from . import digits  # needs diffusers + safetensors (the "models" extra)
-
     unet = digits.load_digits_unet(objective="flow")
     return ReferenceModel("digits-flow", digits.digits_denoiser(unet), None, tuple(digits.DIGITS_SHAPE),
                           digits.digits_to_images, unet, prediction="velocity",

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
+from ..plugin_marks import hookimpl
 from .base import MODEL_OUTPUTS, AffineForm, SequentialSampler
 from .dpm_solver import DPMSolver
 from .flow import FlowDPMSolver, FlowEuler, FlowSampler, FlowUniPC, StochasticFlowEuler

@@ -16,7 +16,7 @@ name            what it does
 
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
+from ..plugin_marks import hookimpl
 from .anderson import AA, TAA
 from .base import FixedPointSolver, WindowView
 from .diagonal_newton import DiagonalNewton

@@ -30,12 +30,13 @@ import torch
 
 from ..api import solve
 from ..initializers import FromTrajectory, InitialGuess, Initializer
+from ..registry import resolve
 from ..samplers.base import MODEL_OUTPUTS, AffineForm, SequentialSampler
 from ..solution import Solution, Status
 from ..solvers.base import FixedPointSolver, WindowView
 from ..stopping import RMS, MaxIters, StoppingRule, StoppingView
 from ..system import TriangularSystem
-from .problems import SAMPLER_KINDS, make_system
+from .problems import SAMPLER_KINDS, available_devices, make_system
 
 __all__ = [
     "ConformanceError",
@@ -424,8 +425,6 @@ def check_sampler_parity(sampler: SequentialSampler, *, batch: int | None = 2, a
 
 def solve_solver(name: str, options: dict[str, Any]) -> FixedPointSolver:
     """A built-in solver instance by name (a helper for the checks)."""
-    from ..registry import resolve
-
     return resolve("solver", name, options)
 
 
@@ -469,7 +468,8 @@ def check_sampler_dtype_device(
     expected = solve(make_system(sampler), "sequential")
     system = make_system(sampler, dtype=dtype, device=device)
     for name in ("sequential", "taa"):
-        options = {} if name == "sequential" else dict(stopping=tight_stopping(None, dtype))  # takes no rule
+        options: dict[str, Any] = ({} if name == "sequential"  # takes no rule
+                                   else {"stopping": tight_stopping(None, dtype)})
         solution = solve(system, name, **options)
         if solution.sample.dtype != dtype or solution.sample.device.type != torch.device(device).type:
             raise _fail(
@@ -795,6 +795,4 @@ def check_initializer(
 
 
 def _devices(devices: Sequence[str] | None) -> Sequence[str]:
-    from .problems import available_devices
-
     return devices if devices is not None else available_devices()

@@ -23,6 +23,9 @@ from typing import Any
 
 import pytest
 
+from .checks import check_initializer, check_sampler, check_solver, check_stopping_rule
+from .problems import make_system
+
 __all__ = ["ConformanceHelper"]
 
 
@@ -70,26 +73,18 @@ class ConformanceHelper:
 
     def solver(self, solver: Any, **options: Any) -> None:
         """:func:`fpsolve.testing.checks.check_solver`."""
-        from .checks import check_solver
-
         check_solver(solver, devices=options.pop("devices", self.devices), **options)
 
     def sampler(self, sampler: Any, **options: Any) -> None:
         """:func:`fpsolve.testing.checks.check_sampler`."""
-        from .checks import check_sampler
-
         check_sampler(sampler, devices=options.pop("devices", self.devices), **options)
 
     def stopping_rule(self, rule: Any, **options: Any) -> None:
         """:func:`fpsolve.testing.checks.check_stopping_rule`."""
-        from .checks import check_stopping_rule
-
         check_stopping_rule(rule, devices=options.pop("devices", self.devices), **options)
 
     def initializer(self, initializer: Any, **options: Any) -> None:
         """:func:`fpsolve.testing.checks.check_initializer`."""
-        from .checks import check_initializer
-
         check_initializer(initializer, devices=options.pop("devices", self.devices), **options)
 
 
@@ -114,6 +109,4 @@ def fpsolve_conformance(request: pytest.FixtureRequest) -> ConformanceHelper:
 @pytest.fixture
 def fpsolve_problem() -> Callable[..., Any]:
     """:func:`fpsolve.testing.problems.make_system`: ``fpsolve_problem("ddpm", steps=12, batch=None)``."""
-    from .problems import make_system
-
     return make_system

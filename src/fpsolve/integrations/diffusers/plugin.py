@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from ...hookspecs import hookimpl
+from .pipelines import is_pipeline, prepare_pipeline
+from .system import scheduler_system
 
 __all__ = ["fpsolve_make_system"]
 
@@ -28,8 +30,6 @@ def fpsolve_make_system(obj: Any, options: dict[str, Any]) -> Any:
     """A :class:`~fpsolve.TriangularSystem` for a diffusers pipeline or scheduler, else ``None``."""
     if not _from_diffusers(obj):
         return None
-    from .pipelines import is_pipeline, prepare_pipeline
-    from .system import scheduler_system
 
     if is_pipeline(obj):
         call = dict(options)
