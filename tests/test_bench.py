@@ -461,3 +461,11 @@ def test_progressive_run_of_an_epsilon_and_a_flow_model_runs_each_on_its_own_sam
     pairs = [(c.cell.model, c.cell.sampler.label) for c in sliced.cells]
     assert pairs == [(c.cell.model, c.cell.sampler.label) for c in whole.cells]
     assert sorted(set(pairs)) == [("digits-flow", "FlowEuler-3"), ("gmm", "DDIM-3")]
+    # The report and the figures show each model only with its own samplers: no empty sections,
+    # no rows of dashes, no empty panels.
+    page = report.write_markdown(sliced, tmp_path / "index.md", {}, "fpsolve bench").read_text()
+    assert "### gmm DDIM-3" in page and "### digits-flow FlowEuler-3" in page
+    assert "### gmm FlowEuler-3" not in page and "### digits-flow DDIM-3" not in page
+    assert [row[0] for row in report.headline_rows(sliced, "gmm")] == ["DDIM-3"]
+    figure = plots.iterations_figure(sliced, "digits-flow", 1e-3)
+    assert [ax.get_title() for ax in figure.axes if ax.get_title()] == ["FlowEuler"]

@@ -84,7 +84,7 @@ def iterations_figure(result: BenchResult, model: str, tol: float | None) -> Fig
     bars; several draw lines, offset sideways so equal values stay visible. Hatched bars and
     hollow markers mark cells that did not converge on every seed; dashed grey is sequential (T)."""
     families: dict[str, list] = {}
-    for spec in result.plan.samplers:
+    for spec in result.plan.samplers_for(model):  # the samplers this model runs
         families.setdefault(spec.family_label, []).append(spec)
     solvers = [s for s in result.plan.solvers if s.stopping != "sequential"]
     fig = Figure(figsize=(max(4.6 * len(families), 6.4), 4.8), layout="constrained")

@@ -87,7 +87,7 @@ def headline_rows(result: BenchResult, model: str) -> list[list[str]]:
         return f"{cell.iterations:g} ({error}){'' if cell.converged else '*'}"
 
     rows = []
-    for spec in result.plan.samplers:
+    for spec in result.plan.samplers_for(model):
         rows.append(
             [
                 spec.label,
@@ -212,7 +212,7 @@ def write_markdown(
         lines.append("")
         for name in plots.get(model, ()):
             lines += [f"![{name}]({name})", ""]
-        for spec in plan.samplers:
+        for spec in plan.samplers_for(model):
             rows = [cell_row(c) for c in result.cells if c.cell.model == model and c.cell.sampler == spec]
             lines += [f"### {model} {spec.label}", ""] + _md_table(COLUMNS, rows) + [""]
     path = Path(path)
@@ -230,7 +230,7 @@ def print_tables(result: BenchResult, console: Any) -> None:
     for model in result.plan.models:
         images = any(c.max_abs_pixels is not None for c in result.cells if c.cell.model == model)
         keep = [i for i, column in enumerate(COLUMNS) if images or column not in IMAGE_COLUMNS]
-        for spec in result.plan.samplers:
+        for spec in result.plan.samplers_for(model):
             table = Table(title=f"{model} {spec.label}", title_justify="left")
             for index in keep:
                 table.add_column(COLUMNS[index], justify="left" if index < 2 else "right", no_wrap=index < 2)
