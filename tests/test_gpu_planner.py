@@ -7,7 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
+import fpsolve
 from fpsolve.errors import InvalidOptionError
 from fpsolve.gpu import (
     IterationModel,
@@ -211,6 +213,21 @@ def test_prior_plateaus():
     assert prior_plateau(100, solver="fp", order=1) == pytest.approx(60.0)
     assert prior_plateau(100, solver="fp") > prior_plateau(100)
     assert prior_plateau(5) == 5.0  # never more than T
+
+
+@pytest.mark.parametrize("steps", [25, 100])
+def test_the_newton_prior_follows_measured_iterations_on_the_toy(steps):
+    # newton (the default solver) needs far fewer rounds than TAA; its prior must say so, within
+    # the model's tolerance: measured 4 (window T) and 10-11 (window T/4) on the Gaussian-mixture
+    # toy, where TAA at tol 1e-3 took 11 at window T.
+    ref = fpsolve.models.load_reference("gmm")
+    system = fpsolve.TriangularSystem(sampler=ref.sampler(steps), denoiser=ref.denoiser, shape=ref.shape,
+                                      generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = IterationModel.prior(steps, solver="newton")
+    assert model.plateau < IterationModel.prior(steps, solver="taa").plateau
+    for window in (steps, steps // 4):
+        measured = fpsolve.solve(system, window=window).iterations
+        assert 0.5 * measured <= model(window) <= 2 * measured, (window, measured, model(window))
 
 
 def test_fit_plateau_recovers_the_model():

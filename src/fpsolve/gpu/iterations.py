@@ -12,7 +12,9 @@ eta = 0 and 1 (within 15% for T = 25 and 50).
 
 The prior plateau: ``max(10, 0.12 T)`` for TAA and AA on a deterministic sampler (ParaTAA's
 ~0.1-0.15 T at window T for large T; the toy needs ~11 iterations at any T from 25 to 100),
-1.5x that for plain FP on order-T equations, ``0.6 T`` for order-1 FP (Jacobi), 1.5x for other
+1.5x that for plain FP on order-T equations, 0.6x for ``newton`` (the default solver: at window T
+it took 4 iterations on the toy where TAA took 11, and 7.5-8 where TAA took 13-15 on the digits
+UNet; with window T/4, 10-11 on the toy), ``0.6 T`` for order-1 FP (Jacobi), 1.5x for other
 solvers, and twice as many when the sampler injects noise (eta > 0, DDPM). After a solve, the
 observed iterations replace the prior: ``P = I_observed - T / w_observed + 1`` (the median over
 observations of the same problem).
@@ -31,7 +33,7 @@ from ..errors import InvalidOptionError
 __all__ = ["IterationModel", "prior_plateau", "fit_plateau"]
 
 #: Prior plateau factors relative to TAA, by solver name.
-SOLVER_FACTORS = {"taa": 1.0, "aa": 1.0, "fp": 1.5}
+SOLVER_FACTORS = {"taa": 1.0, "aa": 1.0, "fp": 1.5, "newton": 0.6}
 #: Factor for solvers this module does not know.
 UNKNOWN_SOLVER_FACTOR = 1.5
 #: Factor for samplers that inject noise at every step (eta > 0).
