@@ -469,3 +469,14 @@ def test_progressive_run_of_an_epsilon_and_a_flow_model_runs_each_on_its_own_sam
     assert [row[0] for row in report.headline_rows(sliced, "gmm")] == ["DDIM-3"]
     figure = plots.iterations_figure(sliced, "digits-flow", 1e-3)
     assert [ax.get_title() for ax in figure.axes if ax.get_title()] == ["FlowEuler"]
+
+
+def test_series_labels_state_the_x0_rules_own_bound():
+    # The x0 rule stops on atol (the change of x_0); its tol is only the rows' rule: the label
+    # must say both, not pass the rows' tolerance off as the rule's.
+    from fpsolve.stopping import X0Change
+
+    rule = X0Change()
+    label = plots.stopping_text(matrix.SOLVERS["newton-default"], 1e-3)
+    assert label == f"default: x0 {rule.atol:g} (rows rms {rule.tol:g})"
+    assert plots.stopping_text(matrix.SOLVERS["taa-default"], 1e-3) == "default: rms 0.0002"

@@ -1,6 +1,6 @@
 """``fpsolve bench``: run the benchmark matrix, print tables, write JSON, markdown and plots.
 
-    fpsolve bench --model digits --out docs/benchmarks     # the committed report (full matrix)
+    fpsolve bench --model digits digits-flow --out docs/benchmarks   # the committed report (full matrix)
     fpsolve bench --quick                                   # a reduced matrix, under two minutes
 
 The matrix can be narrowed from the command line (``--samplers ddim-10 --solvers taa-default``),

@@ -19,6 +19,7 @@ from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFor
 
 from ..cli_output import atomic_write
 from ..registry import resolve
+from ..stopping import X0Change
 from .curves import CapCurve
 from .matrix import SolverSpec
 from .runner import BenchResult
@@ -54,7 +55,7 @@ def _legend_outside(fig: Figure, handles: Sequence[Any], labels: Sequence[str]) 
 
 def stopping_text(solver: SolverSpec, tol: float | None) -> str:
     """The stopping rule a series was drawn at, read from the code: ``rms 0.001``,
-    ``paradigms 0.1``, ``default: rms 0.0002``."""
+    ``paradigms 0.1``, ``default: rms 0.0002``, ``default: x0 0.015 (rows rms 2e-05)``."""
     rule = solver.stopping_rule(tol) if solver.stopping != "sequential" else None
     prefix = ""
     if rule is None:
@@ -63,6 +64,8 @@ def stopping_text(solver: SolverSpec, tol: float | None) -> str:
 
         rule = resolve("solver", solver.solver).default_stopping() or resolve("stopping rule", "rms")
         prefix = "default: "
+    if isinstance(rule, X0Change):  # its own bound is atol on x_0; tol is the rows' rule
+        return f"{prefix}x0 {rule.atol:g} (rows rms {rule.tol:g})"
     tols = [getattr(rule, f.name) for f in attrs.fields(type(rule)) if f.name.startswith("tol")]
     value = f" {tols[0]:g}" if tols and all(t == tols[0] for t in tols) else ""
     return f"{prefix}{type(rule).__name__.lower()}{value}"
