@@ -480,3 +480,15 @@ def test_series_labels_state_the_x0_rules_own_bound():
     label = plots.stopping_text(matrix.SOLVERS["newton-default"], 1e-3)
     assert label == f"default: x0 {rule.atol:g} (rows rms {rule.tol:g})"
     assert plots.stopping_text(matrix.SOLVERS["taa-default"], 1e-3) == "default: rms 0.0002"
+
+
+def test_every_series_of_the_full_matrix_gets_its_own_colour():
+    # 15 solver rows: the default 10-colour cycle would draw two series in one colour.
+    from matplotlib.colors import to_rgba
+
+    solvers = [spec for spec in matrix.SOLVERS.values() if spec.stopping != "sequential"]
+    assert len(solvers) > 10
+    colours = [to_rgba(c) for c in plots.series_colors(solvers).values()]
+    assert len(set(colours)) == len(solvers)
+    few = solvers[:3]
+    assert list(plots.series_colors(few).values()) == ["C0", "C1", "C2"]  # small plans keep the cycle

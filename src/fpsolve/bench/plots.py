@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
@@ -76,6 +77,15 @@ def _dodge(count: int, width: float) -> list[float]:
     return [width * (k - (count - 1) / 2) / max(count, 1) for k in range(count)]
 
 
+def series_colors(solvers: Sequence[SolverSpec]) -> dict[str, Any]:
+    """One distinct colour per solver series: matplotlib's 10-colour cycle while it suffices,
+    ``tab20`` beyond (the full matrix has 15 rows; the cycle would give two series one colour)."""
+    if len(solvers) <= 10:
+        return {solver.key: f"C{k}" for k, solver in enumerate(solvers)}
+    palette = matplotlib.colormaps["tab20"]
+    return {solver.key: palette(k % 20) for k, solver in enumerate(solvers)}
+
+
 def plot_iterations_vs_steps(result: BenchResult, model: str, path: str | Path, tol: float | None) -> Path:
     """Save :func:`iterations_figure` to ``path``."""
     return _save(iterations_figure(result, model, tol), path)
@@ -105,7 +115,7 @@ def iterations_figure(result: BenchResult, model: str, tol: float | None) -> Fig
             ]
             if points:
                 series.append((solver, f"{solver.label} ({stopping_text(solver, cell_tol)})", points))
-        colors = {solver.key: f"C{k}" for k, solver in enumerate(solvers)}
+        colors = series_colors(solvers)
         if len(steps) == 1:
             offsets = _dodge(len(series), 0.8)
             for offset, (solver, label, points) in zip(offsets, series, strict=True):
