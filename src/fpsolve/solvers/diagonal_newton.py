@@ -27,7 +27,7 @@ import torch
 from ..errors import InvalidOptionError
 from ._validators import order_option, prior_option, ridge_option
 from .base import FixedPointSolver, WindowView
-from .newton import NewtonState, prior_slopes
+from .newton import NewtonState, prior_slopes, secant_pairs
 
 __all__ = ["DiagonalNewton"]
 
@@ -76,27 +76,18 @@ class DiagonalNewton(FixedPointSolver):
 
     def step(self, view: WindowView, state: NewtonState) -> tuple[torch.Tensor, NewtonState]:
         """Update the secants at the evaluated states, then scan the window for the correction."""
-        lo, hi = view.lo, view.hi
-        first = lo - 1  # the states whose model outputs this iteration evaluated: lo-1 .. hi-1
-        states = view.trajectory[first:hi].clone()
-        outputs = view.outputs[first:hi].clone()
+        first, states, outputs, pairs = secant_pairs(view, state)
         gamma = state.gamma.clone()
-        if state.states is not None:
-            start = max(first, state.first)
-            stop = min(hi, state.first + state.states.shape[0])
-            if start < stop:
-                new = slice(start - first, stop - first)
-                old = slice(start - state.first, stop - state.first)
-                dx = states[new] - state.states[old]
-                de = outputs[new] - state.outputs[old]  # type: ignore[index]
-                tiny = torch.finfo(dx.dtype).tiny
-                mean = dx.pow(2).mean(-1, keepdim=True)
-                scalar = (de * dx).sum(-1, keepdim=True) / dx.pow(2).sum(-1, keepdim=True).clamp_min(tiny)
-                prior = self.shrink * mean
-                secant = (de * dx + prior * scalar) / (dx.pow(2) + prior).clamp_min(tiny)
-                moved = mean > 0
-                slope = secant.clamp(-self.clamp, self.clamp)
-                gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
+        if pairs is not None:
+            start, stop, dx, de = pairs
+            tiny = torch.finfo(dx.dtype).tiny
+            mean = dx.pow(2).mean(-1, keepdim=True)
+            scalar = (de * dx).sum(-1, keepdim=True) / dx.pow(2).sum(-1, keepdim=True).clamp_min(tiny)
+            prior = self.shrink * mean
+            secant = (de * dx + prior * scalar) / (dx.pow(2) + prior).clamp_min(tiny)
+            moved = mean > 0
+            slope = secant.clamp(-self.clamp, self.clamp)
+            gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
         correction = self._scan(view, gamma * (1 - self.damping), state.state_coef, state.output_coef)
         return view.states + correction, attrs.evolve(state, first=first, states=states, outputs=outputs,
                                                       gamma=gamma)

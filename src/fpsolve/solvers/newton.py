@@ -32,7 +32,7 @@ from ..stopping import StoppingRule, X0Change
 from ._validators import integer, order_option, prior_option, real, ridge_option, unit_interval_option
 from .base import FixedPointSolver, WindowView
 
-__all__ = ["QuasiNewton", "NewtonState", "prior_slopes"]
+__all__ = ["QuasiNewton", "NewtonState", "prior_slopes", "secant_pairs"]
 
 
 def prior_slopes(system: object, clamp: float) -> torch.Tensor:
@@ -101,26 +101,17 @@ class QuasiNewton(FixedPointSolver):
 
     def step(self, view: WindowView, state: NewtonState) -> tuple[torch.Tensor, NewtonState]:
         """Update the secants at the evaluated states, then solve for the Newton correction."""
-        lo, hi = view.lo, view.hi
-        first = lo - 1  # the states whose model outputs this iteration evaluated: lo-1 .. hi-1
-        states = view.trajectory[first:hi].clone()
-        outputs = view.outputs[first:hi].clone()
+        first, states, outputs, pairs = secant_pairs(view, state)
         gamma = state.gamma.clone()
-        if state.states is not None:
-            start = max(first, state.first)
-            stop = min(hi, state.first + state.states.shape[0])
-            if start < stop:
-                new = slice(start - first, stop - first)
-                old = slice(start - state.first, stop - state.first)
-                d_states = states[new] - state.states[old]
-                d_outputs = outputs[new] - state.outputs[old]  # type: ignore[index]
-                squared = d_states.pow(2).sum(-1)
-                secant = (d_outputs * d_states).sum(-1) / squared.clamp_min(torch.finfo(squared.dtype).tiny)
-                moved = squared > 0
-                slope = secant.clamp(-self.clamp, self.clamp)
-                if self.prior_weight and state.prior is not None:
-                    slope = (1 - self.prior_weight) * slope + self.prior_weight * state.prior[start:stop]
-                gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
+        if pairs is not None:
+            start, stop, d_states, d_outputs = pairs
+            squared = d_states.pow(2).sum(-1)
+            secant = (d_outputs * d_states).sum(-1) / squared.clamp_min(torch.finfo(squared.dtype).tiny)
+            moved = squared > 0
+            slope = secant.clamp(-self.clamp, self.clamp)
+            if self.prior_weight and state.prior is not None:
+                slope = (1 - self.prior_weight) * slope + self.prior_weight * state.prior[start:stop]
+            gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
         correction = self._correction(view, gamma, state.state_coef, state.output_coef)
         return view.states + correction, attrs.evolve(state, first=first, states=states, outputs=outputs,
                                                       gamma=gamma)
@@ -149,3 +140,30 @@ class QuasiNewton(FixedPointSolver):
             propagator = propagator * ((offsets[:, None] - offsets[None, :]) < order)
             solved = propagator @ residual
         return solved.transpose(0, 1)
+
+
+def secant_pairs(
+    view: WindowView, state: NewtonState
+) -> tuple[int, torch.Tensor, torch.Tensor, tuple[int, int, torch.Tensor, torch.Tensor] | None]:
+    """The states and model outputs this iteration evaluated (``lo-1 .. hi-1``), and their
+    differences to the previous iteration's at the states both evaluated.
+
+    Returns ``(first, states, outputs, pairs)``: ``first = lo - 1``, copies of the evaluated
+    states and outputs (kept for the next iteration), and ``pairs = (start, stop, d_states,
+    d_outputs)`` over trajectory positions ``start .. stop-1``, or ``None`` when nothing overlaps.
+    The secant solvers (``newton``, ``newton_diag``) fit their slopes to these pairs.
+    """
+    first, hi = view.lo - 1, view.hi
+    states = view.trajectory[first:hi].clone()
+    outputs = view.outputs[first:hi].clone()
+    if state.states is None:
+        return first, states, outputs, None
+    start = max(first, state.first)
+    stop = min(hi, state.first + state.states.shape[0])
+    if start >= stop:
+        return first, states, outputs, None
+    new = slice(start - first, stop - first)
+    old = slice(start - state.first, stop - state.first)
+    d_states = states[new] - state.states[old]
+    d_outputs = outputs[new] - state.outputs[old]  # type: ignore[index]
+    return first, states, outputs, (start, stop, d_states, d_outputs)
