@@ -15,8 +15,8 @@ import torch
 
 import fpsolve
 from fpsolve.bench import curves, matrix, metrics, plots, report, runner
-from fpsolve.bench.cli import build_plan
 from fpsolve.cli import main
+from fpsolve.cli.bench import build_plan
 from fpsolve.errors import ShapeError
 from fpsolve.models import GaussianMixtureDenoiser, ReferenceModel, load_reference
 from fpsolve.models.digits import digits_to_images
@@ -412,7 +412,7 @@ def test_unusable_out_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
 
 
 def test_progressive_run_equals_the_whole_run_and_keeps_finished_slices(tmp_path):
-    from fpsolve.bench.cli import run_progressively
+    from fpsolve.cli.bench import run_progressively
 
     plan = attrs.evolve(tiny_plan(), seeds=1, tolerances=(1e-3,))
     models = {"gmm": load_reference("gmm")}
@@ -447,7 +447,7 @@ def test_progressive_run_equals_the_whole_run_and_keeps_finished_slices(tmp_path
 def test_progressive_run_of_an_epsilon_and_a_flow_model_runs_each_on_its_own_samplers(tmp_path):
     # A plan over both kinds of model: each (model, sampler) slice must pair a model only with
     # the samplers it predicts for (DDIM for gmm, flow Euler for digits-flow), as the whole run does.
-    from fpsolve.bench.cli import run_progressively
+    from fpsolve.cli.bench import run_progressively
 
     plan = matrix.BenchPlan(
         models=("gmm", "digits-flow"),

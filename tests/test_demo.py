@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fpsolve import demo
-from fpsolve.cli import main
+from fpsolve.bench import prediction
+from fpsolve.cli import demo, main
 from fpsolve.models import GaussianMixtureDenoiser, ReferenceModel, load_reference
 from fpsolve.models.digits import WEIGHTS_DIR, digits_to_images
 
@@ -90,7 +90,7 @@ def test_gpu_prediction_follows_the_latency_table(tmp_path):
     table.write_text(json.dumps({"device": "card", "models": {"m": model}}))
     # T = 4 steps, 2 samples, 2 iterations: sequential 4 t(2) = 4 ms; the parallel solve evaluates
     # min(4, 4 - 0) = 4 positions x 2 rows (t(8) = 2 ms), then 4 - 2 = 2 positions x 2 rows (1 ms)
-    (eager, _) = demo.predict_gpu(4, 2, 2, 10**6, table)
+    (eager, _) = prediction.predict_gpu(4, 2, 2, 10**6, table)
     assert eager["sequential_s"] == pytest.approx(4e-3)
     assert eager["parallel_s"] == pytest.approx(3e-3)
     assert eager["ratio"] == pytest.approx(4 / 3)
@@ -100,7 +100,7 @@ def test_the_packaged_latency_table_is_the_measured_one():
     import json
     from pathlib import Path
 
-    packaged = json.loads(demo.LATENCY_TABLE.read_text())["models"]
+    packaged = json.loads(prediction.LATENCY_TABLE.read_text())["models"]
     measured = json.loads((Path(__file__).parent / "data" / "h200_latency.json").read_text())["models"]
     without_sizes = {name: {k: v for k, v in row.items() if k != "params_m"}
                      for name, row in packaged.items()}

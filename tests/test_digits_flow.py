@@ -286,8 +286,10 @@ def test_flow_training_smoke_and_reproducible(tmp_path):
 def test_train_reference_cli_has_the_objective_option():
     import argparse
 
+    from fpsolve.cli import train_reference
+
     parser = argparse.ArgumentParser()
-    digits.add_arguments(parser)
+    train_reference.add_arguments(parser)
     assert parser.parse_args([]).objective == "eps"
     assert parser.parse_args(["--objective", "flow"]).objective == "flow"
     with pytest.raises(SystemExit):

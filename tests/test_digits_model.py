@@ -153,16 +153,18 @@ def test_ddim_samples_are_clean_diverse_digits(unet):
 def test_cli_hooks(tmp_path, capsys):
     import argparse
 
+    from fpsolve.cli import train_reference
+
     parser = argparse.ArgumentParser()
-    digits.add_arguments(parser)
+    train_reference.add_arguments(parser)
     args = parser.parse_args([])
     assert args.out == digits.WEIGHTS_DIR and args.threads == 1 and args.steps == digits.DEFAULT_STEPS
-    assert digits.run is digits.run_train
+    assert train_reference.run is train_reference.run_train
     bad = parser.parse_args(["--out", str(tmp_path), "--steps", "0", "--no-progress"])
-    assert digits.run_train(bad) == 2
+    assert train_reference.run_train(bad) == 2
     assert "steps" in capsys.readouterr().err
     sub = argparse.ArgumentParser().add_subparsers()
-    assert digits.add_train_parser(sub).parse_args(["--seed", "3"]).func is digits.run_train
+    assert train_reference.add_train_parser(sub).parse_args(["--seed", "3"]).func is train_reference.run_train
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,19 @@ def test_tiny_run_on_cpu_writes_json_and_markdown(tmp_path):
         tight = next(r for r in model["rows"] if r["method"].startswith("sequential (tight"))
         assert tight["note"] == "same sample as fpsolve.solve"
     digits = data["models"]["digits"]["rows"]
-    assert all(r["iterations_source"].startswith("measured") for r in digits if r["method"].startswith("taa"))
-    assert all(r["estimated"] for r in data["models"]["sd15"]["rows"] if r["method"].startswith("taa"))
+    parallel = ("taa", "newton")
+    assert all(r["iterations_source"].startswith("measured")
+               for r in digits if r["method"].startswith(parallel))
+    assert all(r["estimated"] for r in data["models"]["sd15"]["rows"] if r["method"].startswith(parallel))
+    # newton, fpsolve.solve's default solver, has a row at the full window next to taa's, per model
+    steps = {name: model["steps"] for name, model in data["models"].items()}
+    newton = {name: [r for r in model["rows"] if r["method"].startswith("newton")]
+              for name, model in data["models"].items()}
+    assert [r["method"] for r in newton["digits"]] == [f"newton window={steps['digits']}"]
+    assert newton["digits"][0]["window"] == steps["digits"] and newton["digits"][0]["iterations"] >= 1
+    for name in ("sd15", "dit"):
+        assert [r["method"] for r in newton[name]] == [f"newton window={steps[name]} (estimate)"], name
+        assert newton[name][0]["median_s"] > 0 and newton[name][0]["iterations"] >= 1
     assert {r["model"] for r in data["latency"]} == {"digits", "sd15", "dit"}
     assert "# GPU wall clock" in page and "| sequential (fpsolve.solve) | eager |" in page
 

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 import fpsolve
 from fpsolve.adjoint import AdjointSampler, denoiser_parameters, gradient_record
 from fpsolve.errors import InvalidOptionError
-from fpsolve.samplers import DDIM, DDPM, DPMSolver
+from fpsolve.samplers import DPMSolver
+from fpsolve.testing.problems import problem_sampler
 
 from .conftest import ALPHAS_CUMPROD, spaced
 
@@ -51,12 +52,20 @@ def make_denoiser(seed: int = 0):
     return denoiser, net, condition
 
 
+#: Test samplers by id: (registered sampler name, options). The class comes from the registry
+#: (problem_sampler: the linear schedule, evenly spaced timesteps), not from a map of our own.
 SAMPLERS = {
-    "ddim": lambda steps: DDIM(alphas_cumprod=ALPHAS_CUMPROD, timesteps=spaced(steps)),
-    "ddim_eta1": lambda steps: DDIM(alphas_cumprod=ALPHAS_CUMPROD, timesteps=spaced(steps), eta=1.0),
-    "ddpm": lambda steps: DDPM(alphas_cumprod=ALPHAS_CUMPROD, timesteps=spaced(steps)),
-    "dpm_solver_3m": lambda steps: DPMSolver(alphas_cumprod=ALPHAS_CUMPROD, timesteps=spaced(steps), order=3),
+    "ddim": ("ddim", {}),
+    "ddim_eta1": ("ddim", {"eta": 1.0}),
+    "ddpm": ("ddpm", {}),
+    "dpm_solver_3m": ("dpm_solver", {"order": 3}),
 }
+
+
+def make_sampler(kind: str, steps: int):
+    """The test sampler ``kind`` of :data:`SAMPLERS` with ``steps`` steps."""
+    name, options = SAMPLERS[kind]
+    return problem_sampler(name, steps, **options)
 
 
 def sequential_loop(sampler, denoiser, noise):
@@ -89,7 +98,7 @@ def relative_error(got, want):
 @pytest.mark.parametrize("solver", ["taa", "fp", "newton"])
 def test_gradients_equal_autograd_through_the_sequential_loop(kind, solver):
     steps = 10
-    sampler = SAMPLERS[kind](steps)
+    sampler = make_sampler(kind, steps)
     denoiser, net, condition = make_denoiser()
     noise = torch.randn(steps + 1, BATCH, DIM, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(1)).requires_grad_(True)
@@ -109,7 +118,7 @@ def test_gradients_equal_autograd_through_the_sequential_loop(kind, solver):
 
 def test_gradients_with_a_sliding_window_never_differentiate_more_states_than_the_window():
     steps, window = 16, 4
-    sampler = SAMPLERS["ddim"](steps)
+    sampler = make_sampler("ddim", steps)
     net = TinyNet(3)
     calls = []
 
@@ -135,7 +144,7 @@ def test_gradients_with_a_sliding_window_never_differentiate_more_states_than_th
 def test_the_adjoint_is_solved_in_parallel_in_fewer_rounds_than_steps():
     # a moderate tolerance: the adjoint converges like the forward solve, far below T rounds
     steps = 40
-    sampler = SAMPLERS["ddim"](steps)
+    sampler = make_sampler("ddim", steps)
     denoiser, net, condition = make_denoiser(1)
     system = fpsolve.TriangularSystem(sampler=sampler, denoiser=denoiser, shape=(DIM,), batch=BATCH,
                                       generator=torch.Generator().manual_seed(0))
@@ -168,7 +177,7 @@ def test_gradcheck_on_a_tiny_problem():
 
 
 def test_gradients_reach_a_non_leaf_conditioning_and_the_encoder_behind_it():
-    sampler = SAMPLERS["ddim"](8)
+    sampler = make_sampler("ddim", 8)
     net = TinyNet(2)
     encoder = torch.nn.Linear(2, DIM).double()
     prompt = torch.tensor([0.3, -0.7], dtype=torch.float64)
@@ -189,7 +198,7 @@ def test_gradients_reach_a_non_leaf_conditioning_and_the_encoder_behind_it():
 
 
 def test_the_adjoint_sampler_is_strictly_triangular_with_the_coupling_coefficients():
-    sampler = SAMPLERS["ddim"](5)
+    sampler = make_sampler("ddim", 5)
     form = AdjointSampler(sampler.affine_form()).affine_form()
     assert form.num_steps == 5 and (form.state == 0).all() and form.noise[0] == 0
     # w_{T-1} (position 1) reads only w_T = 0 through the last step's output coefficient
@@ -197,7 +206,7 @@ def test_the_adjoint_sampler_is_strictly_triangular_with_the_coupling_coefficien
 
 
 def test_differentiable_solve_refusals():
-    sampler = SAMPLERS["ddim"](4)
+    sampler = make_sampler("ddim", 4)
     system = fpsolve.TriangularSystem(sampler=sampler, denoiser=lambda x, t: 0.1 * x, shape=(2,),
                                       generator=torch.Generator().manual_seed(0))
     with pytest.raises(InvalidOptionError, match="nothing requires grad"):
@@ -228,7 +237,7 @@ def test_property_the_adjoint_solve_is_exact_for_any_window_and_chunk(kind, step
                                                                       chunk, seed):
     """Implicit function theorem: at tol -> 0, the adjoint gradient is autograd's, whatever the
     window (the anchor moves over the adjoint like over the forward) and the VJP chunking."""
-    sampler = SAMPLERS[kind](steps)
+    sampler = make_sampler(kind, steps)
     weight = torch.randn(DIM, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) / DIM
     scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
 

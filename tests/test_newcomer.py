@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import fpsolve
-from fpsolve import cli, sample_cli
+from fpsolve import cli
 from fpsolve.cli import COMMANDS, main
+from fpsolve.cli import sample as sample_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -71,7 +71,7 @@ def test_hand_registered_plugins_are_listed_by_plugin_name(capsys):
 
 def test_a_kind_without_names_says_so(capsys, monkeypatch):
     empty = registry.Registry({kind: {} for kind in registry.KINDS})
-    monkeypatch.setattr("fpsolve.plugins_cli.get_registry", lambda: empty)
+    monkeypatch.setattr("fpsolve.cli.plugins.get_registry", lambda: empty)
     assert run_plugins(capsys).count("(none)") == len(registry.KINDS)
 
 

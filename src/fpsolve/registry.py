@@ -302,3 +302,23 @@ def resolve(kind: str, spec: Any, options: Mapping[str, Any] | None = None,
     raise InvalidOptionError(
         f"{kind} must be a registered name, a {base.__name__} subclass or instance; got {spec!r}."
     )
+
+
+def registered_classes(kind: str, base: type | None = None) -> dict[str, type[Any]]:
+    """``{name: class}`` of every registered component of a kind, aliases left out, by name.
+
+    The one name -> class map: command lines, benchmarks and test problems derive their lists
+    from it (a sampler a plugin registers joins them), instead of keeping tables of their own.
+
+    Args:
+        kind: ``"sampler"``, ``"solver"``, ``"stopping rule"`` or ``"initializer"``.
+        base: keep only subclasses of this class (e.g. :class:`~fpsolve.samplers.FlowSampler`:
+            the samplers built on a flow-matching schedule).
+
+    Raises:
+        UnknownNameError: for an unknown ``kind``.
+    """
+    if kind not in KINDS:
+        raise UnknownNameError("component kind", kind, KINDS)
+    entries = sorted(get_registry().primary(kind), key=lambda entry: entry.name)
+    return {entry.name: entry.cls for entry in entries if base is None or issubclass(entry.cls, base)}

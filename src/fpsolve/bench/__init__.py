@@ -8,7 +8,11 @@ Modules, one job each:
 * :mod:`~fpsolve.bench.curves`: error to sequential against an iteration cap;
 * :mod:`~fpsolve.bench.report`: terminal tables, ``bench.json`` and ``index.md``;
 * :mod:`~fpsolve.bench.plots`: the matplotlib figures (Agg backend);
-* :mod:`~fpsolve.bench.cli`: the ``fpsolve bench`` command.
+* :mod:`~fpsolve.bench.prediction`: GPU wall times predicted from measured latency tables;
+* :mod:`~fpsolve.bench.gpu`: the GPU benchmark's models, sequential baseline and timing
+  (``benchmarks/gpu_bench.py``).
+
+The ``fpsolve bench`` command is :mod:`fpsolve.cli.bench`.
 
 Needs the ``bench`` extra (matplotlib, rich) and, for the digits model, the ``models`` extra.
 """

@@ -12,15 +12,16 @@ show a ``label`` (used in tables and plots, e.g. ``DDIM-50``, ``taa m=2``).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import attrs
 import torch
 
-from .. import samplers as _samplers
 from ..errors import InvalidOptionError, UnknownNameError
 from ..models import ReferenceModel, reference_prediction, spaced_timesteps
+from ..registry import get_registry
+from ..samplers import FlowSampler, VPSampler
 from ..samplers.base import SequentialSampler
 from ..stopping import RMS, Paradigms, X0Change
 
@@ -45,54 +46,56 @@ def _as_tuple(value: Iterable[Any]) -> tuple[Any, ...]:
 
 @attrs.define(frozen=True)
 class _Family:
-    """A sampler family: its display name, what the model must predict, and its constructor.
+    """A sampler family of the benchmark: its display name, and the registered sampler it runs
+    with its options (settings only: the class comes from the registry, the one name -> class map).
 
     ``build(source, steps)`` gets a :class:`~fpsolve.models.ReferenceModel` (or, for an epsilon
-    family, its ``alphas_cumprod`` tensor) and T; epsilon families take T timesteps evenly spaced
-    over the training steps, flow families ``model.flow_sigmas(T)`` (the model's training schedule).
+    family, its ``alphas_cumprod`` tensor) and T; variance-preserving samplers take T timesteps
+    evenly spaced over the training steps, flow samplers ``model.flow_sigmas(T)`` (the model's
+    training schedule).
     """
 
     label: str
-    prediction: str
-    build: Callable[[ReferenceModel | torch.Tensor, int], SequentialSampler]
+    sampler: str
+    options: tuple[tuple[str, Any], ...] = ()
 
+    @property
+    def cls(self) -> type[SequentialSampler]:
+        """The registered sampler class (looked up on use, so a plugin's sampler is found too)."""
+        return get_registry().lookup("sampler", self.sampler).cls
 
-_Builder = Callable[[ReferenceModel | torch.Tensor, int], SequentialSampler]
+    @property
+    def prediction(self) -> str:
+        """What the model must return for this family: the sampler class's ``prediction``."""
+        return self.cls.prediction
 
-
-def _vp(make: Callable[[torch.Tensor, list[int]], SequentialSampler]) -> _Builder:
-    def build(source: ReferenceModel | torch.Tensor, steps: int) -> SequentialSampler:
-        abar = source if isinstance(source, torch.Tensor) else source.alphas_cumprod
-        return make(abar, spaced_timesteps(steps, abar.numel()))
-
-    return build
-
-
-def _flow(make: Callable[[torch.Tensor, int], SequentialSampler]) -> _Builder:
-    def build(source: ReferenceModel | torch.Tensor, steps: int) -> SequentialSampler:
-        if isinstance(source, torch.Tensor) or source.flow_sigmas is None:
+    def build(self, source: ReferenceModel | torch.Tensor, steps: int) -> SequentialSampler:
+        """The family's sampler over ``steps`` steps on ``source``'s training schedule."""
+        cls, options = self.cls, dict(self.options)
+        if issubclass(cls, FlowSampler):
+            if isinstance(source, torch.Tensor) or source.flow_sigmas is None:
+                raise InvalidOptionError(
+                    "a flow sampler needs a flow (velocity) ReferenceModel (its flow_sigmas), not an "
+                    "alphas_cumprod schedule or an epsilon model."
+                )
+            return cls(sigmas=source.flow_sigmas(steps), num_train_timesteps=source.num_train_timesteps,
+                       **options)
+        if not issubclass(cls, VPSampler):
             raise InvalidOptionError(
-                "a flow sampler needs a flow (velocity) ReferenceModel (its flow_sigmas), not an "
-                "alphas_cumprod schedule or an epsilon model."
+                f"benchmark family {self.label!r}: sampler {self.sampler!r} ({cls.__name__}) is neither a "
+                "VPSampler nor a FlowSampler, so the benchmark has no schedule to build it on."
             )
-        return make(source.flow_sigmas(steps), source.num_train_timesteps)
+        abar = source if isinstance(source, torch.Tensor) else source.alphas_cumprod
+        return cls(alphas_cumprod=abar, timesteps=spaced_timesteps(steps, abar.numel()), **options)
 
-    return build
 
-
-#: Sampler families by key prefix. The flow samplers are looked up on use (``_samplers.X``), so a
-#: family whose sampler class is missing fails only when it is built.
+#: Sampler families by key prefix: (label, registered sampler name, its options).
 _FAMILIES: dict[str, _Family] = {
-    "ddim": _Family("DDIM", "epsilon", _vp(lambda abar, steps: _samplers.DDIM(
-        alphas_cumprod=abar, timesteps=steps, eta=0.0))),
-    "ddpm": _Family("DDPM", "epsilon", _vp(lambda abar, steps: _samplers.DDPM(
-        alphas_cumprod=abar, timesteps=steps))),
-    "dpm2m": _Family("DPM++2M", "epsilon", _vp(lambda abar, steps: _samplers.DPMSolver(
-        alphas_cumprod=abar, timesteps=steps, order=2))),
-    "flow-euler": _Family("FlowEuler", "velocity", _flow(lambda sigmas, n: _samplers.FlowEuler(
-        sigmas=sigmas, num_train_timesteps=n))),
-    "flow-dpm2m": _Family("FlowDPM++2M", "velocity", _flow(lambda sigmas, n: _samplers.FlowDPMSolver(
-        sigmas=sigmas, num_train_timesteps=n, order=2))),
+    "ddim": _Family("DDIM", "ddim", (("eta", 0.0),)),
+    "ddpm": _Family("DDPM", "ddpm"),
+    "dpm2m": _Family("DPM++2M", "dpm_solver", (("order", 2),)),
+    "flow-euler": _Family("FlowEuler", "flow_euler"),
+    "flow-dpm2m": _Family("FlowDPM++2M", "flow_dpm_solver", (("order", 2),)),
 }
 
 

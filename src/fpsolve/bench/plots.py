@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import matplotlib
 import numpy as np
+import torch
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
@@ -23,6 +24,7 @@ from ..registry import resolve
 from ..stopping import X0Change
 from .curves import CapCurve
 from .matrix import SolverSpec
+from .metrics import ToImages
 from .runner import BenchResult
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "stopping_text",
     "iterations_figure",
     "error_vs_cap_figure",
+    "save_comparison_figure",
 ]
 
 _DPI = 110
@@ -267,4 +270,83 @@ def plot_residual_heatmap(
     line of final states."""
     fig = Figure(figsize=(7.5, 3.2 + 0.08 * min(len(first_order), 60)), layout="constrained")
     draw_residual_heatmap(fig, fig.subplots(), first_order, title, anchors)
+    return _save(fig, path)
+
+
+# -- fpsolve demo's figure ------------------------------------------------------------------------
+
+
+def _tile_pictures(images: np.ndarray, nrow: int, fill: float) -> np.ndarray:
+    """``[N, H, W]`` images as one ``[rows*(H+1)+1, nrow*(W+1)+1]`` grid with 1-pixel borders."""
+    n, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1), fill, dtype=np.float64)
+    for k in range(n):
+        r, c = divmod(k, nrow)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[k]
+    return grid
+
+
+def _batch_pictures(to_images: ToImages | None, sample: torch.Tensor) -> np.ndarray:
+    """``[N, H, W]`` pictures of a batch: images on [0, 255], or each vector as a 1-row strip."""
+    if to_images is not None:
+        return np.asarray(to_images(sample), dtype=np.float64)
+    flat = sample.detach().double().flatten(1).numpy()
+    return flat[:, None, :]
+
+
+def save_comparison_figure(
+    to_images: ToImages | None,
+    sequential: torch.Tensor,
+    parallel: torch.Tensor,
+    residuals: Any,
+    titles: tuple[str, str, str, str],
+    title: str,
+    path: Path,
+) -> Path:
+    """``fpsolve demo``'s one figure: the sequential and the parallel grid, their difference and
+    the parallel solve's residual heatmap, labelled; images when ``to_images`` is given, else each
+    vector drawn as a row of values."""
+    seq, par = _batch_pictures(to_images, sequential), _batch_pictures(to_images, parallel)
+    nrow = min(8, len(seq)) if to_images is not None else 1
+    images = to_images is not None
+    low, high = (
+        (0.0, 255.0) if images else (float(min(seq.min(), par.min())), float(max(seq.max(), par.max())))
+    )
+    grids = [_tile_pictures(seq, nrow, low), _tile_pictures(par, nrow, low),
+             _tile_pictures(np.abs(par - seq), nrow, 0.0)]
+    aspect = grids[0].shape[0] / grids[0].shape[1]
+    # digits keep their shape; vectors fill the width
+    aspect_mode: Literal["equal", "auto"] = "equal" if images else "auto"
+    fig = Figure(figsize=(9.0, 3 * max(1.3, 8.0 * aspect) + 3.6), layout="constrained")
+    spec = fig.add_gridspec(4, 1, height_ratios=[1, 1, 1, 2.2])
+    for row, (grid, label) in enumerate(zip(grids, titles[:3], strict=True)):
+        ax = fig.add_subplot(spec[row])
+        if row < 2:
+            image = ax.imshow(
+                grid, cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect_mode
+            )
+        else:
+            # the difference on its own scale (at least 1 pixel level), hot = larger
+            image = ax.imshow(
+                grid,
+                cmap="magma",
+                vmin=0,
+                vmax=max(float(grid.max()), 1.0 if images else 1e-12),
+                interpolation="nearest",
+                aspect=aspect_mode,
+            )
+        unit = (
+            ("pixel value" if row < 2 else "|difference|")
+            if images
+            else ("value" if row < 2 else "|difference|")
+        )
+        fig.colorbar(image, ax=ax, label=unit, fraction=0.04)
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    draw_residual_heatmap(
+        fig, fig.add_subplot(spec[3]), residuals.first_order.numpy(), titles[3], residuals.anchors
+    )
+    fig.suptitle(title)
     return _save(fig, path)

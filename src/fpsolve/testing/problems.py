@@ -13,7 +13,7 @@ can be generated from the registry (:func:`sampler_variants`) instead of listing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -21,7 +21,7 @@ import torch
 
 from ..errors import InvalidOptionError
 from ..registry import get_registry
-from ..samplers import DDIM, DDPM, DPMSolver, FlowSampler, SequentialSampler, VPSampler
+from ..samplers import FlowSampler, SequentialSampler, VPSampler
 from ..system import Denoiser, TriangularSystem
 from .strategies import SmoothDenoiser, SmoothVelocity
 
@@ -68,11 +68,13 @@ def shifted_flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     return shift * even / (1 + (shift - 1) * even)
 
 
-_FACTORIES: dict[str, Callable[[torch.Tensor, list[int]], SequentialSampler]] = {
-    "ddim": lambda abar, steps: DDIM(alphas_cumprod=abar, timesteps=steps, eta=0.0),
-    "ddim_eta1": lambda abar, steps: DDIM(alphas_cumprod=abar, timesteps=steps, eta=1.0),
-    "ddpm": lambda abar, steps: DDPM(alphas_cumprod=abar, timesteps=steps),
-    "dpm_solver": lambda abar, steps: DPMSolver(alphas_cumprod=abar, timesteps=steps, order=3),
+#: The standard problem samplers by kind: (registered sampler name, options). Settings only: the
+#: class comes from the registry (:func:`problem_sampler`), the one name -> class map.
+_PROBLEM_KINDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("ddim", {"eta": 0.0}),
+    "ddim_eta1": ("ddim", {"eta": 1.0}),
+    "ddpm": ("ddpm", {}),
+    "dpm_solver": ("dpm_solver", {"order": 3}),
 }
 
 
@@ -143,10 +145,8 @@ def sampler_variants(names: Sequence[str] | None = None) -> dict[str, tuple[str,
 def make_sampler(kind: str = "ddim", steps: int = 10) -> SequentialSampler:
     """A standard problem sampler: ``ddim``, ``ddim_eta1``, ``ddpm``, ``dpm_solver`` (order 3) on
     the linear schedule, or any other registered sampler name via :func:`problem_sampler`."""
-    factory = _FACTORIES.get(kind)
-    if factory is not None:
-        return factory(linear_alphas_cumprod(), spaced_timesteps(steps))
-    return problem_sampler(kind, steps)  # an unknown name raises UnknownNameError listing the valid ones
+    name, options = _PROBLEM_KINDS.get(kind, (kind, {}))
+    return problem_sampler(name, steps, **options)  # an unknown name lists the valid ones
 
 
 def make_system(

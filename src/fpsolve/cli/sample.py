@@ -24,21 +24,39 @@ from typing import Any
 import attrs
 import torch
 
-from . import api, models, samplers
-from .bench.metrics import image_converter
-from .cli_output import atomic_write, check_output_dir
-from .distributed import plan, solve_distributed
-from .errors import FpsolveError, InvalidOptionError
-from .models import digits
-from .models.digits import save_digit_grid
-from .stopping import RMS
-from .system import TriangularSystem
+from .. import api, models, samplers
+from ..bench.metrics import image_converter
+from ..cli_output import atomic_write, check_output_dir
+from ..distributed import plan, solve_distributed
+from ..errors import FpsolveError, InvalidOptionError
+from ..models import digits
+from ..models.digits import save_digit_grid
+from ..registry import get_registry, registered_classes
+from ..stopping import RMS
+from ..system import TriangularSystem
 
-#: ``--sampler`` choices: ``auto`` is the model's own (``ref.sampler``: DDIM for an epsilon model,
-#: flow Euler for a flow model); the VP samplers need an epsilon model, the flow ones a flow model.
-VP_SAMPLERS = ("ddim", "ddpm", "dpm_solver")
-FLOW_SAMPLERS = ("flow_euler", "flow_dpm_solver")
-SAMPLERS = ("auto", *VP_SAMPLERS, *FLOW_SAMPLERS)
+
+def vp_samplers() -> tuple[str, ...]:
+    """The registered samplers ``--sampler`` builds for an epsilon model: variance-preserving
+    ones (:class:`~fpsolve.samplers.VPSampler`, built on the model's ``alphas_cumprod``) whose
+    model returns the noise."""
+    return tuple(name for name, cls in registered_classes("sampler", samplers.VPSampler).items()
+                 if cls.prediction == "epsilon")
+
+
+def flow_samplers() -> tuple[str, ...]:
+    """The registered samplers ``--sampler`` builds for a flow model: flow-matching ones
+    (:class:`~fpsolve.samplers.FlowSampler`, built on the model's ``flow_sigmas``) whose model
+    returns the velocity."""
+    return tuple(name for name, cls in registered_classes("sampler", samplers.FlowSampler).items()
+                 if cls.prediction == "velocity")
+
+
+def sampler_choices() -> tuple[str, ...]:
+    """``--sampler`` choices, from the registry: ``auto`` (the model's own, ``ref.sampler``: DDIM
+    for an epsilon model, flow Euler for a flow model), then :func:`vp_samplers` (epsilon models)
+    and :func:`flow_samplers` (flow models)."""
+    return ("auto", *vp_samplers(), *flow_samplers())
 
 #: ``--out`` suffix -> what the file holds.
 OUT_FORMATS: dict[str, str] = {
@@ -62,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fpsolve sample``."""
     parser.add_argument("--model", default="digits", choices=models.available_references(),
                         help="reference model (default digits; gmm if the digits model cannot be loaded)")
-    parser.add_argument("--sampler", default="auto", choices=SAMPLERS,
+    parser.add_argument("--sampler", default="auto", choices=sampler_choices(),
                         help="sequential sampler (default auto: the model's own, DDIM for an epsilon "
                              "model, flow_euler for digits-flow)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps T (default 50)")
@@ -162,17 +180,16 @@ def _sampler(name: str, steps: int, ref: Any) -> Any:
     if name == "auto":
         return ref.sampler(steps)
     flow = ref.prediction == "velocity"
-    if flow != (name in FLOW_SAMPLERS):
-        fits = FLOW_SAMPLERS if flow else VP_SAMPLERS
+    fits = flow_samplers() if flow else vp_samplers()
+    if name not in fits:
         raise InvalidOptionError(
             f"--sampler {name} does not fit --model {ref.name}, a {ref.prediction} model; use --sampler "
             f"auto or one of {', '.join(fits)}."
         )
+    cls = get_registry().lookup("sampler", name).cls  # the registry is the one name -> class map
     if flow:
-        classes = {"flow_euler": samplers.FlowEuler, "flow_dpm_solver": samplers.FlowDPMSolver}
-        return classes[name](sigmas=ref.flow_sigmas(steps), num_train_timesteps=ref.num_train_timesteps)
-    vp = {"ddim": samplers.DDIM, "ddpm": samplers.DDPM, "dpm_solver": samplers.DPMSolver}
-    return vp[name](alphas_cumprod=ref.alphas_cumprod, timesteps=models.spaced_timesteps(steps))
+        return cls(sigmas=ref.flow_sigmas(steps), num_train_timesteps=ref.num_train_timesteps)
+    return cls(alphas_cumprod=ref.alphas_cumprod, timesteps=models.spaced_timesteps(steps))
 
 
 def _system(args: argparse.Namespace, ref: Any, device: torch.device) -> Any:

@@ -20,12 +20,12 @@ from typing import Any
 import attrs
 import torch
 
+from ..bench import runner  # called through the module: tests replace runner.prepare_model, run_plan
+from ..bench.matrix import SOLVERS, BenchPlan, CurvePlan, full_plan, parse_sampler, parse_solver, quick_plan
+from ..bench.report import print_tables, write_json, write_markdown
+from ..bench.runner import BenchResult, Reporter
 from ..cli_output import check_output_dir
 from ..errors import FpsolveError, InvalidOptionError
-from . import runner  # called through the module: tests replace runner.prepare_model, run_plan
-from .matrix import SOLVERS, BenchPlan, CurvePlan, full_plan, parse_sampler, parse_solver, quick_plan
-from .report import print_tables, write_json, write_markdown
-from .runner import BenchResult, Reporter
 
 __all__ = [
     "add_arguments",
@@ -220,7 +220,7 @@ class _RichReporter(Reporter):
 
 
 def _write_plots(result: Any, out: Path) -> dict[str, list[str]]:
-    from . import plots  # needs matplotlib (the "bench" extra); --no-plots runs without it
+    from ..bench import plots  # needs matplotlib (the "bench" extra); --no-plots runs without it
 
     written: dict[str, list[str]] = {}
     for model in result.plan.models:

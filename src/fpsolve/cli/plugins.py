@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .registry import KINDS, RegistryEntry, get_registry
+from ..registry import KINDS, RegistryEntry, get_registry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,9 @@
 """The ``fpsolve`` command: ``fpsolve demo``, ``fpsolve plugins``, ``fpsolve train-reference``, ...
 
-Each sub-command lives in its own module and is imported only when used, so ``fpsolve --help``
+This package is the command line's one home: this module dispatches, and each sub-command is one
+module beside it (:data:`COMMANDS`): ``demo``, ``bench``, ``sample``, ``plugins`` and
+``train_reference``. A command module holds its argument parsing and its printing; the work it
+calls lives in the library. Command modules are imported only when used, so ``fpsolve --help``
 stays fast and optional dependencies are needed only by the commands that use them.
 
 Errors are one line on stderr and a non-zero exit status: 2 for a bad command line (an unknown
@@ -17,19 +20,19 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__
-from .errors import FpsolveError, InvalidOptionError
+from .. import __version__
+from ..errors import FpsolveError, InvalidOptionError
 
 __all__ = ["main", "COMMANDS", "OneLineParser", "unknown_command_message"]
 
 #: sub-command -> (module, one-line help). Each module defines ``add_arguments(parser)`` and
 #: ``run(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("fpsolve.demo", "sample a reference model sequentially and with TAA, and compare"),
-    "bench": ("fpsolve.bench.cli", "benchmark samplers x solvers x tolerances against sequential sampling"),
-    "plugins": ("fpsolve.plugins_cli", "list every registered sampler, solver, stopping rule, initializer"),
-    "train-reference": ("fpsolve.models.digits", "train the shipped digits UNet (reproducible)"),
-    "sample": ("fpsolve.sample_cli", "sample a reference model; under torchrun, sharded over the ranks"),
+    "demo": ("fpsolve.cli.demo", "sample a reference model sequentially and with TAA, and compare"),
+    "bench": ("fpsolve.cli.bench", "benchmark samplers x solvers x tolerances against sequential sampling"),
+    "plugins": ("fpsolve.cli.plugins", "list every registered sampler, solver, stopping rule, initializer"),
+    "train-reference": ("fpsolve.cli.train_reference", "train the shipped digits UNet (reproducible)"),
+    "sample": ("fpsolve.cli.sample", "sample a reference model; under torchrun, sharded over the ranks"),
 }
 
 #: exit status of a bad command line (argparse's convention)

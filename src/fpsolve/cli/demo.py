@@ -5,7 +5,8 @@ with TAA (``fpsolve.solve(system, "taa")``, default options). It prints the para
 the model evaluations, the reduction in sequential model calls (T / iterations), the largest
 pixel difference to the sequential grid, the measured CPU times (median of ``--repeats`` runs)
 with what they mean, and the wall-time ratio *predicted* for a GPU from latency tables measured
-on an NVIDIA H200 (:data:`LATENCY_TABLE`). It saves one labelled figure, ``demo.png``: the
+on an NVIDIA H200 (:func:`fpsolve.bench.prediction.predict_gpu` on its
+:data:`~fpsolve.bench.prediction.LATENCY_TABLE`). It saves one labelled figure, ``demo.png``: the
 sequential grid, the TAA grid, their difference and the TAA solve's residual heatmap with the
 anchor. Without the digits weights it falls back to the closed-form ``gmm`` model (64-dimensional
 vectors, drawn as rows of values instead of images).
@@ -17,32 +18,28 @@ knows (:func:`fpsolve.models.available_references`) is a valid ``--model``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 
-from . import solve
-from .bench.metrics import ToImages, compare_samples, image_converter
-from .cli_output import check_output_dir
-from .errors import InvalidOptionError
-from .gpu.planner import latency_curve, predicted_parallel_seconds
-from .models import ReferenceModel, available_references, load_reference
-from .progress import JobProgress
-from .system import TriangularSystem
+from ..api import solve
+from ..bench.metrics import compare_samples, image_converter
+from ..bench.prediction import predict_gpu
+from ..cli_output import check_output_dir
+from ..errors import InvalidOptionError
+from ..models import ReferenceModel, available_references, load_reference
+from ..progress import JobProgress
+from ..system import TriangularSystem
 
-__all__ = ["add_arguments", "run", "DEFAULT_OUT", "FIGURE_NAME", "LATENCY_TABLE", "predict_gpu"]
+__all__ = ["add_arguments", "run", "DEFAULT_OUT", "FIGURE_NAME"]
 
 #: Where the figure goes by default.
 DEFAULT_OUT = Path("fpsolve-demo")
 #: The figure's file name inside ``--out``.
 FIGURE_NAME = "demo.png"
-#: Denoiser latency by batch size measured on one NVIDIA H200 (see its ``source`` field).
-LATENCY_TABLE = Path(__file__).parent / "data" / "h200_latency.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,41 +114,6 @@ def _timed(system: TriangularSystem, solver: str, repeats: int, progress: JobPro
 
 def _parameters(ref: ReferenceModel) -> int | None:
     return None if ref.unet is None else sum(p.numel() for p in ref.unet.parameters())
-
-
-def predict_gpu(
-    num_steps: int, samples: int, iterations: int, parameters: int | None, table: Path = LATENCY_TABLE
-) -> list[dict[str, Any]]:
-    """Predicted wall times of the sequential loop and of a full-window parallel solve on the GPU
-    of ``table``, for the measured model closest in size to ``parameters`` (the smallest if None).
-
-    Sequential: ``T * t(N)``; parallel: ``iterations`` calls over the unfinished positions of the
-    window (:func:`fpsolve.gpu.planner.predicted_parallel_seconds`). One entry per measured mode
-    (``eager``, ``cudagraph``) with ``sequential_s``, ``parallel_s``, ``ratio`` (sequential /
-    parallel) and the model's name and size.
-    """
-    data = json.loads(Path(table).read_text())
-    models = data["models"]
-    size_m = (parameters or 0) / 1e6
-    name = min(models, key=lambda m: abs(np.log(models[m]["params_m"] / max(size_m, 1e-3))))
-    found = []
-    for mode in ("eager", "cudagraph"):
-        points = {int(b): ms / 1e3 for b, ms in models[name][mode].items()}
-        curve = latency_curve(points)
-        sequential = num_steps * curve(samples)
-        parallel = predicted_parallel_seconds(curve, num_steps, samples, num_steps, iterations)
-        found.append(
-            dict(
-                mode=mode,
-                model=name,
-                params_m=models[name]["params_m"],
-                device=data["device"],
-                sequential_s=sequential,
-                parallel_s=parallel,
-                ratio=sequential / parallel,
-            )
-        )
-    return found
 
 
 def _sampler(ref: ReferenceModel, steps: int) -> Any:
@@ -241,7 +203,9 @@ def _demo(args: argparse.Namespace) -> int:
     )
     label = _label(ref, sampler, steps)
     title = f"fpsolve demo: {ref.name}, {label}, {args.samples} samples, seed {args.seed}"
-    path = save_figure(
+    from ..bench.plots import save_comparison_figure  # needs matplotlib (the "bench" extra)
+
+    path = save_comparison_figure(
         to_images,
         sequential.sample,
         parallel.sample,
@@ -252,80 +216,3 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print(f"  wrote {path} (the two grids, their difference, and the residual heatmap with the anchor)")
     return 0
-
-
-def _tile(images: np.ndarray, nrow: int, fill: float) -> np.ndarray:
-    """``[N, H, W]`` images as one ``[rows*(H+1)+1, nrow*(W+1)+1]`` grid with 1-pixel borders."""
-    n, h, w = images.shape
-    rows = -(-n // nrow)
-    grid = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1), fill, dtype=np.float64)
-    for k in range(n):
-        r, c = divmod(k, nrow)
-        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[k]
-    return grid
-
-
-def _pictures(to_images: ToImages | None, sample: torch.Tensor) -> np.ndarray:
-    """``[N, H, W]`` pictures of a batch: images on [0, 255], or each vector as a 1-row strip."""
-    if to_images is not None:
-        return np.asarray(to_images(sample), dtype=np.float64)
-    flat = sample.detach().double().flatten(1).numpy()
-    return flat[:, None, :]
-
-
-def save_figure(
-    to_images: ToImages | None,
-    sequential: torch.Tensor,
-    parallel: torch.Tensor,
-    residuals: Any,
-    titles: tuple[str, str, str, str],
-    title: str,
-    path: Path,
-) -> Path:
-    """The demo's one figure: both grids, their difference and the residual heatmap, labelled."""
-    from matplotlib.figure import Figure
-
-    from .bench.plots import _save, draw_residual_heatmap  # needs matplotlib (the "bench" extra)
-
-    seq, par = _pictures(to_images, sequential), _pictures(to_images, parallel)
-    nrow = min(8, len(seq)) if to_images is not None else 1
-    images = to_images is not None
-    low, high = (
-        (0.0, 255.0) if images else (float(min(seq.min(), par.min())), float(max(seq.max(), par.max())))
-    )
-    grids = [_tile(seq, nrow, low), _tile(par, nrow, low), _tile(np.abs(par - seq), nrow, 0.0)]
-    aspect = grids[0].shape[0] / grids[0].shape[1]
-    # digits keep their shape; vectors fill the width
-    aspect_mode: Literal["equal", "auto"] = "equal" if images else "auto"
-    fig = Figure(figsize=(9.0, 3 * max(1.3, 8.0 * aspect) + 3.6), layout="constrained")
-    spec = fig.add_gridspec(4, 1, height_ratios=[1, 1, 1, 2.2])
-    for row, (grid, label) in enumerate(zip(grids, titles[:3], strict=True)):
-        ax = fig.add_subplot(spec[row])
-        if row < 2:
-            image = ax.imshow(
-                grid, cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect_mode
-            )
-        else:
-            # the difference on its own scale (at least 1 pixel level), hot = larger
-            image = ax.imshow(
-                grid,
-                cmap="magma",
-                vmin=0,
-                vmax=max(float(grid.max()), 1.0 if images else 1e-12),
-                interpolation="nearest",
-                aspect=aspect_mode,
-            )
-        unit = (
-            ("pixel value" if row < 2 else "|difference|")
-            if images
-            else ("value" if row < 2 else "|difference|")
-        )
-        fig.colorbar(image, ax=ax, label=unit, fraction=0.04)
-        ax.set_title(label, fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    draw_residual_heatmap(
-        fig, fig.add_subplot(spec[3]), residuals.first_order.numpy(), titles[3], residuals.anchors
-    )
-    fig.suptitle(title)
-    return _save(fig, path)
