@@ -412,7 +412,7 @@ def test_unusable_out_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
 
 
 def test_progressive_run_equals_the_whole_run_and_keeps_finished_slices(tmp_path):
-    from fpsolve.cli.bench import run_progressively
+    from fpsolve.bench.progressive import run_progressively
 
     plan = attrs.evolve(tiny_plan(), seeds=1, tolerances=(1e-3,))
     models = {"gmm": load_reference("gmm")}
@@ -447,7 +447,7 @@ def test_progressive_run_equals_the_whole_run_and_keeps_finished_slices(tmp_path
 def test_progressive_run_of_an_epsilon_and_a_flow_model_runs_each_on_its_own_samplers(tmp_path):
     # A plan over both kinds of model: each (model, sampler) slice must pair a model only with
     # the samplers it predicts for (DDIM for gmm, flow Euler for digits-flow), as the whole run does.
-    from fpsolve.cli.bench import run_progressively
+    from fpsolve.bench.progressive import run_progressively
 
     plan = matrix.BenchPlan(
         models=("gmm", "digits-flow"),

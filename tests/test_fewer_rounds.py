@@ -14,7 +14,7 @@ import torch
 import fpsolve
 from fpsolve.errors import InvalidOptionError
 from fpsolve.initializers import Extrapolate
-from fpsolve.samplers import DDIM, DDPM, DPMSolver
+from fpsolve.registry import get_registry
 from fpsolve.solvers import DiagonalNewton, QuasiNewton
 from fpsolve.stopping import RMS, X0Change
 from fpsolve.testing.problems import linear_alphas_cumprod, make_system
@@ -37,13 +37,12 @@ class PointMass:
 
 
 def _point_mass_system(sampler: str, batch: int = 2) -> fpsolve.TriangularSystem:
-    samplers = {
-        "ddim": DDIM(alphas_cumprod=ABAR, timesteps=TIMESTEPS),
-        "ddpm": DDPM(alphas_cumprod=ABAR, timesteps=TIMESTEPS),
-        "dpm_solver": DPMSolver(alphas_cumprod=ABAR, timesteps=TIMESTEPS, order=2),
-    }
+    # options by registered name; the class comes from the registry, the one name -> class map
+    options = {"ddim": {}, "ddpm": {}, "dpm_solver": {"order": 2}}[sampler]
+    cls = get_registry().lookup("sampler", sampler).cls
     center = torch.linspace(-0.8, 0.7, 6, dtype=torch.float64)
-    return fpsolve.TriangularSystem(sampler=samplers[sampler], denoiser=PointMass(center), shape=(6,),
+    return fpsolve.TriangularSystem(sampler=cls(alphas_cumprod=ABAR, timesteps=TIMESTEPS, **options),
+                                    denoiser=PointMass(center), shape=(6,),
                                     batch=batch, generator=torch.Generator().manual_seed(5))
 
 

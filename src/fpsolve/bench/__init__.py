@@ -5,6 +5,7 @@ Modules, one job each:
 * :mod:`~fpsolve.bench.matrix`: what is measured (frozen cell definitions, the full and quick plans);
 * :mod:`~fpsolve.bench.metrics`: the error of a sample to the sequential one;
 * :mod:`~fpsolve.bench.runner`: runs the plan's cells over the seeds;
+* :mod:`~fpsolve.bench.progressive`: runs a plan slice by slice, saving every number after each;
 * :mod:`~fpsolve.bench.curves`: error to sequential against an iteration cap;
 * :mod:`~fpsolve.bench.report`: terminal tables, ``bench.json`` and ``index.md``;
 * :mod:`~fpsolve.bench.plots`: the matplotlib figures (Agg backend);

@@ -22,8 +22,9 @@ import torch
 
 from ..bench import runner  # called through the module: tests replace runner.prepare_model, run_plan
 from ..bench.matrix import SOLVERS, BenchPlan, CurvePlan, full_plan, parse_sampler, parse_solver, quick_plan
+from ..bench.progressive import run_progressively
 from ..bench.report import print_tables, write_json, write_markdown
-from ..bench.runner import BenchResult, Reporter
+from ..bench.runner import Reporter
 from ..cli_output import check_output_dir
 from ..errors import FpsolveError, InvalidOptionError
 
@@ -31,8 +32,6 @@ __all__ = [
     "add_arguments",
     "run",
     "build_plan",
-    "run_progressively",
-    "merge_results",
     "DEFAULT_OUT",
     "QUICK_OUT",
 ]
@@ -242,44 +241,6 @@ def _write_plots(result: Any, out: Path) -> dict[str, list[str]]:
                 ).name
             )
     return written
-
-
-def merge_results(plan: BenchPlan, parts: list[Any]) -> Any:
-    """One :class:`~fpsolve.bench.runner.BenchResult` of ``plan`` from the results of its parts
-    (each a (model, sampler) slice of it, in the plan's order)."""
-    return BenchResult(
-        plan,
-        tuple(c for part in parts for c in part.cells),
-        tuple(c for part in parts for c in part.curves),
-        tuple(h for part in parts for h in part.heatmaps),
-        {
-            "seconds": round(sum(part.meta.get("seconds", 0.0) for part in parts), 1),
-            "device": parts[0].meta.get("device") if parts else "",
-        },
-    )
-
-
-def run_progressively(
-    plan: BenchPlan, device: torch.device, reporter: Reporter, models: dict[str, Any], json_path: Path
-) -> Any:
-    """Run ``plan`` one (model, sampler) slice at a time, rewriting ``json_path`` (atomically)
-    after each with every finished number, so an interrupted run keeps what it measured.
-
-    A slice runs exactly what the whole plan runs for it (cells, the curves and the heatmap of
-    its sampler, in the same order, from the same seeds); the returned result equals a run of
-    the whole plan. The partial files say so in ``meta.partial``.
-    """
-
-    slices = [(model, spec) for model in plan.models for spec in plan.samplers_for(model)]  # fitting pairs
-    parts = []
-    for done, (model, spec) in enumerate(slices, start=1):
-        part_plan = attrs.evolve(plan, models=[model], samplers=[spec])
-        parts.append(runner.run_plan(part_plan, device, reporter, models=models))
-        if done < len(slices):
-            partial = merge_results(plan, parts)
-            partial.meta["partial"] = f"{done} of {len(slices)} (model, sampler) groups finished"
-            write_json(partial, json_path)
-    return merge_results(plan, parts)
 
 
 def run(args: argparse.Namespace) -> int:
