@@ -35,18 +35,14 @@ from fpsolve.integrations.diffusers.testing import (
     tiny_sd_pipeline,
     tiny_unet_pipeline,
 )
+from tests._tiny import one_thread_per_module
 
 PARITY = 1e-5  # images in [0, 1]; 80 float32 ulps of 1.0: the floor of the bound
 FLOOR_FACTOR = 4  # measured error / spread was at most 1.05 (module docstring): 4x leaves margin
 EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = one_thread_per_module()
 
 
 @pytest.fixture(scope="module")
