@@ -17,7 +17,6 @@ floor; the ``1e-5`` bound leaves a factor 6 or more.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import diffusers
@@ -36,8 +35,15 @@ from fpsolve.integrations.diffusers.testing import (
     tiny_wan_pipeline,
     wan_unipc,
 )
-from tests._tiny import one_thread_per_module, pipeline_fixture, scheduler_swapped
-from tests.test_diffusers_pipelines import run_both
+from tests._diffusers_helpers import (
+    assert_same_output,
+    images_of,
+    latent_relative_error,
+    one_thread_per_module,
+    pipeline_fixture,
+    run_both,
+    scheduler_swapped,
+)
 
 EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
 LATENT_PARITY = 1e-5  # relative, see the noise floor above
@@ -52,42 +58,6 @@ sd3 = pipeline_fixture(tiny_sd3_pipeline, "sd3")
 wan = pipeline_fixture(lambda directory: tiny_wan_pipeline(directory, wan_unipc()), "wan")
 pixart = pipeline_fixture(tiny_pixart_pipeline, "pixart")
 sana = pipeline_fixture(tiny_sana_pipeline, "sana")
-
-
-def as_array(output) -> np.ndarray:
-    """The images or video frames of a pipeline output (dataclass or tuple) as float64, PIL on [0, 1]."""
-    value = output[0]
-    if isinstance(value, list):  # PIL: a list of images, or (video) a list of lists of frames
-        value = np.stack([np.stack([np.asarray(f) for f in v]) if isinstance(v, list) else np.asarray(v)
-                          for v in value]) / 255.0
-    if isinstance(value, torch.Tensor):
-        value = value.cpu().numpy()
-    return np.asarray(value, dtype=np.float64)
-
-
-def assert_same_output(reference, out, limit: float) -> float:
-    """Same type, same fields, and the output within ``limit`` (max abs); returns the error."""
-    assert type(out) is type(reference)
-    if dataclasses.is_dataclass(reference):
-        assert [f.name for f in dataclasses.fields(out)] == [f.name for f in dataclasses.fields(reference)]
-    else:
-        assert len(out) == len(reference)
-    assert type(out[0]) is type(reference[0])
-    a, b = as_array(out), as_array(reference)
-    assert a.shape == b.shape
-    error = float(np.abs(a - b).max())
-    assert error <= limit, f"max abs difference {error:.2e}"
-    return error
-
-
-images_of = as_array
-
-
-def latent_relative_error(reference, out) -> float:
-    """Max abs difference of the latents over their max abs value."""
-    a, b = (torch.as_tensor(images_of(o)) for o in (out, reference))
-    assert a.shape == b.shape
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def check_latents_and_images(pipe, record_property=None, **case):
@@ -280,7 +250,7 @@ def test_pixart_sigma_resolution_binning(tmp_path):
         reference, out, _ = run_both(pipe, prompt="a cat", height=48, width=32, num_inference_steps=2,
                                      max_sequence_length=8, output_type=output_type, **EXACT)
         assert_same_output(reference, out, limit=PIXEL)
-    assert as_array(out).shape == (1, 48, 32, 3)
+    assert images_of(out).shape == (1, 48, 32, 3)
 
 
 # -- Sana ----------------------------------------------------------------------------------------
@@ -323,7 +293,7 @@ def test_default_tolerance_within_one_level(name, request, record_property):
     options, case = DEFAULT_CASES[name]
     options = dict(options, num_inference_steps=12)
     reference, out, solution = run_both(pipe, output_type="np", **case, **options)
-    error = float(np.abs(as_array(out) - as_array(reference)).max())
+    error = float(np.abs(images_of(out) - images_of(reference)).max())
     record_property("max_abs_error_255", error * 255)
     record_property("iterations", solution.iterations)
     assert solution.converged and solution.iterations < 12

@@ -20,7 +20,7 @@ from fpsolve.errors import UnsupportedError
 from fpsolve.integrations.diffusers import compile_scheduler, scheduler_system
 from fpsolve.integrations.diffusers.testing import reference_loop
 from fpsolve.testing.strategies import SmoothVelocity
-from tests._tiny import one_thread_per_module
+from tests._diffusers_helpers import one_thread_per_module
 
 SHAPE = (2, 3, 4)  # one sample: [C, H, W]
 BATCH = 2

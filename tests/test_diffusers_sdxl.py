@@ -21,8 +21,14 @@ import torch
 from fpsolve.errors import UnsupportedError
 from fpsolve.integrations.diffusers import sample
 from fpsolve.integrations.diffusers.testing import tiny_sdxl_pipeline
-from tests._tiny import one_thread_per_module, pipeline_fixture
-from tests.test_diffusers_pipelines import assert_same_output, images_of, run_both
+from tests._diffusers_helpers import (
+    assert_same_output,
+    images_of,
+    latent_relative_error,
+    one_thread_per_module,
+    pipeline_fixture,
+    run_both,
+)
 
 EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
 LATENT_PARITY = 1e-5  # relative, see the noise floor above
@@ -31,13 +37,6 @@ PIXEL = 1 / 255
 
 _one_thread = one_thread_per_module()
 sdxl = pipeline_fixture(tiny_sdxl_pipeline, "sdxl-tokenizers")
-
-
-def latent_relative_error(reference, out) -> float:
-    """Max abs difference of the latents over their max abs value."""
-    a, b = (torch.as_tensor(images_of(o)) for o in (out, reference))
-    assert a.shape == b.shape
-    return float((a - b).abs().max() / b.abs().max())
 
 
 SCHEDULERS = {

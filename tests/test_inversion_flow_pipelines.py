@@ -37,7 +37,7 @@ diffusers = pytest.importorskip("diffusers")
 from fpsolve.errors import InvalidOptionError, ShapeError, UnsupportedError  # noqa: E402
 from fpsolve.integrations.diffusers import encode_image, invert, sample  # noqa: E402
 from fpsolve.integrations.diffusers.testing import tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
-from tests._tiny import one_thread_per_module, pipeline_fixture  # noqa: E402
+from tests._diffusers_helpers import one_thread_per_module, pipeline_fixture  # noqa: E402
 
 STEPS = 8
 FLUX = dict(prompt=["a cat", "a red dog"], guidance_scale=3.5, height=8, width=8, num_inference_steps=STEPS,
