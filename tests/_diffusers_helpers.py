@@ -22,8 +22,11 @@ import torch
 
 from fpsolve.integrations.diffusers import sample
 
-__all__ = ["torch_threads", "one_thread_per_module", "pipeline_fixture", "scheduler_swapped", "run_both",
-           "images_of", "assert_same_output", "latent_relative_error"]
+__all__ = ["EXACT", "PIXEL", "torch_threads", "one_thread_per_module", "pipeline_fixture",
+           "scheduler_swapped", "run_both", "images_of", "assert_same_output", "latent_relative_error"]
+
+EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
+PIXEL = 1 / 255  # one level of an 8-bit image in [0, 1]
 
 
 @contextlib.contextmanager

@@ -36,6 +36,8 @@ from fpsolve.integrations.diffusers.testing import (
     wan_unipc,
 )
 from tests._diffusers_helpers import (
+    EXACT,
+    PIXEL,
     assert_same_output,
     images_of,
     latent_relative_error,
@@ -45,9 +47,7 @@ from tests._diffusers_helpers import (
     scheduler_swapped,
 )
 
-EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
 LATENT_PARITY = 1e-5  # relative, see the noise floor above
-PIXEL = 1 / 255
 
 _one_thread = one_thread_per_module()
 

@@ -33,11 +33,10 @@ from fpsolve.integrations.diffusers.testing import (
     tiny_sd_pipeline,
     tiny_unet_pipeline,
 )
-from tests._diffusers_helpers import assert_same_output, images_of, one_thread_per_module, run_both
+from tests._diffusers_helpers import EXACT, assert_same_output, images_of, one_thread_per_module, run_both
 
 PARITY = 1e-5  # images in [0, 1]; 80 float32 ulps of 1.0: the floor of the bound
 FLOOR_FACTOR = 4  # measured error / spread was at most 1.05 (module docstring): 4x leaves margin
-EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
 
 
 _one_thread = one_thread_per_module()

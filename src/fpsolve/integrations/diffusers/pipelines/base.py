@@ -1,4 +1,5 @@
-"""What every pipeline adapter shares: the prepared call, argument binding and refusals."""
+"""What every pipeline adapter shares: the prepared call, argument binding, the state dtype and the
+batch layout (which pipeline sample and conditioning row each row of a model batch stands for)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,8 @@ from ....system import TriangularSystem
 from ....validators import close_matches, is_integer
 from ..sampler import SchedulerProgram
 
-__all__ = ["PreparedPipeline", "bind_call", "refuse_arguments", "state_dtype", "SAMPLE_ARGUMENTS",
-           "batch_rows", "sample_index", "prompt_batch_size", "step_indexer",
-           "Refusals", "refuse_all", "CALLBACK_WHY", "IP_ADAPTER_WHY", "lora_scale", "step_options",
-           "default_size", "binned_size", "guidance_scale_embedding", "masked_prompt_embeds",
-           "UnetLoopInputs", "unet_loop_inputs"]
+__all__ = ["PreparedPipeline", "bind_call", "state_dtype", "SAMPLE_ARGUMENTS", "batch_rows", "sample_index",
+           "step_indexer"]
 
 #: The keyword arguments of ``sample()`` itself (the solver's side), for did-you-mean hints.
 SAMPLE_ARGUMENTS = ("solver", "generator", "dtype", "tol", "order", "history", "ridge", "window", "stopping",
@@ -96,27 +94,6 @@ def _check_common(pipeline: str, arguments: Mapping[str, Any]) -> None:
         )
 
 
-#: Call options an adapter refuses: ``((names, why), ...)``, read by the support table too.
-Refusals = tuple[tuple[tuple[str, ...], str], ...]
-
-CALLBACK_WHY = "per-step callbacks need the sequential loop"
-IP_ADAPTER_WHY = "IP-Adapter conditioning is not wired into the parallel denoiser"
-
-
-def refuse_all(pipe: Any, arguments: Mapping[str, Any], refusals: Refusals) -> None:
-    """Raise :class:`UnsupportedError` for the first refused option the call sets."""
-    for names, why in refusals:
-        refuse_arguments(pipe, arguments, names, why)
-
-
-def refuse_arguments(pipe: Any, arguments: Mapping[str, Any], names: Iterable[str], why: str) -> None:
-    """Raise for any of ``names`` that the call sets (not ``None``)."""
-    for name in names:
-        if arguments.get(name) is not None:
-            raise UnsupportedError(f"{type(pipe).__name__}(..., {name}=...) is not supported by fpsolve: "
-                                   f"{why}; leave {name} unset.")
-
-
 def state_dtype(dtype: torch.dtype | None) -> torch.dtype:
     """The solver state's dtype: ``dtype``, by default float64.
 
@@ -164,17 +141,6 @@ def batch_rows(sample: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
     return torch.cat([sample, sample + batch]) if guided else sample
 
 
-def prompt_batch_size(prompt: Any, prompt_embeds: torch.Tensor | None) -> int:
-    """Prompts in a call, as pipelines count them: one string, a list, or ``prompt_embeds`` rows."""
-    if isinstance(prompt, str):
-        return 1
-    if isinstance(prompt, list):
-        return len(prompt)
-    if prompt_embeds is None:
-        raise InvalidOptionError("give prompt= or prompt_embeds=.")
-    return prompt_embeds.shape[0]
-
-
 def step_indexer(timesteps: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``index(t)``: the loop position ``i`` of each scheduler timestep in ``t`` ``[B]``.
 
@@ -194,96 +160,3 @@ def step_indexer(timesteps: torch.Tensor) -> Callable[[torch.Tensor], torch.Tens
         return hits.int().argmax(dim=1)
     return index
 
-
-def lora_scale(attention_kwargs: Mapping[str, Any] | None) -> float | None:
-    """The LoRA scale a pipeline reads from its attention kwargs (``"scale"``), ``None`` without them."""
-    return attention_kwargs.get("scale", None) if attention_kwargs is not None else None
-
-
-def step_options(pipe: Any, args: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-    """``(step kwargs, generator)``: the pipeline's ``prepare_extra_step_kwargs`` (``eta``, the
-    generator), the generator taken out (the system draws the step noise from it)."""
-    step_kwargs = pipe.prepare_extra_step_kwargs(args["generator"], args["eta"])
-    return step_kwargs, step_kwargs.pop("generator", None)
-
-
-def default_size(pipe: Any, args: Mapping[str, Any]) -> tuple[int, int]:
-    """``(height, width)``: the call's, else ``default_sample_size * vae_scale_factor`` (as the pipeline)."""
-    default = pipe.default_sample_size * pipe.vae_scale_factor
-    return args["height"] or default, args["width"] or default
-
-
-def binned_size(pipe: Any, height: int, width: int, module: Any, bins: Mapping[int, str]) -> tuple[int, int]:
-    """The pipeline's aspect-ratio bin of ``(height, width)`` (``use_resolution_binning``).
-
-    Args:
-        module: the pipeline's module, which holds its ratio tables.
-        bins: the transformer's sample size -> the name of the table in ``module``.
-
-    Raises:
-        ValueError: the pipeline's own error for a sample size without a table.
-    """
-    name = bins.get(pipe.transformer.config.sample_size)
-    if name is None:
-        raise ValueError("Invalid sample size")
-    return pipe.image_processor.classify_height_width_bin(height, width, ratios=getattr(module, name))
-
-
-def guidance_scale_embedding(pipe: Any, guidance_scale: float, samples: int, device: torch.device,
-                             dtype: torch.dtype) -> torch.Tensor | None:
-    """A guidance-distilled UNet's ``timestep_cond`` (``time_cond_proj_dim`` set), else ``None``."""
-    if pipe.unet.config.time_cond_proj_dim is None:
-        return None
-    scale = torch.tensor(guidance_scale - 1).repeat(samples)
-    return pipe.get_guidance_scale_embedding(
-        scale, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
-
-
-def masked_prompt_embeds(pipe: Any, args: Mapping[str, Any], guided: bool, device: torch.device,
-                         **extra: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(embeds, mask)`` from ``encode_prompt`` of a pipeline with attention masks (PixArt, Sana).
-
-    Under guidance both hold the pipeline's doubled batch, ``[negative, positive]``. ``extra``:
-    further ``encode_prompt`` arguments of the pipeline (Sana's ``complex_human_instruction``).
-    """
-    embeds, mask, negative, negative_mask = pipe.encode_prompt(
-        args["prompt"], guided, negative_prompt=args["negative_prompt"],
-        num_images_per_prompt=args["num_images_per_prompt"], device=device,
-        prompt_embeds=args["prompt_embeds"], negative_prompt_embeds=args["negative_prompt_embeds"],
-        prompt_attention_mask=args["prompt_attention_mask"],
-        negative_prompt_attention_mask=args["negative_prompt_attention_mask"],
-        clean_caption=args["clean_caption"], max_sequence_length=args["max_sequence_length"], **extra)
-    if guided:
-        embeds, mask = torch.cat([negative, embeds], dim=0), torch.cat([negative_mask, mask], dim=0)
-    return embeds, mask
-
-
-@attrs.define(frozen=True, eq=False)
-class UnetLoopInputs:
-    """What the UNet text-to-image pipelines (Stable Diffusion, SDXL) prepare for their loop.
-
-    Attributes:
-        samples: the images of the call (prompts times ``num_images_per_prompt``).
-        latents: the initial latents, ``prepare_latents``' draw.
-        step_kwargs: the scheduler's extra step arguments (``eta``), without the generator.
-        generator: the generator the steps draw their noise from.
-        timestep_cond: a guidance-distilled UNet's guidance embedding, else ``None``.
-    """
-
-    samples: int
-    latents: torch.Tensor
-    step_kwargs: dict[str, Any]
-    generator: Any
-    timestep_cond: torch.Tensor | None
-
-
-def unet_loop_inputs(pipe: Any, args: Mapping[str, Any], height: int, width: int, dtype: torch.dtype,
-                     device: torch.device) -> UnetLoopInputs:
-    """The UNet pipelines' set-up after ``retrieve_timesteps``, in their order; ``dtype``: the
-    prompt embeddings' (the latents are drawn in it)."""
-    samples = prompt_batch_size(args["prompt"], args["prompt_embeds"]) * args["num_images_per_prompt"]
-    latents = pipe.prepare_latents(samples, pipe.unet.config.in_channels, height, width, dtype, device,
-                                   args["generator"], args["latents"])
-    step_kwargs, generator = step_options(pipe, args)
-    timestep_cond = guidance_scale_embedding(pipe, args["guidance_scale"], samples, device, latents.dtype)
-    return UnetLoopInputs(samples, latents, step_kwargs, generator, timestep_cond)

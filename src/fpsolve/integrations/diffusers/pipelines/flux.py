@@ -29,20 +29,11 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    IP_ADAPTER_WHY,
-    PreparedPipeline,
-    Refusals,
-    bind_call,
-    default_size,
-    lora_scale,
-    prompt_batch_size,
-    refuse_all,
-    sample_index,
-)
+from .base import PreparedPipeline, bind_call, sample_index
 from .guidance import guide
+from .inputs import POOLED_EMBEDS, default_size, lora_scale, named, prompt_batch_size
 from .output import finisher, image_decoder
+from .refusals import CALLBACK_WHY, IP_ADAPTER_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_flux", "REFUSED"]
 
@@ -102,13 +93,8 @@ def prepare_flux(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> Prep
     refuse_all(pipe, args, REFUSED)
     height, width = default_size(pipe, args)
     pipe.check_inputs(args["prompt"], args["prompt_2"], height, width,
-                      negative_prompt=args["negative_prompt"],
-                      negative_prompt_2=args["negative_prompt_2"], prompt_embeds=args["prompt_embeds"],
-                      negative_prompt_embeds=args["negative_prompt_embeds"],
-                      pooled_prompt_embeds=args["pooled_prompt_embeds"],
-                      negative_pooled_prompt_embeds=args["negative_pooled_prompt_embeds"],
-                      callback_on_step_end_tensor_inputs=args["callback_on_step_end_tensor_inputs"],
-                      max_sequence_length=args["max_sequence_length"])
+                      **named(args, "negative_prompt", "negative_prompt_2", *POOLED_EMBEDS,
+                              "callback_on_step_end_tensor_inputs", "max_sequence_length"))
     batch = prompt_batch_size(args["prompt"], args["prompt_embeds"])
     device = pipe._execution_device
     attention_kwargs = args["joint_attention_kwargs"]

@@ -24,19 +24,11 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    PreparedPipeline,
-    Refusals,
-    bind_call,
-    binned_size,
-    masked_prompt_embeds,
-    prompt_batch_size,
-    refuse_all,
-    step_options,
-)
+from .base import PreparedPipeline, bind_call
 from .guidance import doubled_batch_model
+from .inputs import binned_size, loop_inputs, masked_prompt_embeds
 from .output import finisher, image_decoder
+from .refusals import CALLBACK_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_pixart_sigma", "REFUSED"]
 
@@ -83,13 +75,10 @@ def prepare_pixart_sigma(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype)
     module.retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, args["timesteps"],
                               args["sigmas"])
     latent_channels = pipe.transformer.config.in_channels
-    samples = prompt_batch_size(args["prompt"], args["prompt_embeds"]) * args["num_images_per_prompt"]
-    latents = pipe.prepare_latents(samples, latent_channels, height, width, embeds.dtype, device,
-                                   args["generator"], args["latents"])
-    step_kwargs, generator = step_options(pipe, args)
-    program = compile_scheduler(pipe.scheduler, step_kwargs, input_scaling="model")
-    model = _pixart_model(pipe, embeds, mask, samples, guided, guidance_scale, latent_channels)
-    system = loop_system(program, model, latents, generator=generator, step_batch=samples,
+    loop = loop_inputs(pipe, args, latent_channels, height, width, embeds.dtype, device)
+    program = compile_scheduler(pipe.scheduler, loop.step_kwargs, input_scaling="model")
+    model = _pixart_model(pipe, embeds, mask, loop.samples, guided, guidance_scale, latent_channels)
+    system = loop_system(program, model, loop.latents, generator=loop.generator, step_batch=loop.samples,
                          model_dtype=pipe.transformer.dtype, device=device, dtype=dtype)
     finish = finisher(pipe, args, dtype=embeds.dtype, output_class=ImagePipelineOutput,
                       decode=image_decoder(pipe, cast=True, original_size=original_size))

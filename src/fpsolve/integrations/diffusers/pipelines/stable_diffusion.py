@@ -20,17 +20,10 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    IP_ADAPTER_WHY,
-    PreparedPipeline,
-    Refusals,
-    bind_call,
-    lora_scale,
-    refuse_all,
-    unet_loop_inputs,
-)
+from .base import PreparedPipeline, bind_call
 from .guidance import doubled_batch_model, rescaled
+from .inputs import guidance_scale_embedding, loop_inputs, lora_scale
+from .refusals import CALLBACK_WHY, IP_ADAPTER_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_stable_diffusion", "REFUSED"]
 
@@ -116,10 +109,11 @@ def prepare_stable_diffusion(pipe: Any, call: Mapping[str, Any], dtype: torch.dt
     device = pipe._execution_device
     embeds, negative = _encode(pipe, args, do_cfg, device)
     retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
-    loop = unet_loop_inputs(pipe, args, height, width, embeds.dtype, device)
+    loop = loop_inputs(pipe, args, pipe.unet.config.in_channels, height, width, embeds.dtype, device)
+    timestep_cond = guidance_scale_embedding(pipe, guidance_scale, loop.samples, device, loop.latents.dtype)
     program = compile_scheduler(pipe.scheduler, loop.step_kwargs, input_scaling="model")
     model = _sd_model(pipe, embeds, negative if do_cfg else None, guidance_scale, guidance_rescale,
-                      loop.timestep_cond, args["cross_attention_kwargs"])
+                      timestep_cond, args["cross_attention_kwargs"])
     system = loop_system(program, model, loop.latents, generator=loop.generator, step_batch=loop.samples,
                          model_dtype=pipe.unet.dtype, device=device, dtype=dtype)
     return PreparedPipeline(system, program, _finisher(pipe, args, device, embeds.dtype))

@@ -26,20 +26,11 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    IP_ADAPTER_WHY,
-    PreparedPipeline,
-    Refusals,
-    bind_call,
-    default_size,
-    lora_scale,
-    prompt_batch_size,
-    refuse_all,
-    step_indexer,
-)
+from .base import PreparedPipeline, bind_call, step_indexer
 from .guidance import Refine, doubled_batch_model
+from .inputs import POOLED_EMBEDS, default_size, lora_scale, named, prompt_batch_size
 from .output import finisher, image_decoder
+from .refusals import CALLBACK_WHY, IP_ADAPTER_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_stable_diffusion_3", "REFUSED"]
 
@@ -48,6 +39,8 @@ REFUSED: Refusals = (
     (("callback_on_step_end",), CALLBACK_WHY),
     (("ip_adapter_image", "ip_adapter_image_embeds"), IP_ADAPTER_WHY),
 )
+
+NEGATIVE_PROMPTS = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")
 
 
 def _skip_layer_guidance(transformer: Any, embeds: torch.Tensor, pooled: torch.Tensor, batch: int,
@@ -113,27 +106,17 @@ def prepare_stable_diffusion_3(pipe: Any, call: Mapping[str, Any], dtype: torch.
     refuse_all(pipe, args, REFUSED)
     height, width = default_size(pipe, args)
     pipe.check_inputs(args["prompt"], args["prompt_2"], args["prompt_3"], height, width,
-                      negative_prompt=args["negative_prompt"], negative_prompt_2=args["negative_prompt_2"],
-                      negative_prompt_3=args["negative_prompt_3"], prompt_embeds=args["prompt_embeds"],
-                      negative_prompt_embeds=args["negative_prompt_embeds"],
-                      pooled_prompt_embeds=args["pooled_prompt_embeds"],
-                      negative_pooled_prompt_embeds=args["negative_pooled_prompt_embeds"],
-                      callback_on_step_end_tensor_inputs=args["callback_on_step_end_tensor_inputs"],
-                      max_sequence_length=args["max_sequence_length"])
+                      **named(args, *NEGATIVE_PROMPTS, *POOLED_EMBEDS, "callback_on_step_end_tensor_inputs",
+                              "max_sequence_length"))
     guidance_scale = args["guidance_scale"]
     guided = guidance_scale > 1
     pipe._clip_skip = args["clip_skip"]  # what the pipeline sets before encoding
     device = pipe._execution_device
     attention_kwargs = args["joint_attention_kwargs"]
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=args["prompt"], prompt_2=args["prompt_2"], prompt_3=args["prompt_3"],
-        negative_prompt=args["negative_prompt"], negative_prompt_2=args["negative_prompt_2"],
-        negative_prompt_3=args["negative_prompt_3"], do_classifier_free_guidance=guided,
-        prompt_embeds=args["prompt_embeds"], negative_prompt_embeds=args["negative_prompt_embeds"],
-        pooled_prompt_embeds=args["pooled_prompt_embeds"],
-        negative_pooled_prompt_embeds=args["negative_pooled_prompt_embeds"], device=device,
-        clip_skip=args["clip_skip"], num_images_per_prompt=args["num_images_per_prompt"],
-        max_sequence_length=args["max_sequence_length"], lora_scale=lora_scale(attention_kwargs))
+        do_classifier_free_guidance=guided, device=device, lora_scale=lora_scale(attention_kwargs),
+        **named(args, "prompt", "prompt_2", "prompt_3", *NEGATIVE_PROMPTS, *POOLED_EMBEDS, "clip_skip",
+                "num_images_per_prompt", "max_sequence_length"))
     if guided:
         embeds = torch.cat([negative, embeds], dim=0)
         pooled = torch.cat([negative_pooled, pooled], dim=0)

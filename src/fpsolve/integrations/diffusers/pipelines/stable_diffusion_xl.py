@@ -28,20 +28,19 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    IP_ADAPTER_WHY,
-    PreparedPipeline,
-    Refusals,
-    bind_call,
-    default_size,
-    lora_scale,
-    prompt_batch_size,
-    refuse_all,
-    unet_loop_inputs,
-)
+from .base import PreparedPipeline, bind_call
 from .guidance import doubled_batch_model, rescaled
+from .inputs import (
+    POOLED_EMBEDS,
+    default_size,
+    guidance_scale_embedding,
+    loop_inputs,
+    lora_scale,
+    named,
+    prompt_batch_size,
+)
 from .output import Decode, finisher
+from .refusals import CALLBACK_WHY, IP_ADAPTER_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_stable_diffusion_xl", "REFUSED"]
 
@@ -103,13 +102,10 @@ def _conditioning(pipe: Any, args: Mapping[str, Any], height: int, width: int, g
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(embeds, text_embeds, time_ids)`` with the rows of the pipeline's (doubled) UNet batch."""
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=args["prompt"], prompt_2=args["prompt_2"], device=device,
-        num_images_per_prompt=args["num_images_per_prompt"], do_classifier_free_guidance=guided,
-        negative_prompt=args["negative_prompt"], negative_prompt_2=args["negative_prompt_2"],
-        prompt_embeds=args["prompt_embeds"], negative_prompt_embeds=args["negative_prompt_embeds"],
-        pooled_prompt_embeds=args["pooled_prompt_embeds"],
-        negative_pooled_prompt_embeds=args["negative_pooled_prompt_embeds"],
-        lora_scale=lora_scale(args["cross_attention_kwargs"]), clip_skip=args["clip_skip"])
+        device=device, do_classifier_free_guidance=guided,
+        lora_scale=lora_scale(args["cross_attention_kwargs"]),
+        **named(args, "prompt", "prompt_2", "negative_prompt", "negative_prompt_2", *POOLED_EMBEDS,
+                "num_images_per_prompt", "clip_skip"))
     if pipe.text_encoder_2 is None:
         projection_dim = int(pooled.shape[-1])
     else:
@@ -154,12 +150,13 @@ def prepare_stable_diffusion_xl(pipe: Any, call: Mapping[str, Any], dtype: torch
     device = pipe._execution_device
     embeds, text_embeds, time_ids = _conditioning(pipe, args, height, width, guided, device)
     retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
-    loop = unet_loop_inputs(pipe, args, height, width, embeds.dtype, device)
+    loop = loop_inputs(pipe, args, pipe.unet.config.in_channels, height, width, embeds.dtype, device)
+    timestep_cond = guidance_scale_embedding(pipe, guidance_scale, loop.samples, device, loop.latents.dtype)
     if hasattr(pipe.scheduler, "set_begin_index"):
         pipe.scheduler.set_begin_index(0)
     program = compile_scheduler(pipe.scheduler, loop.step_kwargs, input_scaling="model")
     model = _sdxl_model(pipe, embeds, text_embeds, time_ids, loop.samples, guided, guidance_scale,
-                        guidance_rescale, loop.timestep_cond, args["cross_attention_kwargs"])
+                        guidance_rescale, timestep_cond, args["cross_attention_kwargs"])
     system = loop_system(program, model, loop.latents, generator=loop.generator, step_batch=loop.samples,
                          model_dtype=pipe.unet.dtype, device=device, dtype=dtype)
     finish = finisher(pipe, args, dtype=embeds.dtype, output_class=StableDiffusionXLPipelineOutput,

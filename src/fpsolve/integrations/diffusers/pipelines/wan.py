@@ -25,17 +25,11 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    PreparedPipeline,
-    Refusals,
-    bind_call,
-    prompt_batch_size,
-    refuse_all,
-    sample_index,
-)
+from .base import PreparedPipeline, bind_call, sample_index
 from .guidance import guide
+from .inputs import prompt_batch_size
 from .output import Decode, finisher
+from .refusals import CALLBACK_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_wan", "REFUSED"]
 
