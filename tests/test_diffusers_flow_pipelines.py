@@ -17,9 +17,7 @@ floor; the ``1e-5`` bound leaves a factor 6 or more.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any
 
 import diffusers
 import numpy as np
@@ -31,67 +29,35 @@ from fpsolve.integrations.diffusers import sample
 from fpsolve.integrations.diffusers.pipelines import ADAPTERS, SUPPORT, support_markdown, support_rows
 from fpsolve.integrations.diffusers.testing import (
     tiny_flux_pipeline,
-    tiny_kl_vae,
+    tiny_pixart_pipeline,
+    tiny_sana_pipeline,
     tiny_sd3_pipeline,
-    tiny_t5_encoder,
-    tiny_t5_tokenizer,
+    tiny_wan_pipeline,
+    wan_unipc,
 )
-from tests.test_diffusers_pipelines import run_both
+from tests._diffusers_helpers import (
+    EXACT,
+    PIXEL,
+    assert_same_output,
+    images_of,
+    latent_relative_error,
+    one_thread_per_module,
+    pipeline_fixture,
+    run_both,
+    scheduler_swapped,
+)
 
-EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
 LATENT_PARITY = 1e-5  # relative, see the noise floor above
-PIXEL = 1 / 255
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+_one_thread = one_thread_per_module()
 
 # -- tiny components (built by fpsolve.integrations.diffusers.testing) ---------------------------
 
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    return tiny_flux_pipeline(tmp_path_factory.mktemp("flux"))
-
-
-def as_array(output) -> np.ndarray:
-    """The images or video frames of a pipeline output (dataclass or tuple) as float64, PIL on [0, 1]."""
-    value = output[0]
-    if isinstance(value, list):  # PIL: a list of images, or (video) a list of lists of frames
-        value = np.stack([np.stack([np.asarray(f) for f in v]) if isinstance(v, list) else np.asarray(v)
-                          for v in value]) / 255.0
-    if isinstance(value, torch.Tensor):
-        value = value.cpu().numpy()
-    return np.asarray(value, dtype=np.float64)
-
-
-def assert_same_output(reference, out, limit: float) -> float:
-    """Same type, same fields, and the output within ``limit`` (max abs); returns the error."""
-    assert type(out) is type(reference)
-    if dataclasses.is_dataclass(reference):
-        assert [f.name for f in dataclasses.fields(out)] == [f.name for f in dataclasses.fields(reference)]
-    else:
-        assert len(out) == len(reference)
-    assert type(out[0]) is type(reference[0])
-    a, b = as_array(out), as_array(reference)
-    assert a.shape == b.shape
-    error = float(np.abs(a - b).max())
-    assert error <= limit, f"max abs difference {error:.2e}"
-    return error
-
-
-images_of = as_array
-
-
-def latent_relative_error(reference, out) -> float:
-    """Max abs difference of the latents over their max abs value."""
-    a, b = (torch.as_tensor(images_of(o)) for o in (out, reference))
-    assert a.shape == b.shape
-    return float((a - b).abs().max() / b.abs().max())
+flux = pipeline_fixture(tiny_flux_pipeline, "flux")
+sd3 = pipeline_fixture(tiny_sd3_pipeline, "sd3")
+wan = pipeline_fixture(lambda directory: tiny_wan_pipeline(directory, wan_unipc()), "wan")
+pixart = pipeline_fixture(tiny_pixart_pipeline, "pixart")
+sana = pipeline_fixture(tiny_sana_pipeline, "sana")
 
 
 def check_latents_and_images(pipe, record_property=None, **case):
@@ -127,24 +93,16 @@ def test_flux_true_cfg_with_images_per_prompt_and_generators(flux):
 def test_flux_stochastic_sampling_draws_from_the_global_generator(flux):
     # Flux passes no generator to step: stochastic_sampling draws each step's noise from torch's
     # global generator, after the latents; fpsolve pre-draws it from there in the same order
-    scheduler = flux.scheduler
-    flux.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler.config,
-                                                                          stochastic_sampling=True)
-    try:
+    with scheduler_swapped(flux, diffusers.FlowMatchEulerDiscreteScheduler.from_config(flux.scheduler.config,
+                                                                                      stochastic_sampling=True)):
         check_latents_and_images(flux, prompt=["a cat", "a dog"], global_seed=11, **FLUX)
-    finally:
-        flux.scheduler = scheduler
 
 
 def test_flux_multistep_flow_scheduler(flux):
     # UniPC with flow sigmas: Flux then leaves the sigmas to the scheduler and passes only mu
-    scheduler = flux.scheduler
-    flux.scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction",
-                                                       use_flow_sigmas=True, flow_shift=3.0)
-    try:
+    with scheduler_swapped(flux, diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                                   use_flow_sigmas=True, flow_shift=3.0)):
         check_latents_and_images(flux, prompt=["a cat", "a dog"], **FLUX)
-    finally:
-        flux.scheduler = scheduler
 
 
 def test_flux_without_guidance_embedding(tmp_path):
@@ -177,11 +135,6 @@ def test_flux_output_types(flux, output_type):
 
 # -- Stable Diffusion 3 --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    return tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3"))
-
-
 SD3 = dict(height=16, width=16, num_inference_steps=4, max_sequence_length=8)
 
 
@@ -199,23 +152,15 @@ def test_sd3_skip_layer_guidance(sd3):
 
 
 def test_sd3_unguided_images_per_prompt_generators_and_dynamic_shift(sd3):
-    scheduler = sd3.scheduler
-    sd3.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
-    try:
+    with scheduler_swapped(sd3, diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)):
         check_latents_and_images(sd3, prompt=["a", "b"], guidance_scale=1.0, num_images_per_prompt=2,
                                  generator_list=[1, 2, 3, 4], **SD3)
-    finally:
-        sd3.scheduler = scheduler
 
 
 def test_sd3_flow_heun(sd3):
     # Heun repeats each timestep (two model calls per step): keys are step indices, not timesteps
-    scheduler = sd3.scheduler
-    sd3.scheduler = diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0)
-    try:
+    with scheduler_swapped(sd3, diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0)):
         check_latents_and_images(sd3, prompt="a cat", guidance_scale=4.0, **SD3)
-    finally:
-        sd3.scheduler = scheduler
 
 
 def test_sd3_prompt_embeds_path_and_output_types(sd3):
@@ -232,41 +177,6 @@ def test_sd3_prompt_embeds_path_and_output_types(sd3):
 
 # -- Wan (text-to-video) -------------------------------------------------------------------------
 
-def tiny_wan_transformer(seed: int) -> Any:
-    torch.manual_seed(seed)
-    transformer = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
-    return transformer.eval()
-
-
-def tiny_wan_pipeline(directory: Path, scheduler: Any, two_experts: bool = False,
-                      expand_timesteps: bool = False) -> Any:
-    tokenizer = tiny_t5_tokenizer(directory / "t5")
-    torch.manual_seed(3)
-    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0,
-                                                                                            0.3],
-                                     latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
-    pipe: Any = diffusers.WanPipeline(
-        tokenizer=tokenizer, text_encoder=tiny_t5_encoder(tokenizer,
-                                                          seed=2), transformer=tiny_wan_transformer(0),
-        vae=vae, scheduler=scheduler, transformer_2=tiny_wan_transformer(1) if two_experts else None,
-        boundary_ratio=0.6 if two_experts else None, expand_timesteps=expand_timesteps)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def wan_unipc():
-    return diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                             flow_shift=3.0)
-
-
-@pytest.fixture(scope="module")
-def wan(tmp_path_factory):
-    return tiny_wan_pipeline(tmp_path_factory.mktemp("wan"), wan_unipc())
-
-
 WAN = dict(height=32, width=32, num_frames=5, num_inference_steps=4, max_sequence_length=8)
 
 
@@ -277,17 +187,13 @@ def test_wan_guided_video_batch(wan, record_property):
 
 
 def test_wan_flow_euler_videos_per_prompt_generators_and_output_types(wan):
-    scheduler = wan.scheduler
-    wan.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
-    try:
+    with scheduler_swapped(wan, diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)):
         check_latents_and_images(wan, prompt="a cat", num_videos_per_prompt=2, generator_list=[7, 8], **WAN)
         for output_type in ("pt", "pil"):
             reference, out, _ = run_both(wan, prompt="a cat", output_type=output_type, return_dict=False,
                                          **WAN,
                                          **EXACT)
             assert_same_output(reference, out, limit=PIXEL)
-    finally:
-        wan.scheduler = scheduler
 
 
 def test_wan_two_experts_and_prompt_embeds(tmp_path):
@@ -309,24 +215,6 @@ def test_wan_expand_timesteps(tmp_path):
 
 # -- PixArt-Sigma --------------------------------------------------------------------------------
 
-def tiny_pixart_pipeline(directory: Path, sample_size: int = 8, vae_blocks: int = 2) -> Any:
-    tokenizer = tiny_t5_tokenizer(directory / "t5")
-    torch.manual_seed(0)
-    transformer = diffusers.PixArtTransformer2DModel(
-        sample_size=sample_size, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2,
-        caption_channels=16, in_channels=4, cross_attention_dim=16, out_channels=8, norm_num_groups=4)
-    pipe: Any = diffusers.PixArtSigmaPipeline(
-        tokenizer=tokenizer, text_encoder=tiny_t5_encoder(tokenizer, seed=2), transformer=transformer.eval(),
-        vae=tiny_kl_vae(3, 4, blocks=vae_blocks), scheduler=diffusers.DPMSolverMultistepScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def pixart(tmp_path_factory):
-    return tiny_pixart_pipeline(tmp_path_factory.mktemp("pixart"))
-
-
 PIXART = dict(height=16, width=16, num_inference_steps=4, max_sequence_length=8, use_resolution_binning=False)
 
 
@@ -337,12 +225,10 @@ def test_pixart_sigma_guided_batch_learned_sigma(pixart, record_property):
 
 
 def test_pixart_sigma_ddpm_generators_images_per_prompt_and_embeds(pixart):
-    scheduler = pixart.scheduler
     # DDPM draws step noise from the generators; v-prediction: with eps-prediction the random
     # transformer's x0 is clipped at every step and pipe()'s own float32 floor rises to 4.5e-6
     # (1.6e-6 with v-prediction, 4e-7 with DPM-Solver)
-    pixart.scheduler = diffusers.DDPMScheduler(prediction_type="v_prediction")
-    try:
+    with scheduler_swapped(pixart, diffusers.DDPMScheduler(prediction_type="v_prediction")):
         check_latents_and_images(pixart, prompt="a cat", num_images_per_prompt=2, generator_list=[3, 9],
                                  **PIXART)
         generator = torch.Generator().manual_seed(5)
@@ -354,8 +240,6 @@ def test_pixart_sigma_ddpm_generators_images_per_prompt_and_embeds(pixart):
         reference, out, _ = run_both(pixart, prompt="a cat", output_type="pt", return_dict=False, **PIXART,
                                      **EXACT)
         assert_same_output(reference, out, limit=PIXEL)
-    finally:
-        pixart.scheduler = scheduler
 
 
 def test_pixart_sigma_resolution_binning(tmp_path):
@@ -366,58 +250,10 @@ def test_pixart_sigma_resolution_binning(tmp_path):
         reference, out, _ = run_both(pipe, prompt="a cat", height=48, width=32, num_inference_steps=2,
                                      max_sequence_length=8, output_type=output_type, **EXACT)
         assert_same_output(reference, out, limit=PIXEL)
-    assert as_array(out).shape == (1, 48, 32, 3)
+    assert images_of(out).shape == (1, 48, 32, 3)
 
 
 # -- Sana ----------------------------------------------------------------------------------------
-
-def tiny_gemma(directory: Path, seed: int):
-    """``(GemmaTokenizerFast over letters, digits and the instruction's punctuation, Gemma2Model)``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
-
-    characters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.:'-"
-    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *characters])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    fast = GemmaTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
-                              pad_token="<pad>",
-                              unk_token="<unk>")
-    fast.save_pretrained(str(directory))
-    fast = GemmaTokenizerFast.from_pretrained(str(directory))
-    torch.manual_seed(seed)
-    config = Gemma2Config(vocab_size=len(fast), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=2, head_dim=4,
-                          max_position_embeddings=2048, pad_token_id=fast.pad_token_id,
-                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
-    return fast, Gemma2Model(config).eval()
-
-
-def tiny_sana_pipeline(directory: Path) -> Any:
-    tokenizer, text_encoder = tiny_gemma(directory / "gemma", seed=2)
-    torch.manual_seed(0)
-    transformer = diffusers.SanaTransformer2DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4, num_layers=1,
-        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
-        sample_size=32, patch_size=1)
-    torch.manual_seed(3)
-    vae = diffusers.AutoencoderDC(
-        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "ResBlock"),
-        decoder_block_types=("ResBlock", "ResBlock"), encoder_block_out_channels=(8, 8),
-        decoder_block_out_channels=(8, 8), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
-        encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()), upsample_block_type="interpolate",
-        downsample_block_type="conv", scaling_factor=0.41)
-    pipe: Any = diffusers.SanaPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer.eval(), vae=vae.eval(),
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def sana(tmp_path_factory):
-    return tiny_sana_pipeline(tmp_path_factory.mktemp("sana"))
-
 
 SANA = dict(height=32, width=32, num_inference_steps=4, max_sequence_length=8, use_resolution_binning=False)
 
@@ -429,19 +265,15 @@ def test_sana_guided_batch_behind_the_complex_instruction(sana, record_property)
 
 
 def test_sana_flow_dpm_solver_images_per_prompt_generators_and_outputs(sana):
-    scheduler = sana.scheduler
-    sana.scheduler = diffusers.DPMSolverMultistepScheduler(prediction_type="flow_prediction",
-                                                           use_flow_sigmas=True,
-                                                           flow_shift=3.0)
-    try:
+    with scheduler_swapped(sana, diffusers.DPMSolverMultistepScheduler(prediction_type="flow_prediction",
+                                                                       use_flow_sigmas=True,
+                                                                       flow_shift=3.0)):
         check_latents_and_images(sana, prompt="a cat", num_images_per_prompt=2, generator_list=[3, 9],
                                  complex_human_instruction=None, **SANA)
         for output_type in ("pt", "pil"):
             reference, out, _ = run_both(sana, prompt="a cat", output_type=output_type, return_dict=False,
                                          **SANA, **EXACT)
             assert_same_output(reference, out, limit=PIXEL)
-    finally:
-        sana.scheduler = scheduler
 
 
 # -- default tolerance: the decoded output within one level --------------------------------------
@@ -461,7 +293,7 @@ def test_default_tolerance_within_one_level(name, request, record_property):
     options, case = DEFAULT_CASES[name]
     options = dict(options, num_inference_steps=12)
     reference, out, solution = run_both(pipe, output_type="np", **case, **options)
-    error = float(np.abs(as_array(out) - as_array(reference)).max())
+    error = float(np.abs(images_of(out) - images_of(reference)).max())
     record_property("max_abs_error_255", error * 255)
     record_property("iterations", solution.iterations)
     assert solution.converged and solution.iterations < 12

@@ -18,7 +18,9 @@ import torch
 import fpsolve
 from fpsolve.errors import UnsupportedError
 from fpsolve.integrations.diffusers import compile_scheduler, scheduler_system
+from fpsolve.integrations.diffusers.testing import reference_loop
 from fpsolve.testing.strategies import SmoothVelocity
+from tests._diffusers_helpers import one_thread_per_module
 
 SHAPE = (2, 3, 4)  # one sample: [C, H, W]
 BATCH = 2
@@ -34,37 +36,7 @@ PARITY = 3e-5
 PARITY64 = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def reference_loop(scheduler, model, shape, generator, step_kwargs=None, scale_input=True,
-                   dtype=torch.float32) -> torch.Tensor:
-    """diffusers' sequential loop, as a flow pipeline runs it, on a deep copy of ``scheduler``.
-
-    Flow schedulers have no ``init_noise_sigma`` (the noise is used as drawn) and most have no
-    ``scale_model_input``; UniPC / DPM-Solver / DEIS have both (1 and the identity).
-    """
-    import copy
-    import inspect
-
-    from diffusers.utils.torch_utils import randn_tensor
-
-    scheduler = copy.deepcopy(scheduler)
-    x = randn_tensor(tuple(shape), generator=generator, dtype=dtype)
-    x = x * getattr(scheduler, "init_noise_sigma", 1.0)
-    extra = dict(step_kwargs or {})
-    if "generator" in inspect.signature(scheduler.step).parameters:
-        extra["generator"] = generator
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(x, t) if scale_input else x
-            x = scheduler.step(model(model_input, t.expand(x.shape[0])), t, x, return_dict=False, **extra)[0]
-    return x
+_one_thread = one_thread_per_module()
 
 
 def make(name: str, steps: int | None, config: dict | None = None, set_timesteps: dict | None = None):

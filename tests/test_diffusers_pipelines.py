@@ -19,8 +19,6 @@ Diffusion, DiT, DDPM without clipping): 15x below ``PARITY``, margin for any flo
 
 from __future__ import annotations
 
-import dataclasses
-
 import diffusers
 import numpy as np
 import pytest
@@ -35,18 +33,13 @@ from fpsolve.integrations.diffusers.testing import (
     tiny_sd_pipeline,
     tiny_unet_pipeline,
 )
+from tests._diffusers_helpers import EXACT, assert_same_output, images_of, one_thread_per_module, run_both
 
 PARITY = 1e-5  # images in [0, 1]; 80 float32 ulps of 1.0: the floor of the bound
 FLOOR_FACTOR = 4  # measured error / spread was at most 1.05 (module docstring): 4x leaves margin
-EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = one_thread_per_module()
 
 
 @pytest.fixture(scope="module")
@@ -56,35 +49,6 @@ def sd(tmp_path_factory):
     # float32 resolution alone is 1.5e-5.
     return tiny_sd_pipeline(diffusers.DDIMScheduler(prediction_type="v_prediction"),
                             tmp_path_factory.mktemp("tokenizer"))
-
-
-def images_of(out):
-    """The images of a pipeline output (dataclass or tuple) as a float64 array."""
-    images = out[0]
-    if isinstance(images, list):  # PIL
-        images = np.stack([np.asarray(image) for image in images]) / 255.0
-    if isinstance(images, torch.Tensor):
-        images = images.cpu().numpy()
-    return np.asarray(images, dtype=np.float64)
-
-
-def run_both(pipe, seed=0, global_seed=None, solver="taa", generator_list=None, **kwargs):
-    """(pipeline output, fpsolve output, solution); ``global_seed`` seeds torch's global RNG first."""
-    def generator():
-        if generator_list is not None:
-            return [torch.Generator().manual_seed(s) for s in generator_list]
-        return torch.Generator().manual_seed(seed)
-
-    solver_keys = ("tol", "stopping", "window", "order", "history", "dtype", "max_iters")
-    options = {key: kwargs.pop(key) for key in solver_keys if key in kwargs}
-    if global_seed is not None:
-        torch.manual_seed(global_seed)
-    with torch.no_grad():
-        reference = pipe(generator=generator(), **kwargs)
-    if global_seed is not None:
-        torch.manual_seed(global_seed)
-    out, solution = sample(pipe, solver=solver, generator=generator(), **options, **kwargs)
-    return reference, out, solution
 
 
 def own_spread(pipe, **call):
@@ -100,23 +64,6 @@ def own_spread(pipe, **call):
 def floor_limit(pipe, **call):
     """The parity bound of a near-chaotic loop: ``FLOOR_FACTOR`` x its measured spread (>= ``PARITY``)."""
     return max(PARITY, FLOOR_FACTOR * own_spread(pipe, **call))
-
-
-def assert_same_output(reference, out, limit=PARITY):
-    assert type(out) is type(reference)
-    if dataclasses.is_dataclass(reference):
-        assert [f.name for f in dataclasses.fields(out)] == [f.name for f in dataclasses.fields(reference)]
-        for field in dataclasses.fields(reference):
-            if field.name != "images":
-                assert getattr(out, field.name) == getattr(reference, field.name)
-    else:
-        assert len(out) == len(reference)
-    assert type(out[0]) is type(reference[0])
-    a, b = images_of(out), images_of(reference)
-    assert a.shape == b.shape
-    error = float(np.abs(a - b).max())
-    assert error <= limit, f"max abs difference {error:.2e}"
-    return error
 
 
 # -- DDPM / DDIM pipelines -----------------------------------------------------------------------
@@ -182,7 +129,7 @@ def test_dit_pipeline(scheduler, learned_sigma, guidance, record_property):
     pipe = tiny_dit_pipeline(scheduler, learned_sigma=learned_sigma)
     reference, out, _ = run_both(pipe, global_seed=7, class_labels=[1, 7, 1], guidance_scale=guidance,
                                  num_inference_steps=10, output_type="np", **EXACT)
-    record_property("max_abs_error", assert_same_output(reference, out))
+    record_property("max_abs_error", assert_same_output(reference, out, PARITY))
 
 
 # -- Stable Diffusion ----------------------------------------------------------------------------
@@ -203,7 +150,7 @@ def test_stable_diffusion_guided_batch(sd, name, record_property):
     sd.scheduler = SD_SCHEDULERS[name](sd.scheduler.config)
     reference, out, solution = run_both(sd, prompt=["a cat", "a red dog"], negative_prompt=["blur", "dark"],
                                         guidance_scale=6.0, num_inference_steps=10, output_type="np", **EXACT)
-    record_property("max_abs_error", assert_same_output(reference, out))
+    record_property("max_abs_error", assert_same_output(reference, out, PARITY))
     assert solution.sample.shape == (2, 4, 8, 8)
 
 
@@ -232,7 +179,7 @@ def test_stable_diffusion_prompt_embeds_and_user_latents(sd):
     latents = torch.randn(2, 4, 8, 8, generator=generator)
     reference, out, _ = run_both(sd, prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents,
                                  num_inference_steps=8, output_type="np", **EXACT)
-    assert_same_output(reference, out)
+    assert_same_output(reference, out, PARITY)
 
 
 def test_one_batched_model_call_per_iteration_with_guidance(sd):

@@ -19,6 +19,7 @@ import fpsolve
 from fpsolve.errors import UnsupportedError
 from fpsolve.integrations.diffusers import compile_scheduler, scheduler_sampler, scheduler_system
 from fpsolve.integrations.diffusers.testing import GaussianDenoiser, reference_loop
+from tests._diffusers_helpers import one_thread_per_module
 
 SHAPE = (2, 3, 4)  # one sample: [C, H, W]
 BATCH = 2
@@ -30,13 +31,7 @@ BATCH = 2
 PARITY = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: thread start-up dominates, and the CPUs are shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = one_thread_per_module()
 
 
 def make(name: str, steps: int, config: dict | None = None, set_timesteps: dict | None = None):

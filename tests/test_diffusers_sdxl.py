@@ -13,8 +13,6 @@ stack many positions, and its measured error is 3e-7 to 9e-7. The 1e-5 bound lea
 
 from __future__ import annotations
 
-from typing import Any
-
 import diffusers
 import numpy as np
 import pytest
@@ -22,73 +20,23 @@ import torch
 
 from fpsolve.errors import UnsupportedError
 from fpsolve.integrations.diffusers import sample
-from fpsolve.integrations.diffusers.testing import tiny_clip_tokenizer, tiny_vae
-from tests.test_diffusers_pipelines import assert_same_output, images_of, run_both
+from fpsolve.integrations.diffusers.testing import tiny_sdxl_pipeline
+from tests._diffusers_helpers import (
+    EXACT,
+    PIXEL,
+    assert_same_output,
+    images_of,
+    latent_relative_error,
+    one_thread_per_module,
+    pipeline_fixture,
+    run_both,
+)
 
-EXACT = dict(tol=1e-9)  # tolerance -> 0: every state is solved to the float64 floor
 LATENT_PARITY = 1e-5  # relative, see the noise floor above
-PIXEL = 1 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_sdxl_pipeline(directory, seed: int = 0, output_scale: float = 0.2) -> Any:
-    """An SDXL pipeline from tiny random components: 8x8 latents, 16x16 images, no watermark."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer = tiny_clip_tokenizer(directory / "one")
-    tokenizer_2 = tiny_clip_tokenizer(directory / "two")
-
-    def clip_config(**extra):
-        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                              num_hidden_layers=2, num_attention_heads=2,
-                              max_position_embeddings=tokenizer.model_max_length,
-                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, hidden_act="gelu", **extra)
-
-    torch.manual_seed(seed)
-    # cross attention sees both encoders' hidden states side by side (16 + 16); the added
-    # embedding takes 6 time ids x 4 plus the pooled projection (8)
-    unet: Any = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=32,
-        transformer_layers_per_block=(1, 1),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    unet.eval()
-    with torch.no_grad():  # a small output layer keeps the random UNet's loop tame (as a trained one)
-        unet.conv_out.weight.mul_(output_scale)
-        unet.conv_out.bias.mul_(output_scale)
-    torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(clip_config()).eval()
-    torch.manual_seed(seed + 2)
-    text_encoder_2 = CLIPTextModelWithProjection(clip_config(projection_dim=8)).eval()
-    pipe: Any = diffusers.StableDiffusionXLPipeline(
-        vae=tiny_vae(seed + 3), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet,
-        scheduler=diffusers.EulerDiscreteScheduler(prediction_type="v_prediction"),
-        add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl-tokenizers"))
-
-
-def latent_relative_error(reference, out) -> float:
-    """Max abs difference of the latents over their max abs value."""
-    a, b = (torch.as_tensor(images_of(o)) for o in (out, reference))
-    assert a.shape == b.shape
-    return float((a - b).abs().max() / b.abs().max())
+_one_thread = one_thread_per_module()
+sdxl = pipeline_fixture(tiny_sdxl_pipeline, "sdxl-tokenizers")
 
 
 SCHEDULERS = {

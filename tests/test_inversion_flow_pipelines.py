@@ -37,6 +37,7 @@ diffusers = pytest.importorskip("diffusers")
 from fpsolve.errors import InvalidOptionError, ShapeError, UnsupportedError  # noqa: E402
 from fpsolve.integrations.diffusers import encode_image, invert, sample  # noqa: E402
 from fpsolve.integrations.diffusers.testing import tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
+from tests._diffusers_helpers import one_thread_per_module, pipeline_fixture  # noqa: E402
 
 STEPS = 8
 FLUX = dict(prompt=["a cat", "a red dog"], guidance_scale=3.5, height=8, width=8, num_inference_steps=STEPS,
@@ -47,22 +48,11 @@ ROUND_TRIP = 1e-5  # max abs, latents of max |x| ~ 1.4 (measured 5.1e-7 Flux, 1.
 BACKWARD_EULER = 5e-6  # max abs (measured 1.2e-7 Flux, 7.6e-7 SD3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = one_thread_per_module()
 
 
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    return tiny_flux_pipeline(tmp_path_factory.mktemp("flux"))
-
-
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    return tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3"))
+flux = pipeline_fixture(tiny_flux_pipeline, "flux")
+sd3 = pipeline_fixture(tiny_sd3_pipeline, "sd3")
 
 
 def generated_image(pipe, seed: int = 0, **call) -> torch.Tensor:

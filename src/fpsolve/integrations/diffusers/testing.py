@@ -6,8 +6,9 @@ imports diffusers and transformers; the integration itself never imports it.
 * :class:`GaussianDenoiser`: a cheap model with the behaviour of a trained one (it predicts the
   posterior mean for Gaussian data, plus a small nonlinear term), for any prediction type;
 * :func:`reference_loop`: diffusers' own sequential loop for a scheduler and a model;
-* ``tiny_*``: tiny UNet2DModel / DiT / Stable Diffusion / Flux / Stable Diffusion 3 pipelines
-  (and their text encoders) with seeded random weights.
+* ``tiny_*``: tiny UNet2DModel / DiT / Stable Diffusion / SDXL / Flux / Stable Diffusion 3 /
+  Wan / PixArt-Sigma / Sana pipelines (and their text encoders) with seeded random weights, the
+  progress bar off.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import torch
 
 __all__ = ["GaussianDenoiser", "reference_loop", "tiny_unet2d", "tiny_unet_pipeline", "tiny_dit_pipeline",
            "tiny_sd_pipeline", "tiny_clip_tokenizer", "tiny_vae", "psnr", "tiny_t5_tokenizer",
-           "tiny_t5_encoder", "tiny_clip", "tiny_kl_vae", "tiny_flux_pipeline", "tiny_sd3_pipeline"]
+           "tiny_t5_encoder", "tiny_clip", "tiny_kl_vae", "tiny_flux_pipeline", "tiny_sd3_pipeline",
+           "tiny_sdxl_pipeline", "tiny_wan_transformer", "tiny_wan_pipeline", "wan_unipc",
+           "tiny_pixart_pipeline", "tiny_gemma", "tiny_sana_pipeline"]
 
 
 @attrs.define(frozen=True, eq=False)
@@ -83,13 +86,15 @@ def reference_loop(scheduler: Any, model: Any, shape: Sequence[int], generator: 
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """diffusers' sequential loop on a deep copy of ``scheduler``: the final sample ``[*shape]``.
 
-    Initial noise ``randn_tensor(shape) * init_noise_sigma``, then per timestep
-    ``scale_model_input`` (if ``scale_input``), the model, and ``step`` with ``generator``.
+    Initial noise ``randn_tensor(shape) * init_noise_sigma`` (flow schedulers have none: the noise
+    is used as drawn, as a flow pipeline does), then per timestep ``scale_model_input`` (if
+    ``scale_input``), the model, and ``step`` with ``generator``.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
     scheduler = copy.deepcopy(scheduler)
-    x = randn_tensor(tuple(shape), generator=generator, dtype=dtype) * scheduler.init_noise_sigma
+    noise_sigma = getattr(scheduler, "init_noise_sigma", 1.0)
+    x = randn_tensor(tuple(shape), generator=generator, dtype=dtype) * noise_sigma
     extra = dict(step_kwargs or {})
     if "generator" in inspect.signature(scheduler.step).parameters:
         extra["generator"] = generator
@@ -330,3 +335,170 @@ def tiny_sd3_pipeline(directory: Path) -> Any:
         text_encoder_3=tiny_t5_encoder(tokenizer_3, seed=3, width=32), tokenizer_3=tokenizer_3)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _quiet(pipe: Any) -> Any:
+    """``pipe`` with its progress bar off (tests run many short loops)."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- SDXL, Wan, PixArt-Sigma, Sana ---------------------------------------------------------------
+
+def tiny_sdxl_pipeline(directory: Path, seed: int = 0, output_scale: float = 0.2) -> Any:
+    """A ``StableDiffusionXLPipeline`` from tiny random components: 8x8 latents, 16x16 images.
+
+    Two CLIP encoders (the second with a projection for the pooled embedding), a UNet with
+    ``text_time`` added conditioning whose output layer is scaled by ``output_scale``, a 2-block
+    VAE, ``EulerDiscreteScheduler(prediction_type="v_prediction")`` and no watermark.
+    """
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    directory = Path(directory)
+    tokenizer = tiny_clip_tokenizer(directory / "one")
+    tokenizer_2 = tiny_clip_tokenizer(directory / "two")
+
+    def clip_config(**extra: Any) -> Any:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=2,
+                              max_position_embeddings=tokenizer.model_max_length,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, hidden_act="gelu", **extra)
+
+    torch.manual_seed(seed)
+    # cross attention sees both encoders' hidden states side by side (16 + 16); the added
+    # embedding takes 6 time ids x 4 plus the pooled projection (8)
+    unet: Any = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=32,
+        transformer_layers_per_block=(1, 1),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    unet.eval()
+    with torch.no_grad():  # a small output layer keeps the random UNet's loop tame (as a trained one)
+        unet.conv_out.weight.mul_(output_scale)
+        unet.conv_out.bias.mul_(output_scale)
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(clip_config()).eval()
+    torch.manual_seed(seed + 2)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(projection_dim=8)).eval()
+    return _quiet(diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(seed + 3), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=diffusers.EulerDiscreteScheduler(prediction_type="v_prediction"),
+        add_watermarker=False))
+
+
+def tiny_wan_transformer(seed: int) -> Any:
+    """A one-layer random ``WanTransformer3DModel`` (patch ``(1, 2, 2)``, width 16, 4 channels)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+    return transformer.eval()
+
+
+def wan_unipc() -> Any:
+    """The scheduler Wan ships with: UniPC on flow sigmas, ``flow_shift=3``."""
+    import diffusers
+
+    return diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                             flow_shift=3.0)
+
+
+def tiny_wan_pipeline(directory: Path, scheduler: Any, two_experts: bool = False,
+                      expand_timesteps: bool = False) -> Any:
+    """A ``WanPipeline`` (text-to-video) from tiny random components, the tokenizer under ``directory``.
+
+    A T5 encoder, :func:`tiny_wan_transformer`, a tiny ``AutoencoderKLWan`` with latent statistics;
+    ``two_experts``: Wan 2.2's second transformer after ``boundary_ratio=0.6``;
+    ``expand_timesteps``: Wan 2.2 TI2V's per-token timesteps.
+    """
+    import diffusers
+
+    tokenizer = tiny_t5_tokenizer(Path(directory) / "t5")
+    torch.manual_seed(3)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True],
+                                     latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                     latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
+    text_encoder = tiny_t5_encoder(tokenizer, seed=2)
+    transformer = tiny_wan_transformer(0)
+    transformer_2 = tiny_wan_transformer(1) if two_experts else None
+    return _quiet(diffusers.WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler,
+        transformer_2=transformer_2, boundary_ratio=0.6 if two_experts else None,
+        expand_timesteps=expand_timesteps))
+
+
+def tiny_pixart_pipeline(directory: Path, sample_size: int = 8, vae_blocks: int = 2) -> Any:
+    """A ``PixArtSigmaPipeline`` from tiny random components, the tokenizer under ``directory``.
+
+    A T5 encoder, a one-layer ``PixArtTransformer2DModel`` with learned sigma (8 output channels
+    for 4 latent ones), a ``vae_blocks``-block VAE and ``DPMSolverMultistepScheduler``.
+    """
+    import diffusers
+
+    tokenizer = tiny_t5_tokenizer(Path(directory) / "t5")
+    torch.manual_seed(0)
+    transformer = diffusers.PixArtTransformer2DModel(
+        sample_size=sample_size, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=16, in_channels=4, cross_attention_dim=16, out_channels=8, norm_num_groups=4)
+    return _quiet(diffusers.PixArtSigmaPipeline(
+        tokenizer=tokenizer, text_encoder=tiny_t5_encoder(tokenizer, seed=2), transformer=transformer.eval(),
+        vae=tiny_kl_vae(3, 4, blocks=vae_blocks), scheduler=diffusers.DPMSolverMultistepScheduler()))
+
+
+def tiny_gemma(directory: Path, seed: int) -> tuple[Any, Any]:
+    """``(GemmaTokenizerFast over letters, digits and the instruction's punctuation, Gemma2Model)``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (  # type: ignore[attr-defined]  # GemmaTokenizerFast: a lazy alias in transformers 5
+        Gemma2Config,
+        Gemma2Model,
+        GemmaTokenizerFast,
+    )
+
+    characters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.:'-"
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *characters])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = GemmaTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                              pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(str(directory))
+    fast = GemmaTokenizerFast.from_pretrained(str(directory))
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=len(fast), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                          max_position_embeddings=2048, pad_token_id=fast.pad_token_id,
+                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    return fast, Gemma2Model(config).eval()
+
+
+def tiny_sana_pipeline(directory: Path) -> Any:
+    """A ``SanaPipeline`` from tiny random components, the tokenizer under ``directory``.
+
+    :func:`tiny_gemma`, a one-layer ``SanaTransformer2DModel`` (patch 1, 4 channels), a 2-block
+    ``AutoencoderDC`` (32 px images, 16x16 latents) and ``FlowMatchEulerDiscreteScheduler(shift=3)``.
+    """
+    import diffusers
+
+    tokenizer, text_encoder = tiny_gemma(Path(directory) / "gemma", seed=2)
+    torch.manual_seed(0)
+    transformer = diffusers.SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32, patch_size=1)
+    torch.manual_seed(3)
+    vae = diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "ResBlock"),
+        decoder_block_types=("ResBlock", "ResBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()), upsample_block_type="interpolate",
+        downsample_block_type="conv", scaling_factor=0.41)
+    return _quiet(diffusers.SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)))

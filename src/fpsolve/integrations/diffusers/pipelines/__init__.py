@@ -4,6 +4,11 @@ Each adapter reproduces one pipeline class's ``__call__`` around the denoising l
 setup and random draws before it, the same model call (guidance included) inside the system's
 denoiser, and the same decode and post-processing after it. The registry of adapters, and
 the docs table made from it, is :mod:`.support`.
+
+What the adapters share is written once, each pipeline's differences passed as parameters:
+:mod:`.base` (the prepared call, argument binding, the batch layout), :mod:`.refusals` (refused
+options), :mod:`.inputs` (the set-up before the loop), :mod:`.guidance` (the guided model call)
+and :mod:`.output` (the decode and the output object).
 """
 
 from __future__ import annotations

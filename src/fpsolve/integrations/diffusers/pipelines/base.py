@@ -1,4 +1,5 @@
-"""What every pipeline adapter shares: the prepared call, argument binding and refusals."""
+"""What every pipeline adapter shares: the prepared call, argument binding, the state dtype and the
+batch layout (which pipeline sample and conditioning row each row of a model batch stands for)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from ....system import TriangularSystem
 from ....validators import close_matches, is_integer
 from ..sampler import SchedulerProgram
 
-__all__ = ["PreparedPipeline", "bind_call", "refuse_arguments", "state_dtype", "SAMPLE_ARGUMENTS",
-           "batch_rows", "sample_index", "prompt_batch_size", "step_indexer",
-           "Refusals", "refuse_all", "CALLBACK_WHY", "IP_ADAPTER_WHY"]
+__all__ = ["PreparedPipeline", "bind_call", "state_dtype", "SAMPLE_ARGUMENTS", "batch_rows", "sample_index",
+           "step_indexer"]
 
 #: The keyword arguments of ``sample()`` itself (the solver's side), for did-you-mean hints.
 SAMPLE_ARGUMENTS = ("solver", "generator", "dtype", "tol", "order", "history", "ridge", "window", "stopping",
@@ -94,27 +94,6 @@ def _check_common(pipeline: str, arguments: Mapping[str, Any]) -> None:
         )
 
 
-#: Call options an adapter refuses: ``((names, why), ...)``, read by the support table too.
-Refusals = tuple[tuple[tuple[str, ...], str], ...]
-
-CALLBACK_WHY = "per-step callbacks need the sequential loop"
-IP_ADAPTER_WHY = "IP-Adapter conditioning is not wired into the parallel denoiser"
-
-
-def refuse_all(pipe: Any, arguments: Mapping[str, Any], refusals: Refusals) -> None:
-    """Raise :class:`UnsupportedError` for the first refused option the call sets."""
-    for names, why in refusals:
-        refuse_arguments(pipe, arguments, names, why)
-
-
-def refuse_arguments(pipe: Any, arguments: Mapping[str, Any], names: Iterable[str], why: str) -> None:
-    """Raise for any of ``names`` that the call sets (not ``None``)."""
-    for name in names:
-        if arguments.get(name) is not None:
-            raise UnsupportedError(f"{type(pipe).__name__}(..., {name}=...) is not supported by fpsolve: "
-                                   f"{why}; leave {name} unset.")
-
-
 def state_dtype(dtype: torch.dtype | None) -> torch.dtype:
     """The solver state's dtype: ``dtype``, by default float64.
 
@@ -162,17 +141,6 @@ def batch_rows(sample: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
     return torch.cat([sample, sample + batch]) if guided else sample
 
 
-def prompt_batch_size(prompt: Any, prompt_embeds: torch.Tensor | None) -> int:
-    """Prompts in a call, as pipelines count them: one string, a list, or ``prompt_embeds`` rows."""
-    if isinstance(prompt, str):
-        return 1
-    if isinstance(prompt, list):
-        return len(prompt)
-    if prompt_embeds is None:
-        raise InvalidOptionError("give prompt= or prompt_embeds=.")
-    return prompt_embeds.shape[0]
-
-
 def step_indexer(timesteps: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``index(t)``: the loop position ``i`` of each scheduler timestep in ``t`` ``[B]``.
 
@@ -191,3 +159,4 @@ def step_indexer(timesteps: torch.Tensor) -> Callable[[torch.Tensor], torch.Tens
             raise UnsupportedError("a model timestep is not one of the scheduler's timesteps.")
         return hits.int().argmax(dim=1)
     return index
+

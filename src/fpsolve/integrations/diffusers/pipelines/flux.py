@@ -29,16 +29,11 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    IP_ADAPTER_WHY,
-    PreparedPipeline,
-    Refusals,
-    bind_call,
-    prompt_batch_size,
-    refuse_all,
-    sample_index,
-)
+from .base import PreparedPipeline, bind_call, sample_index
+from .guidance import guide
+from .inputs import POOLED_EMBEDS, default_size, lora_scale, named, prompt_batch_size
+from .output import finisher, image_decoder
+from .refusals import CALLBACK_WHY, IP_ADAPTER_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_flux", "REFUSED"]
 
@@ -72,36 +67,13 @@ def _flux_model(pipe: Any, batch: int, positive: tuple[torch.Tensor, ...],
         noise_pred = call(x, timestep, sample, positive)
         if negative is not None:
             neg_noise_pred = call(x, timestep, sample, negative)
-            noise_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
+            noise_pred = guide(neg_noise_pred, noise_pred, true_cfg_scale)
         return noise_pred
     return model
 
 
-def _finisher(pipe: Any, args: Mapping[str, Any], height: int, width: int, dtype: torch.dtype):
-    output_type = args["output_type"]
-
-    def finish(latents: torch.Tensor) -> Any:
-        from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
-        from diffusers.utils.torch_utils import get_module_execution_device
-
-        latents = latents.to(dtype)
-        if output_type == "latent":
-            image = latents
-        else:
-            latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-            latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-            latents = latents.to(get_module_execution_device(pipe.vae))
-            image = pipe.vae.decode(latents, return_dict=False)[0]
-            image = pipe.image_processor.postprocess(image, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        if not args["return_dict"]:
-            return (image,)
-        return FluxPipelineOutput(images=image)
-    return finish
-
-
 def _encode(pipe: Any, args: Mapping[str, Any], negative: bool, device: torch.device,
-            lora_scale: float | None) -> tuple[torch.Tensor, ...]:
+            scale: float | None) -> tuple[torch.Tensor, ...]:
     """``(embeds, pooled, text_ids)`` of the prompt (or, ``negative``, of the negative prompt)."""
     prefix = "negative_" if negative else ""
     return tuple(pipe.encode_prompt(
@@ -109,29 +81,23 @@ def _encode(pipe: Any, args: Mapping[str, Any], negative: bool, device: torch.de
         prompt_embeds=args[prefix + "prompt_embeds"],
         pooled_prompt_embeds=args[prefix + "pooled_prompt_embeds"],
         device=device, num_images_per_prompt=args["num_images_per_prompt"],
-        max_sequence_length=args["max_sequence_length"], lora_scale=lora_scale))
+        max_sequence_length=args["max_sequence_length"], lora_scale=scale))
 
 
 def prepare_flux(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> PreparedPipeline:
     """Prepare ``FluxPipeline.__call__(**call)``; ``dtype`` is the solver state's."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+    from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
     args = bind_call(pipe, call)
     refuse_all(pipe, args, REFUSED)
-    height = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-    width = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    height, width = default_size(pipe, args)
     pipe.check_inputs(args["prompt"], args["prompt_2"], height, width,
-                      negative_prompt=args["negative_prompt"],
-                      negative_prompt_2=args["negative_prompt_2"], prompt_embeds=args["prompt_embeds"],
-                      negative_prompt_embeds=args["negative_prompt_embeds"],
-                      pooled_prompt_embeds=args["pooled_prompt_embeds"],
-                      negative_pooled_prompt_embeds=args["negative_pooled_prompt_embeds"],
-                      callback_on_step_end_tensor_inputs=args["callback_on_step_end_tensor_inputs"],
-                      max_sequence_length=args["max_sequence_length"])
+                      **named(args, "negative_prompt", "negative_prompt_2", *POOLED_EMBEDS,
+                              "callback_on_step_end_tensor_inputs", "max_sequence_length"))
     batch = prompt_batch_size(args["prompt"], args["prompt_embeds"])
     device = pipe._execution_device
     attention_kwargs = args["joint_attention_kwargs"]
-    lora_scale = attention_kwargs.get("scale", None) if attention_kwargs is not None else None
     has_negative = args["negative_prompt"] is not None or (
         args["negative_prompt_embeds"] is not None and args["negative_pooled_prompt_embeds"] is not None)
     true_cfg = args["true_cfg_scale"] > 1 and has_negative
@@ -143,12 +109,12 @@ def prepare_flux(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> Prep
                 f" got: `prompt_embeds` {args['prompt_embeds'].shape} != `negative_prompt_embeds`"
                 f" {args['negative_prompt_embeds'].shape}."
             )
-    positive = _encode(pipe, args, False, device, lora_scale)
-    negative = _encode(pipe, args, True, device, lora_scale) if true_cfg else None
+    positive = _encode(pipe, args, False, device, lora_scale(attention_kwargs))
+    negative = _encode(pipe, args, True, device, lora_scale(attention_kwargs)) if true_cfg else None
     samples = batch * args["num_images_per_prompt"]
     latents, image_ids = pipe.prepare_latents(samples, pipe.transformer.config.in_channels // 4, height,
-                                              width,
-                                              positive[0].dtype, device, args["generator"], args["latents"])
+                                              width, positive[0].dtype, device, args["generator"],
+                                              args["latents"])
     steps = args["num_inference_steps"]
     sigmas = np.linspace(1.0, 1 / steps, steps) if args["sigmas"] is None else args["sigmas"]
     config = pipe.scheduler.config
@@ -167,4 +133,8 @@ def prepare_flux(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> Prep
                         dict(attention_kwargs or {}))
     system = loop_system(program, model, latents, generator=None, step_batch=samples,
                          model_dtype=latents.dtype, device=device, dtype=dtype)
-    return PreparedPipeline(system, program, _finisher(pipe, args, height, width, latents.dtype))
+    # the decode unpacks the tokens to [N, C, H, W] and unscales, unshifts and moves them to the VAE
+    decode = image_decoder(pipe, shift=True, to_vae_device=True,
+                           unpack=lambda x: pipe._unpack_latents(x, height, width, pipe.vae_scale_factor))
+    finish = finisher(pipe, args, dtype=latents.dtype, output_class=FluxPipelineOutput, decode=decode)
+    return PreparedPipeline(system, program, finish)

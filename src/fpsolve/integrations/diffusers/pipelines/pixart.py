@@ -24,82 +24,38 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    PreparedPipeline,
-    Refusals,
-    batch_rows,
-    bind_call,
-    prompt_batch_size,
-    refuse_all,
-    sample_index,
-)
+from .base import PreparedPipeline, bind_call
+from .guidance import doubled_batch_model
+from .inputs import binned_size, loop_inputs, masked_prompt_embeds
+from .output import finisher, image_decoder
+from .refusals import CALLBACK_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_pixart_sigma", "REFUSED"]
 
 #: Call options refused by name.
 REFUSED: Refusals = ((("callback",), CALLBACK_WHY),)
 
+#: The transformer's sample size -> the pipeline's aspect-ratio table (``use_resolution_binning``).
+BINS = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
+        32: "ASPECT_RATIO_256_BIN"}
+
 
 def _pixart_model(pipe: Any, embeds: torch.Tensor, mask: torch.Tensor, batch: int, guided: bool,
                   guidance_scale: float, latent_channels: int):
     transformer = pipe.transformer
-    learned_sigma = transformer.config.out_channels // 2 == latent_channels
 
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        rows = batch_rows(sample_index(x, batch), batch, guided)
-        model_input, timestep = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
-        noise_pred = transformer(model_input, encoder_hidden_states=embeds[rows],
-                                 encoder_attention_mask=mask[rows],
-                                 timestep=timestep,
-                                 added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                                 return_dict=False)[0]
-        if guided:
-            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-        if learned_sigma:
-            noise_pred = noise_pred.chunk(2, dim=1)[0]
-        return noise_pred
-    return model
-
-
-def _finisher(pipe: Any, args: Mapping[str, Any], original_size: tuple[int, int] | None, dtype: torch.dtype):
-    output_type = args["output_type"]
-
-    def finish(latents: torch.Tensor) -> Any:
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-
-        latents = latents.to(dtype)
-        if output_type == "latent":
-            image = latents
-        else:
-            image = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor,
-                                    return_dict=False)[0]
-            if original_size is not None:
-                image = pipe.image_processor.resize_and_crop_tensor(image, original_size[1], original_size[0])
-            image = pipe.image_processor.postprocess(image, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        if not args["return_dict"]:
-            return (image,)
-        return ImagePipelineOutput(images=image)
-    return finish
-
-
-def _binned_size(pipe: Any, height: int, width: int) -> tuple[int, int]:
-    """The pipeline's aspect-ratio bin for the transformer's sample size (its error otherwise)."""
-    from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as module
-
-    bins = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
-            32: "ASPECT_RATIO_256_BIN"}
-    name = bins.get(pipe.transformer.config.sample_size)
-    if name is None:
-        raise ValueError("Invalid sample size")
-    return pipe.image_processor.classify_height_width_bin(height, width, ratios=getattr(module, name))
+    def call(model_input: torch.Tensor, timestep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return transformer(model_input, encoder_hidden_states=embeds[rows], encoder_attention_mask=mask[rows],
+                           timestep=timestep, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                           return_dict=False)[0]
+    return doubled_batch_model(call, batch=batch, guided=guided, guidance_scale=guidance_scale,
+                               learned_sigma=transformer.config.out_channels // 2 == latent_channels)
 
 
 def prepare_pixart_sigma(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> PreparedPipeline:
     """Prepare ``PixArtSigmaPipeline.__call__(**call)``; ``dtype`` is the solver state's."""
-    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import retrieve_timesteps
+    from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as module
 
     args = bind_call(pipe, call)
     refuse_all(pipe, args, REFUSED)
@@ -108,32 +64,22 @@ def prepare_pixart_sigma(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype)
     original_size = None
     if args["use_resolution_binning"]:
         original_size = (height, width)
-        height, width = _binned_size(pipe, height, width)
+        height, width = binned_size(pipe, height, width, module, BINS)
     pipe.check_inputs(args["prompt"], height, width, args["negative_prompt"], args["callback_steps"],
                       args["prompt_embeds"], args["negative_prompt_embeds"], args["prompt_attention_mask"],
                       args["negative_prompt_attention_mask"])
     guidance_scale = args["guidance_scale"]
     guided = guidance_scale > 1.0
     device = pipe._execution_device
-    embeds, mask, negative, negative_mask = pipe.encode_prompt(
-        args["prompt"], guided, negative_prompt=args["negative_prompt"],
-        num_images_per_prompt=args["num_images_per_prompt"], device=device,
-        prompt_embeds=args["prompt_embeds"], negative_prompt_embeds=args["negative_prompt_embeds"],
-        prompt_attention_mask=args["prompt_attention_mask"],
-        negative_prompt_attention_mask=args["negative_prompt_attention_mask"],
-        clean_caption=args["clean_caption"], max_sequence_length=args["max_sequence_length"])
-    if guided:
-        embeds, mask = torch.cat([negative, embeds], dim=0), torch.cat([negative_mask, mask], dim=0)
-    retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
+    embeds, mask = masked_prompt_embeds(pipe, args, guided, device)
+    module.retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, args["timesteps"],
+                              args["sigmas"])
     latent_channels = pipe.transformer.config.in_channels
-    samples = prompt_batch_size(args["prompt"], args["prompt_embeds"]) * args["num_images_per_prompt"]
-    latents = pipe.prepare_latents(samples, latent_channels, height, width, embeds.dtype, device,
-                                   args["generator"],
-                                   args["latents"])
-    step_kwargs = pipe.prepare_extra_step_kwargs(args["generator"], args["eta"])
-    generator = step_kwargs.pop("generator", None)
-    program = compile_scheduler(pipe.scheduler, step_kwargs, input_scaling="model")
-    model = _pixart_model(pipe, embeds, mask, samples, guided, guidance_scale, latent_channels)
-    system = loop_system(program, model, latents, generator=generator, step_batch=samples,
+    loop = loop_inputs(pipe, args, latent_channels, height, width, embeds.dtype, device)
+    program = compile_scheduler(pipe.scheduler, loop.step_kwargs, input_scaling="model")
+    model = _pixart_model(pipe, embeds, mask, loop.samples, guided, guidance_scale, latent_channels)
+    system = loop_system(program, model, loop.latents, generator=loop.generator, step_batch=loop.samples,
                          model_dtype=pipe.transformer.dtype, device=device, dtype=dtype)
-    return PreparedPipeline(system, program, _finisher(pipe, args, original_size, embeds.dtype))
+    finish = finisher(pipe, args, dtype=embeds.dtype, output_class=ImagePipelineOutput,
+                      decode=image_decoder(pipe, cast=True, original_size=original_size))
+    return PreparedPipeline(system, program, finish)

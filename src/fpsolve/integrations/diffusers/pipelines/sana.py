@@ -25,82 +25,41 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    PreparedPipeline,
-    Refusals,
-    batch_rows,
-    bind_call,
-    prompt_batch_size,
-    refuse_all,
-    sample_index,
-)
+from .base import PreparedPipeline, bind_call
+from .guidance import doubled_batch_model
+from .inputs import binned_size, loop_inputs, lora_scale, masked_prompt_embeds
+from .output import finisher, image_decoder
+from .refusals import CALLBACK_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_sana", "REFUSED"]
 
 #: Call options refused by name.
 REFUSED: Refusals = ((("callback_on_step_end",), CALLBACK_WHY),)
 
+#: The transformer's sample size -> the pipeline's aspect-ratio table (``use_resolution_binning``).
+BINS = {128: "ASPECT_RATIO_4096_BIN", 64: "ASPECT_RATIO_2048_BIN", 32: "ASPECT_RATIO_1024_BIN",
+        16: "ASPECT_RATIO_512_BIN"}
+
 
 def _sana_model(pipe: Any, embeds: torch.Tensor, mask: torch.Tensor, batch: int, guided: bool,
                 guidance_scale: float, latent_channels: int, attention_kwargs: dict[str, Any] | None):
     transformer = pipe.transformer
-    learned_sigma = transformer.config.out_channels // 2 == latent_channels
     embeds = embeds.to(dtype=transformer.dtype)
 
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        rows = batch_rows(sample_index(x, batch), batch, guided)
-        model_input, timestep = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
-        noise_pred = transformer(model_input.to(dtype=transformer.dtype), encoder_hidden_states=embeds[rows],
-                                 encoder_attention_mask=mask[rows],
-                                 timestep=timestep * transformer.config.timestep_scale, return_dict=False,
-                                 attention_kwargs=attention_kwargs)[0].float()
-        if guided:
-            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-        if learned_sigma:
-            noise_pred = noise_pred.chunk(2, dim=1)[0]
-        return noise_pred
-    return model
-
-
-def _finisher(pipe: Any, args: Mapping[str, Any], original_size: tuple[int, int] | None):
-    output_type = args["output_type"]
-
-    def finish(latents: torch.Tensor) -> Any:
-        from diffusers.pipelines.sana.pipeline_output import SanaPipelineOutput
-
-        latents = latents.to(torch.float32)
-        if output_type == "latent":
-            image = latents
-        else:
-            latents = latents.to(pipe.vae.dtype)
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-            if original_size is not None:
-                image = pipe.image_processor.resize_and_crop_tensor(image, original_size[1], original_size[0])
-            image = pipe.image_processor.postprocess(image, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        if not args["return_dict"]:
-            return (image,)
-        return SanaPipelineOutput(images=image)
-    return finish
-
-
-def _binned_size(pipe: Any, height: int, width: int) -> tuple[int, int]:
-    """The pipeline's aspect-ratio bin for the transformer's sample size (its error otherwise)."""
-    from diffusers.pipelines.sana import pipeline_sana as module
-
-    bins = {128: "ASPECT_RATIO_4096_BIN", 64: "ASPECT_RATIO_2048_BIN", 32: "ASPECT_RATIO_1024_BIN",
-            16: "ASPECT_RATIO_512_BIN"}
-    name = bins.get(pipe.transformer.config.sample_size)
-    if name is None:
-        raise ValueError("Invalid sample size")
-    return pipe.image_processor.classify_height_width_bin(height, width, ratios=getattr(module, name))
+    def call(model_input: torch.Tensor, timestep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # the transformer runs in its dtype; the guidance mix and the step in float32
+        return transformer(model_input.to(dtype=transformer.dtype), encoder_hidden_states=embeds[rows],
+                           encoder_attention_mask=mask[rows],
+                           timestep=timestep * transformer.config.timestep_scale, return_dict=False,
+                           attention_kwargs=attention_kwargs)[0].float()
+    return doubled_batch_model(call, batch=batch, guided=guided, guidance_scale=guidance_scale,
+                               learned_sigma=transformer.config.out_channels // 2 == latent_channels)
 
 
 def prepare_sana(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> PreparedPipeline:
     """Prepare ``SanaPipeline.__call__(**call)``; ``dtype`` is the solver state's."""
-    from diffusers.pipelines.sana.pipeline_sana import retrieve_timesteps
+    from diffusers.pipelines.sana import pipeline_sana as module
+    from diffusers.pipelines.sana.pipeline_output import SanaPipelineOutput
 
     args = bind_call(pipe, call)
     refuse_all(pipe, args, REFUSED)
@@ -108,7 +67,7 @@ def prepare_sana(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> Prep
     original_size = None
     if args["use_resolution_binning"]:
         original_size = (height, width)
-        height, width = _binned_size(pipe, height, width)
+        height, width = binned_size(pipe, height, width, module, BINS)
     pipe.check_inputs(args["prompt"], height, width, args["callback_on_step_end_tensor_inputs"],
                       args["negative_prompt"], args["prompt_embeds"], args["negative_prompt_embeds"],
                       args["prompt_attention_mask"], args["negative_prompt_attention_mask"])
@@ -116,27 +75,19 @@ def prepare_sana(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> Prep
     guided = guidance_scale > 1.0
     device = pipe._execution_device
     attention_kwargs = args["attention_kwargs"]
-    lora_scale = attention_kwargs.get("scale", None) if attention_kwargs is not None else None
-    embeds, mask, negative, negative_mask = pipe.encode_prompt(
-        args["prompt"], guided, negative_prompt=args["negative_prompt"],
-        num_images_per_prompt=args["num_images_per_prompt"], device=device,
-        prompt_embeds=args["prompt_embeds"], negative_prompt_embeds=args["negative_prompt_embeds"],
-        prompt_attention_mask=args["prompt_attention_mask"],
-        negative_prompt_attention_mask=args["negative_prompt_attention_mask"],
-        clean_caption=args["clean_caption"], max_sequence_length=args["max_sequence_length"],
-        complex_human_instruction=args["complex_human_instruction"], lora_scale=lora_scale)
-    if guided:
-        embeds, mask = torch.cat([negative, embeds], dim=0), torch.cat([negative_mask, mask], dim=0)
-    retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
+    embeds, mask = masked_prompt_embeds(pipe, args, guided, device,
+                                        complex_human_instruction=args["complex_human_instruction"],
+                                        lora_scale=lora_scale(attention_kwargs))
+    module.retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, args["timesteps"],
+                              args["sigmas"])
     latent_channels = pipe.transformer.config.in_channels
-    samples = prompt_batch_size(args["prompt"], args["prompt_embeds"]) * args["num_images_per_prompt"]
-    latents = pipe.prepare_latents(samples, latent_channels, height, width, torch.float32, device,
-                                   args["generator"], args["latents"])
-    step_kwargs = pipe.prepare_extra_step_kwargs(args["generator"], args["eta"])
-    generator = step_kwargs.pop("generator", None)
-    program = compile_scheduler(pipe.scheduler, step_kwargs, input_scaling="none")
-    model = _sana_model(pipe, embeds, mask, samples, guided, guidance_scale, latent_channels,
+    # Sana keeps its latents in float32 whatever the transformer's dtype (and decodes from float32)
+    loop = loop_inputs(pipe, args, latent_channels, height, width, torch.float32, device)
+    program = compile_scheduler(pipe.scheduler, loop.step_kwargs, input_scaling="none")
+    model = _sana_model(pipe, embeds, mask, loop.samples, guided, guidance_scale, latent_channels,
                         attention_kwargs)
-    system = loop_system(program, model, latents, generator=generator, step_batch=samples,
+    system = loop_system(program, model, loop.latents, generator=loop.generator, step_batch=loop.samples,
                          model_dtype=torch.float32, device=device, dtype=dtype)
-    return PreparedPipeline(system, program, _finisher(pipe, args, original_size))
+    finish = finisher(pipe, args, dtype=torch.float32, output_class=SanaPipelineOutput,
+                      decode=image_decoder(pipe, cast=True, original_size=original_size))
+    return PreparedPipeline(system, program, finish)

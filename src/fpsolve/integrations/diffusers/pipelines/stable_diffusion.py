@@ -20,15 +20,10 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    IP_ADAPTER_WHY,
-    PreparedPipeline,
-    Refusals,
-    bind_call,
-    refuse_all,
-    sample_index,
-)
+from .base import PreparedPipeline, bind_call
+from .guidance import doubled_batch_model, rescaled
+from .inputs import guidance_scale_embedding, loop_inputs, lora_scale
+from .refusals import CALLBACK_WHY, IP_ADAPTER_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_stable_diffusion", "REFUSED"]
 
@@ -42,27 +37,17 @@ REFUSED: Refusals = (
 def _sd_model(pipe: Any, embeds: torch.Tensor, negative: torch.Tensor | None, guidance_scale: float,
               guidance_rescale: float, timestep_cond: torch.Tensor | None,
               cross_attention_kwargs: dict[str, Any] | None):
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+    guided = negative is not None
+    condition = embeds if negative is None else torch.cat([negative, embeds])
 
-    batch = embeds.shape[0]
-
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sample = sample_index(x, batch)
-        condition = embeds[sample]
-        if negative is not None:
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            condition = torch.cat([negative[sample], condition])
-        noise_pred = pipe.unet(x, t, encoder_hidden_states=condition,
-                               timestep_cond=None if timestep_cond is None else timestep_cond[sample],
-                               cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=None,
-                               return_dict=False)[0]
-        if negative is not None:
-            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-            if guidance_rescale > 0.0:
-                noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=guidance_rescale)
-        return noise_pred
-    return model
+    def call(model_input: torch.Tensor, timestep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # a guidance-distilled UNet (timestep_cond) runs unguided: its rows are the samples
+        return pipe.unet(model_input, timestep, encoder_hidden_states=condition[rows],
+                         timestep_cond=None if timestep_cond is None else timestep_cond[rows],
+                         cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=None,
+                         return_dict=False)[0]
+    return doubled_batch_model(call, batch=embeds.shape[0], guided=guided, guidance_scale=guidance_scale,
+                               refine=rescaled(guidance_rescale))
 
 
 def _finisher(pipe: Any, args: Mapping[str, Any], device: torch.device, dtype: torch.dtype):
@@ -100,23 +85,12 @@ def _size(pipe: Any, height: int | None, width: int | None) -> tuple[int, int]:
     return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
 
 
-def _batch_size(args: Mapping[str, Any]) -> int:
-    """Prompts in the call: one string, a list, or the rows of ``prompt_embeds``."""
-    prompt = args["prompt"]
-    if isinstance(prompt, str):
-        return 1
-    if isinstance(prompt, list):
-        return len(prompt)
-    return args["prompt_embeds"].shape[0]
-
-
 def _encode(pipe: Any, args: Mapping[str, Any], do_cfg: bool, device: torch.device):
     """``(prompt_embeds, negative_prompt_embeds)`` from the pipeline's own ``encode_prompt``."""
-    attention_kwargs = args["cross_attention_kwargs"]
-    lora_scale = attention_kwargs.get("scale", None) if attention_kwargs is not None else None
     return pipe.encode_prompt(args["prompt"], device, args["num_images_per_prompt"], do_cfg,
                               args["negative_prompt"], prompt_embeds=args["prompt_embeds"],
-                              negative_prompt_embeds=args["negative_prompt_embeds"], lora_scale=lora_scale,
+                              negative_prompt_embeds=args["negative_prompt_embeds"],
+                              lora_scale=lora_scale(args["cross_attention_kwargs"]),
                               clip_skip=args["clip_skip"])
 
 
@@ -135,19 +109,11 @@ def prepare_stable_diffusion(pipe: Any, call: Mapping[str, Any], dtype: torch.dt
     device = pipe._execution_device
     embeds, negative = _encode(pipe, args, do_cfg, device)
     retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
-    samples = _batch_size(args) * args["num_images_per_prompt"]
-    latents = pipe.prepare_latents(samples, pipe.unet.config.in_channels, height, width, embeds.dtype, device,
-                                   args["generator"], args["latents"])
-    step_kwargs = pipe.prepare_extra_step_kwargs(args["generator"], args["eta"])
-    generator = step_kwargs.pop("generator", None)
-    timestep_cond = None
-    if pipe.unet.config.time_cond_proj_dim is not None:
-        scale = torch.tensor(guidance_scale - 1).repeat(samples)
-        timestep_cond = pipe.get_guidance_scale_embedding(
-            scale, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device=device, dtype=latents.dtype)
-    program = compile_scheduler(pipe.scheduler, step_kwargs, input_scaling="model")
+    loop = loop_inputs(pipe, args, pipe.unet.config.in_channels, height, width, embeds.dtype, device)
+    timestep_cond = guidance_scale_embedding(pipe, guidance_scale, loop.samples, device, loop.latents.dtype)
+    program = compile_scheduler(pipe.scheduler, loop.step_kwargs, input_scaling="model")
     model = _sd_model(pipe, embeds, negative if do_cfg else None, guidance_scale, guidance_rescale,
                       timestep_cond, args["cross_attention_kwargs"])
-    system = loop_system(program, model, latents, generator=generator, step_batch=samples,
+    system = loop_system(program, model, loop.latents, generator=loop.generator, step_batch=loop.samples,
                          model_dtype=pipe.unet.dtype, device=device, dtype=dtype)
     return PreparedPipeline(system, program, _finisher(pipe, args, device, embeds.dtype))

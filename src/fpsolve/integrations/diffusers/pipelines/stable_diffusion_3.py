@@ -26,18 +26,11 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    IP_ADAPTER_WHY,
-    PreparedPipeline,
-    Refusals,
-    batch_rows,
-    bind_call,
-    prompt_batch_size,
-    refuse_all,
-    sample_index,
-    step_indexer,
-)
+from .base import PreparedPipeline, bind_call, step_indexer
+from .guidance import Refine, doubled_batch_model
+from .inputs import POOLED_EMBEDS, default_size, lora_scale, named, prompt_batch_size
+from .output import finisher, image_decoder
+from .refusals import CALLBACK_WHY, IP_ADAPTER_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_stable_diffusion_3", "REFUSED"]
 
@@ -47,63 +40,47 @@ REFUSED: Refusals = (
     (("ip_adapter_image", "ip_adapter_image_embeds"), IP_ADAPTER_WHY),
 )
 
+NEGATIVE_PROMPTS = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")
+
+
+def _skip_layer_guidance(transformer: Any, embeds: torch.Tensor, pooled: torch.Tensor, batch: int,
+                         skip: Mapping[str, Any], attention_kwargs: dict[str, Any] | None, step_of) -> Refine:
+    """SD 3.5's skip-layer guidance after the mix, on the rows whose step lies in its window.
+
+    ``skip``: ``layers``, ``scale``, ``start``, ``stop``, ``steps``.
+    """
+    def refine(noise_pred: torch.Tensor, noise_pred_text: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+               sample: torch.Tensor) -> torch.Tensor:
+        step = step_of(t)
+        active = (step > skip["steps"] * skip["start"]) & (step < skip["steps"] * skip["stop"])
+        if not bool(active.any()):
+            return noise_pred
+        where = active.nonzero().flatten()
+        positive = sample[where] + batch  # the positive half of the pipeline's batch
+        skipped = transformer(hidden_states=x[where], timestep=t[where],
+                              encoder_hidden_states=embeds[positive], pooled_projections=pooled[positive],
+                              joint_attention_kwargs=attention_kwargs, return_dict=False,
+                              skip_layers=skip["layers"])[0]
+        noise_pred = noise_pred.clone()
+        noise_pred[where] = noise_pred[where] + (noise_pred_text[where] - skipped) * skip["scale"]
+        return noise_pred
+    return refine
+
 
 def _sd3_model(pipe: Any, embeds: torch.Tensor, pooled: torch.Tensor, batch: int, guided: bool,
                guidance_scale: float, skip: Mapping[str, Any] | None, attention_kwargs: dict[str, Any] | None,
                step_of):
-    """The pipeline's transformer call and guidance; ``embeds`` / ``pooled`` hold its batch rows.
-
-    ``skip``: the skip-layer guidance (``layers``, ``scale``, ``start``, ``stop``, ``steps``).
-    """
+    """The pipeline's transformer call and guidance; ``embeds`` / ``pooled`` hold its batch rows."""
     transformer = pipe.transformer
 
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sample = sample_index(x, batch)
-        rows = batch_rows(sample, batch, guided)
-        model_input, timestep = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
-        noise_pred = transformer(hidden_states=model_input, timestep=timestep,
-                                 encoder_hidden_states=embeds[rows],
-                                 pooled_projections=pooled[rows], joint_attention_kwargs=attention_kwargs,
-                                 return_dict=False)[0]
-        if not guided:
-            return noise_pred
-        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-        noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-        if skip is not None:
-            step = step_of(t)
-            active = (step > skip["steps"] * skip["start"]) & (step < skip["steps"] * skip["stop"])
-            if bool(active.any()):
-                where = active.nonzero().flatten()
-                positive = sample[where] + batch  # the positive half of the pipeline's batch
-                skipped = transformer(hidden_states=x[where], timestep=t[where],
-                                      encoder_hidden_states=embeds[positive],
-                                      pooled_projections=pooled[positive],
-                                      joint_attention_kwargs=attention_kwargs, return_dict=False,
-                                      skip_layers=skip["layers"])[0]
-                noise_pred = noise_pred.clone()
-                noise_pred[where] = noise_pred[where] + (noise_pred_text[where] - skipped) * skip["scale"]
-        return noise_pred
-    return model
-
-
-def _finisher(pipe: Any, args: Mapping[str, Any], dtype: torch.dtype):
-    output_type = args["output_type"]
-
-    def finish(latents: torch.Tensor) -> Any:
-        from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
-
-        latents = latents.to(dtype)
-        if output_type == "latent":
-            image = latents
-        else:
-            latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-            image = pipe.vae.decode(latents, return_dict=False)[0]
-            image = pipe.image_processor.postprocess(image, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        if not args["return_dict"]:
-            return (image,)
-        return StableDiffusion3PipelineOutput(images=image)
-    return finish
+    def call(model_input: torch.Tensor, timestep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return transformer(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeds[rows],
+                           pooled_projections=pooled[rows], joint_attention_kwargs=attention_kwargs,
+                           return_dict=False)[0]
+    refine = None
+    if skip is not None:
+        refine = _skip_layer_guidance(transformer, embeds, pooled, batch, skip, attention_kwargs, step_of)
+    return doubled_batch_model(call, batch=batch, guided=guided, guidance_scale=guidance_scale, refine=refine)
 
 
 def _scheduler_kwargs(pipe: Any, latents: torch.Tensor, mu: float | None) -> dict[str, Any]:
@@ -122,42 +99,30 @@ def _scheduler_kwargs(pipe: Any, latents: torch.Tensor, mu: float | None) -> dic
 
 def prepare_stable_diffusion_3(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> PreparedPipeline:
     """Prepare ``StableDiffusion3Pipeline.__call__(**call)``; ``dtype`` is the solver state's."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
     args = bind_call(pipe, call)
     refuse_all(pipe, args, REFUSED)
-    height = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-    width = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    height, width = default_size(pipe, args)
     pipe.check_inputs(args["prompt"], args["prompt_2"], args["prompt_3"], height, width,
-                      negative_prompt=args["negative_prompt"], negative_prompt_2=args["negative_prompt_2"],
-                      negative_prompt_3=args["negative_prompt_3"], prompt_embeds=args["prompt_embeds"],
-                      negative_prompt_embeds=args["negative_prompt_embeds"],
-                      pooled_prompt_embeds=args["pooled_prompt_embeds"],
-                      negative_pooled_prompt_embeds=args["negative_pooled_prompt_embeds"],
-                      callback_on_step_end_tensor_inputs=args["callback_on_step_end_tensor_inputs"],
-                      max_sequence_length=args["max_sequence_length"])
+                      **named(args, *NEGATIVE_PROMPTS, *POOLED_EMBEDS, "callback_on_step_end_tensor_inputs",
+                              "max_sequence_length"))
     guidance_scale = args["guidance_scale"]
     guided = guidance_scale > 1
     pipe._clip_skip = args["clip_skip"]  # what the pipeline sets before encoding
     device = pipe._execution_device
     attention_kwargs = args["joint_attention_kwargs"]
-    lora_scale = attention_kwargs.get("scale", None) if attention_kwargs is not None else None
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=args["prompt"], prompt_2=args["prompt_2"], prompt_3=args["prompt_3"],
-        negative_prompt=args["negative_prompt"], negative_prompt_2=args["negative_prompt_2"],
-        negative_prompt_3=args["negative_prompt_3"], do_classifier_free_guidance=guided,
-        prompt_embeds=args["prompt_embeds"], negative_prompt_embeds=args["negative_prompt_embeds"],
-        pooled_prompt_embeds=args["pooled_prompt_embeds"],
-        negative_pooled_prompt_embeds=args["negative_pooled_prompt_embeds"], device=device,
-        clip_skip=args["clip_skip"], num_images_per_prompt=args["num_images_per_prompt"],
-        max_sequence_length=args["max_sequence_length"], lora_scale=lora_scale)
+        do_classifier_free_guidance=guided, device=device, lora_scale=lora_scale(attention_kwargs),
+        **named(args, "prompt", "prompt_2", "prompt_3", *NEGATIVE_PROMPTS, *POOLED_EMBEDS, "clip_skip",
+                "num_images_per_prompt", "max_sequence_length"))
     if guided:
         embeds = torch.cat([negative, embeds], dim=0)
         pooled = torch.cat([negative_pooled, pooled], dim=0)
     samples = prompt_batch_size(args["prompt"], args["prompt_embeds"]) * args["num_images_per_prompt"]
     latents = pipe.prepare_latents(samples, pipe.transformer.config.in_channels, height, width, embeds.dtype,
-                                   device,
-                                   args["generator"], args["latents"])
+                                   device, args["generator"], args["latents"])
     _, steps = retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, sigmas=args["sigmas"],
                                   **_scheduler_kwargs(pipe, latents, args["mu"]))
     program = compile_scheduler(pipe.scheduler, {}, input_scaling="none")
@@ -169,6 +134,7 @@ def prepare_stable_diffusion_3(pipe: Any, call: Mapping[str, Any], dtype: torch.
     step_of = step_indexer(program.probed.timesteps) if skip is not None else None
     model = _sd3_model(pipe, embeds, pooled, samples, guided, guidance_scale, skip, attention_kwargs, step_of)
     system = loop_system(program, model, latents, generator=None, step_batch=samples,
-                         model_dtype=latents.dtype,
-                         device=device, dtype=dtype)
-    return PreparedPipeline(system, program, _finisher(pipe, args, latents.dtype))
+                         model_dtype=latents.dtype, device=device, dtype=dtype)
+    finish = finisher(pipe, args, dtype=latents.dtype, output_class=StableDiffusion3PipelineOutput,
+                      decode=image_decoder(pipe, shift=True))
+    return PreparedPipeline(system, program, finish)

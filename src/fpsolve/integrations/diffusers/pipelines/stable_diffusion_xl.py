@@ -28,16 +28,19 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    IP_ADAPTER_WHY,
-    PreparedPipeline,
-    Refusals,
-    batch_rows,
-    bind_call,
-    refuse_all,
-    sample_index,
+from .base import PreparedPipeline, bind_call
+from .guidance import doubled_batch_model, rescaled
+from .inputs import (
+    POOLED_EMBEDS,
+    default_size,
+    guidance_scale_embedding,
+    loop_inputs,
+    lora_scale,
+    named,
+    prompt_batch_size,
 )
+from .output import Decode, finisher
+from .refusals import CALLBACK_WHY, IP_ADAPTER_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_stable_diffusion_xl", "REFUSED"]
 
@@ -53,26 +56,15 @@ def _sdxl_model(pipe: Any, embeds: torch.Tensor, text_embeds: torch.Tensor, time
                 batch: int, guided: bool, guidance_scale: float, guidance_rescale: float,
                 timestep_cond: torch.Tensor | None, cross_attention_kwargs: dict[str, Any] | None):
     """The pipeline's UNet call and guidance; conditioning tensors hold the pipeline's batch rows."""
-    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
-
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sample = sample_index(x, batch)
-        rows = batch_rows(sample, batch, guided)
-        if guided:
-            x, t = torch.cat([x, x]), torch.cat([t, t])
+    def call(model_input: torch.Tensor, timestep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # a guidance-distilled UNet (timestep_cond) runs unguided: its rows are the samples
         added_cond_kwargs = {"text_embeds": text_embeds[rows], "time_ids": time_ids[rows]}
-        noise_pred = pipe.unet(x, t, encoder_hidden_states=embeds[rows],
-                               timestep_cond=None if timestep_cond is None else timestep_cond[sample],
-                               cross_attention_kwargs=cross_attention_kwargs,
-                               added_cond_kwargs=added_cond_kwargs,
-                               return_dict=False)[0]
-        if guided:
-            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-            if guidance_rescale > 0.0:
-                noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=guidance_rescale)
-        return noise_pred
-    return model
+        return pipe.unet(model_input, timestep, encoder_hidden_states=embeds[rows],
+                         timestep_cond=None if timestep_cond is None else timestep_cond[rows],
+                         cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
+                         return_dict=False)[0]
+    return doubled_batch_model(call, batch=batch, guided=guided, guidance_scale=guidance_scale,
+                               refine=rescaled(guidance_rescale))
 
 
 def _decode(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -96,49 +88,24 @@ def _decode(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def _finisher(pipe: Any, args: Mapping[str, Any], dtype: torch.dtype):
-    output_type = args["output_type"]
-
-    def finish(latents: torch.Tensor) -> Any:
-        from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
-
-        latents = latents.to(dtype)
-        if output_type == "latent":
-            image = latents
-        else:
-            image = _decode(pipe, latents)
-            if pipe.watermark is not None:
-                image = pipe.watermark.apply_watermark(image)
-            image = pipe.image_processor.postprocess(image, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        if not args["return_dict"]:
-            return (image,)
-        return StableDiffusionXLPipelineOutput(images=image)
-    return finish
-
-
-def _batch_size(args: Mapping[str, Any]) -> int:
-    prompt = args["prompt"]
-    if isinstance(prompt, str):
-        return 1
-    if isinstance(prompt, list):
-        return len(prompt)
-    return args["prompt_embeds"].shape[0]
+def _decoder(pipe: Any) -> Decode:
+    """The pipeline's decode, watermark and ``image_processor.postprocess``."""
+    def decode(latents: torch.Tensor, output_type: str) -> Any:
+        image = _decode(pipe, latents)
+        if pipe.watermark is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+    return decode
 
 
 def _conditioning(pipe: Any, args: Mapping[str, Any], height: int, width: int, guided: bool,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(embeds, text_embeds, time_ids)`` with the rows of the pipeline's (doubled) UNet batch."""
-    attention_kwargs = args["cross_attention_kwargs"]
-    lora_scale = attention_kwargs.get("scale", None) if attention_kwargs is not None else None
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=args["prompt"], prompt_2=args["prompt_2"], device=device,
-        num_images_per_prompt=args["num_images_per_prompt"], do_classifier_free_guidance=guided,
-        negative_prompt=args["negative_prompt"], negative_prompt_2=args["negative_prompt_2"],
-        prompt_embeds=args["prompt_embeds"], negative_prompt_embeds=args["negative_prompt_embeds"],
-        pooled_prompt_embeds=args["pooled_prompt_embeds"],
-        negative_pooled_prompt_embeds=args["negative_pooled_prompt_embeds"], lora_scale=lora_scale,
-        clip_skip=args["clip_skip"])
+        device=device, do_classifier_free_guidance=guided,
+        lora_scale=lora_scale(args["cross_attention_kwargs"]),
+        **named(args, "prompt", "prompt_2", "negative_prompt", "negative_prompt_2", *POOLED_EMBEDS,
+                "num_images_per_prompt", "clip_skip"))
     if pipe.text_encoder_2 is None:
         projection_dim = int(pooled.shape[-1])
     else:
@@ -159,7 +126,7 @@ def _conditioning(pipe: Any, args: Mapping[str, Any], height: int, width: int, g
         embeds = torch.cat([negative, embeds], dim=0)
         text_embeds = torch.cat([negative_pooled, text_embeds], dim=0)
         time_ids = torch.cat([negative_time_ids, time_ids], dim=0)
-    samples = _batch_size(args) * args["num_images_per_prompt"]
+    samples = prompt_batch_size(args["prompt"], args["prompt_embeds"]) * args["num_images_per_prompt"]
     # the pipeline's own layout: [neg, pos] repeated per sample (not aligned with the embeddings')
     time_ids = time_ids.to(device).repeat(samples, 1)
     return embeds.to(device), text_embeds.to(device), time_ids
@@ -167,12 +134,12 @@ def _conditioning(pipe: Any, args: Mapping[str, Any], height: int, width: int, g
 
 def prepare_stable_diffusion_xl(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> PreparedPipeline:
     """Prepare ``StableDiffusionXLPipeline.__call__(**call)``; ``dtype`` is the solver state's."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
     args = bind_call(pipe, call, extra=("callback", "callback_steps"))
     refuse_all(pipe, args, REFUSED)
-    height = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-    width = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    height, width = default_size(pipe, args)
     pipe.check_inputs(args["prompt"], args["prompt_2"], height, width, args.get("callback_steps"),
                       args["negative_prompt"], args["negative_prompt_2"], args["prompt_embeds"],
                       args["negative_prompt_embeds"], args["pooled_prompt_embeds"],
@@ -183,21 +150,15 @@ def prepare_stable_diffusion_xl(pipe: Any, call: Mapping[str, Any], dtype: torch
     device = pipe._execution_device
     embeds, text_embeds, time_ids = _conditioning(pipe, args, height, width, guided, device)
     retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
-    samples = _batch_size(args) * args["num_images_per_prompt"]
-    latents = pipe.prepare_latents(samples, pipe.unet.config.in_channels, height, width, embeds.dtype, device,
-                                   args["generator"], args["latents"])
-    step_kwargs = pipe.prepare_extra_step_kwargs(args["generator"], args["eta"])
-    generator = step_kwargs.pop("generator", None)
-    timestep_cond = None
-    if pipe.unet.config.time_cond_proj_dim is not None:
-        scale = torch.tensor(guidance_scale - 1).repeat(samples)
-        timestep_cond = pipe.get_guidance_scale_embedding(
-            scale, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device=device, dtype=latents.dtype)
+    loop = loop_inputs(pipe, args, pipe.unet.config.in_channels, height, width, embeds.dtype, device)
+    timestep_cond = guidance_scale_embedding(pipe, guidance_scale, loop.samples, device, loop.latents.dtype)
     if hasattr(pipe.scheduler, "set_begin_index"):
         pipe.scheduler.set_begin_index(0)
-    program = compile_scheduler(pipe.scheduler, step_kwargs, input_scaling="model")
-    model = _sdxl_model(pipe, embeds, text_embeds, time_ids, samples, guided, guidance_scale,
+    program = compile_scheduler(pipe.scheduler, loop.step_kwargs, input_scaling="model")
+    model = _sdxl_model(pipe, embeds, text_embeds, time_ids, loop.samples, guided, guidance_scale,
                         guidance_rescale, timestep_cond, args["cross_attention_kwargs"])
-    system = loop_system(program, model, latents, generator=generator, step_batch=samples,
+    system = loop_system(program, model, loop.latents, generator=loop.generator, step_batch=loop.samples,
                          model_dtype=pipe.unet.dtype, device=device, dtype=dtype)
-    return PreparedPipeline(system, program, _finisher(pipe, args, embeds.dtype))
+    finish = finisher(pipe, args, dtype=embeds.dtype, output_class=StableDiffusionXLPipelineOutput,
+                      decode=_decoder(pipe))
+    return PreparedPipeline(system, program, finish)

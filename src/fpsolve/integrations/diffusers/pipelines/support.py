@@ -18,7 +18,8 @@ import torch
 
 from ..schedulers import SPECS
 from . import dit, flux, pixart, sana, stable_diffusion, stable_diffusion_3, stable_diffusion_xl, unet2d, wan
-from .base import PreparedPipeline, Refusals
+from .base import PreparedPipeline
+from .refusals import Refusals
 
 __all__ = ["PipelineSupport", "SUPPORT", "support_rows", "support_markdown", "schedulers_for"]
 

@@ -25,15 +25,11 @@ import torch
 
 from ..sampler import compile_scheduler
 from ..system import loop_system
-from .base import (
-    CALLBACK_WHY,
-    PreparedPipeline,
-    Refusals,
-    bind_call,
-    prompt_batch_size,
-    refuse_all,
-    sample_index,
-)
+from .base import PreparedPipeline, bind_call, sample_index
+from .guidance import guide
+from .inputs import prompt_batch_size
+from .output import Decode, finisher
+from .refusals import CALLBACK_WHY, Refusals, refuse_all
 
 __all__ = ["prepare_wan", "REFUSED"]
 
@@ -56,7 +52,7 @@ def _wan_model(pipe: Any, embeds: torch.Tensor, negative: torch.Tensor | None, b
             noise_uncond = expert(hidden_states=model_input, timestep=timestep,
                                   encoder_hidden_states=negative[sample], attention_kwargs=attention_kwargs,
                                   return_dict=False)[0]
-            noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
+            noise_pred = guide(noise_uncond, noise_pred, scale)
         return noise_pred
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -78,30 +74,21 @@ def _wan_model(pipe: Any, embeds: torch.Tensor, negative: torch.Tensor | None, b
     return model
 
 
-def _finisher(pipe: Any, args: Mapping[str, Any]):
-    output_type = args["output_type"]
-
-    def finish(latents: torch.Tensor) -> Any:
-        from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+def _decode_video(pipe: Any) -> Decode:
+    """The pipeline's decode: ``latents / (1 / latents_std) + latents_mean`` in the VAE's dtype,
+    ``vae.decode``, ``video_processor.postprocess_video``."""
+    def decode(latents: torch.Tensor, output_type: str) -> Any:
         from diffusers.utils.torch_utils import get_module_execution_device
 
-        latents = latents.to(torch.float32)
-        if output_type == "latent":
-            video = latents
-        else:
-            config = pipe.vae.config
-            latents = latents.to(get_module_execution_device(pipe.vae), dtype=pipe.vae.dtype)
-            mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device,
+        config = pipe.vae.config
+        latents = latents.to(get_module_execution_device(pipe.vae), dtype=pipe.vae.dtype)
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device,
+                                                                                   latents.dtype)
+        std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device,
                                                                                        latents.dtype)
-            std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device,
-                                                                                           latents.dtype)
-            video = pipe.vae.decode(latents / std + mean, return_dict=False)[0]
-            video = pipe.video_processor.postprocess_video(video, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        if not args["return_dict"]:
-            return (video,)
-        return WanPipelineOutput(frames=video)
-    return finish
+        video = pipe.vae.decode(latents / std + mean, return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type=output_type)
+    return decode
 
 
 def _frames_and_size(pipe: Any, args: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -127,6 +114,8 @@ def _frames_and_size(pipe: Any, args: Mapping[str, Any]) -> tuple[int, int, int]
 
 def prepare_wan(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> PreparedPipeline:
     """Prepare ``WanPipeline.__call__(**call)``; ``dtype`` is the solver state's."""
+    from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+
     args = bind_call(pipe, call)
     refuse_all(pipe, args, REFUSED)
     pipe.check_inputs(args["prompt"], args["negative_prompt"], args["height"], args["width"],
@@ -151,8 +140,7 @@ def prepare_wan(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> Prepa
     pipe.scheduler.set_timesteps(args["num_inference_steps"], device=device)
     samples = prompt_batch_size(args["prompt"], args["prompt_embeds"]) * args["num_videos_per_prompt"]
     latents = pipe.prepare_latents(samples, transformer.config.in_channels, height, width, num_frames,
-                                   torch.float32,
-                                   device, args["generator"], args["latents"])
+                                   torch.float32, device, args["generator"], args["latents"])
     pipe.scheduler.set_begin_index(0)
     program = compile_scheduler(pipe.scheduler, {}, input_scaling="none")
     boundary = None
@@ -165,6 +153,8 @@ def prepare_wan(pipe: Any, call: Mapping[str, Any], dtype: torch.dtype) -> Prepa
     model = _wan_model(pipe, embeds, negative, samples, scales, boundary, token_grid,
                        args["attention_kwargs"])
     system = loop_system(program, model, latents, generator=None, step_batch=samples,
-                         model_dtype=torch.float32,
-                         device=device, dtype=dtype)
-    return PreparedPipeline(system, program, _finisher(pipe, args))
+                         model_dtype=torch.float32, device=device, dtype=dtype)
+    # Wan keeps its latents in float32 (and casts them to the VAE's dtype to decode)
+    finish = finisher(pipe, args, dtype=torch.float32, decode=_decode_video(pipe),
+                      output_class=WanPipelineOutput, field="frames")
+    return PreparedPipeline(system, program, finish)
