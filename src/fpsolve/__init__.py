@@ -13,8 +13,9 @@ Quick start::
 
 from __future__ import annotations
 
-from . import adjoint, errors, initializers, inversion, samplers, solvers, stopping
+from . import adjoint, control, errors, initializers, inversion, samplers, solvers, stopping
 from .api import make_system, solve
+from .control import Controller, Preset
 from .driver import DriverConfig, IterationInfo
 from .errors import NotConvergedError, NotConvergedWarning
 from .hookspecs import hookimpl
@@ -41,6 +42,8 @@ __all__ = [
     "FixedPointSolver",
     "StoppingRule",
     "Initializer",
+    "Controller",
+    "Preset",
     "DriverConfig",
     "IterationInfo",
     "hookimpl",
@@ -53,6 +56,7 @@ __all__ = [
     "samplers",
     "solvers",
     "stopping",
+    "control",
     "initializers",
     "adjoint",
     "inversion",

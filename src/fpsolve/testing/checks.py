@@ -28,19 +28,21 @@ from typing import Any, cast
 import attrs
 import torch
 
-from ..api import solve
+from ..api import fresh_rule, solve
+from ..control import Controller, runs_sequentially
 from ..initializers import FromTrajectory, InitialGuess, Initializer
-from ..registry import resolve
+from ..registry import preset_for, resolve
 from ..samplers.base import MODEL_OUTPUTS, AffineForm, SequentialSampler
 from ..solution import Solution, Status
 from ..solvers.base import FixedPointSolver, WindowView
-from ..stopping import RMS, MaxIters, StoppingRule, StoppingView
+from ..stopping import RMS, StoppingRule, StoppingView
 from ..system import TriangularSystem
 from .problems import SAMPLER_KINDS, available_devices, make_system
 
 __all__ = [
     "ConformanceError",
     "tight_stopping",
+    "solver_controller",
     "assert_same_sample",
     "check_solver_interface",
     "check_solver_step_contract",
@@ -94,14 +96,27 @@ matrix-shaped samples, and the one-step edge case."""
 def tight_stopping(
     solver: FixedPointSolver | None = None, dtype: torch.dtype = torch.float64
 ) -> StoppingRule:
-    """The rule a parity check uses: the solver's own default if it has one, else ``rms`` at 1e-12
-    (float64) or 1e-5 (float32, where 1e-12 is below rounding)."""
+    """The rule a parity check uses: the rule of the solver's preset if it has one, else ``rms``
+    at 1e-12 (float64) or 1e-5 (float32, where 1e-12 is below rounding)."""
     if solver is not None:
-        default = solver.default_stopping()
-        if default is not None:
-            return default
+        preset = preset_for(type(solver))
+        if preset is not None and preset.stopping is not None:
+            return fresh_rule(preset.stopping)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     return RMS(tol1=tol, tol2=tol)
+
+
+def solver_controller(solver: FixedPointSolver) -> Controller:
+    """The controller ``fpsolve.solve(system, solver)`` runs ``solver`` under: its preset's
+    (:func:`fpsolve.registry.preset_for`), else the plain safeguarded one."""
+    preset = preset_for(type(solver))
+    return preset.controller if preset is not None else Controller()
+
+
+def _cap(solver: FixedPointSolver, unbounded: int) -> int | None:
+    """``None`` (the controller's cap) for a solver whose controller bounds the iterations by T,
+    else ``unbounded``: an unsafeguarded solve may need more than T iterations."""
+    return None if solver_controller(solver).bounds_iterations() else unbounded
 
 
 def assert_same_sample(component: Any, got: Solution, expected: Solution, atol: float, what: str) -> None:
@@ -131,9 +146,10 @@ def check_solver_interface(solver: FixedPointSolver) -> None:
         raise ConformanceError(f"{solver!r} is not a fpsolve.FixedPointSolver instance.")
     if not isinstance(solver.name, str) or not solver.name:
         raise _fail(solver, "set the class attribute name (its registry name).")
-    if solver.sequential:
+    if runs_sequentially(solver):
         raise _fail(
-            solver, "sequential = True is reserved for the reference; parallel solvers leave it False."
+            solver, "the sequential reference (fpsolve.solvers.Sequential) is not a parallel solver; "
+            "subclass FixedPointSolver instead."
         )
     if not attrs.has(type(solver)):
         raise _fail(
@@ -211,7 +227,7 @@ def _check_tensor(solver: Any, value: Any, like: torch.Tensor, what: str) -> Non
 
 def check_solver_step_contract(solver: FixedPointSolver, system: TriangularSystem) -> None:
     """``init`` then two ``step`` calls on a sliding window: proposals ``[W, N, D]`` of the state's
-    dtype and device, finite; ``final_step`` gives one row ``[N, D]``."""
+    dtype and device, finite."""
     steps = system.num_steps
     order = solver.resolved_order(steps)
     states = system.flat_noise.clone()
@@ -227,8 +243,6 @@ def check_solver_step_contract(solver: FixedPointSolver, system: TriangularSyste
             raise _fail(solver, "step(view, state) must return a pair (proposal, new_state).")
         proposal, state = result
         _check_tensor(solver, proposal, view.states, f"step() proposal (iteration {iteration})")
-        row = solver.final_step(view, proposal, 0)
-        _check_tensor(solver, row, view.states[0], "final_step() value")
         states[lo : hi + 1] = proposal
 
 
@@ -244,7 +258,7 @@ def check_solver_parity(
     """At a tight tolerance the solve converges to the sequential trajectory."""
     reference = solve(system, "sequential")
     rule = stopping if stopping is not None else tight_stopping(solver, system.dtype)
-    cap = max_iters if max_iters is not None else (None if solver.safeguarded else 4 * system.num_steps)
+    cap = max_iters if max_iters is not None else _cap(solver, 4 * system.num_steps)
     solution = solve(system, solver, window=window, stopping=rule, max_iters=cap)
     if not solution.converged:
         raise _fail(
@@ -267,17 +281,18 @@ def check_solver_iteration_bound(
         reference.trajectory.shape, dtype=system.dtype, generator=torch.Generator().manual_seed(seed)
     ).to(system.device)
     init = FromTrajectory(trajectory=guess)
-    # MaxIters judges no rows: only the finite-termination argument can finish the solve.
+    # A rule that judges no rows: only the finite-termination argument can finish the solve
+    # (the cap T + 1 lets a solver that breaks the claim show it).
     solution = solve(
-        system, solver, window=window, initializer=init, stopping=MaxIters(steps + 1), max_iters=2 * steps
+        system, solver, window=window, initializer=init, stopping=StoppingRule(), max_iters=steps + 1
     )
     parallel = len(solution.residuals)
     if not solution.converged or parallel > steps:
         raise _fail(
             solver,
             f"claims at most T iterations but took {parallel} on {_describe(system)} "
-            f"(window={window}, status {solution.status.name}); set safeguarded = True or "
-            "drop the claim.",
+            f"(window={window}, status {solution.status.name}); run it under a safeguarded "
+            "controller (its preset's Controller(safeguard=True)) or drop the claim.",
         )
     anchors = (0,) + solution.residuals.anchors
     if any(b <= a for a, b in zip(anchors, anchors[1:], strict=False)):
@@ -290,7 +305,7 @@ def check_solver_determinism(
 ) -> None:
     """Two solves of the same problem give bit-identical trajectories and the same counts."""
     rule = stopping if stopping is not None else tight_stopping(solver, system.dtype)
-    cap = None if solver.safeguarded else 4 * system.num_steps
+    cap = _cap(solver, 4 * system.num_steps)
     first = solve(system, solver, stopping=rule, max_iters=cap)
     second = solve(system, solver, stopping=rule, max_iters=cap)
     if (first.iterations, first.model_evals) != (second.iterations, second.model_evals):
@@ -335,7 +350,7 @@ def check_solver_dtype(
     system = make_system("ddim", dtype=dtype)
     reference = solve(system, "sequential")
     rule = stopping if stopping is not None else tight_stopping(solver, dtype)
-    cap = None if solver.safeguarded else 4 * system.num_steps
+    cap = _cap(solver, 4 * system.num_steps)
     solution = solve(system, solver, stopping=rule, max_iters=cap)
     for name, value in (("sample", solution.sample), ("trajectory", solution.trajectory)):
         if value.dtype != dtype:
@@ -355,7 +370,7 @@ def check_solver_device(
     cpu = check_solver_parity(solver, make_system("ddim"), stopping=stopping)
     system = make_system("ddim", device=device)
     rule = stopping if stopping is not None else tight_stopping(solver, system.dtype)
-    solution = solve(system, solver, stopping=rule, max_iters=None if solver.safeguarded else 40)
+    solution = solve(system, solver, stopping=rule, max_iters=_cap(solver, 40))
     target = torch.device(device)
     for name, value in (("sample", solution.sample), ("trajectory", solution.trajectory)):
         if value.device.type != target.type:
@@ -683,14 +698,16 @@ def check_solver(
     Args:
         solver: the solver instance to judge.
         stopping: the tight rule for parity (default: :func:`tight_stopping`).
-        claims_at_most_steps: whether to hold the solver to T iterations (default: ``safeguarded``).
+        claims_at_most_steps: whether to hold the solver to T iterations (default: whether its
+            controller (:func:`solver_controller`) is safeguarded).
         samplers: problem samplers (:data:`~fpsolve.testing.problems.SAMPLER_KINDS`).
         windows: windows for the parity and bound checks (``None``: the solver's default).
         devices: devices to check (default: the CPU and every visible GPU).
         atol: parity tolerance in float64, relative to the trajectory's scale.
     """
     checks: list[tuple[str, Callable[[], Any]]] = [("interface", partial(check_solver_interface, solver))]
-    bound = solver.safeguarded if claims_at_most_steps is None else claims_at_most_steps
+    bound = (solver_controller(solver).bounds_iterations() if claims_at_most_steps is None
+             else claims_at_most_steps)
     for kind in samplers:
         system = make_system(kind)
         checks.append((f"step contract [{kind}]", partial(check_solver_step_contract, solver, system)))

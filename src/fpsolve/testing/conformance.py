@@ -107,12 +107,13 @@ class SolverConformance(_Conformance):
 
     Attributes:
         solver: the solver instance under test (required).
-        stopping: the tight stopping rule for parity (default: the solver's own
-            ``default_stopping()`` if it has one, else ``rms`` at 1e-12); configure a solver that
-            brings its own rule tightly, e.g. ``Paradigms(tolerance=1e-7)``.
-        claims_at_most_steps: hold the solver to T iterations (default: ``solver.safeguarded``).
+        stopping: the tight stopping rule for parity (default: the rule of the solver's preset
+            if it has one, else ``rms`` at 1e-12); give a method that brings its own rule a
+            tight one, e.g. ``ParadigmsOriginal(tol=1e-7)``.
+        claims_at_most_steps: hold the solver to T iterations (default: whether the controller
+            of its preset, :func:`~fpsolve.testing.checks.solver_controller`, is safeguarded).
         samplers: problem samplers (default ``ddim``, ``ddpm``, ``dpm_solver``).
-        windows: windows for parity and the iteration bound (``None``: the solver's default).
+        windows: windows for parity and the iteration bound (``None``: the preset's window).
         atol: float64 parity tolerance, relative to the trajectory's scale.
         max_examples: examples of the hypothesis property on random problems.
     """
@@ -130,7 +131,7 @@ class SolverConformance(_Conformance):
 
     def _claims_bound(self) -> bool:
         claim = self.claims_at_most_steps
-        return self.solver.safeguarded if claim is None else claim
+        return checks.solver_controller(self.solver).bounds_iterations() if claim is None else claim
 
     def test_interface(self) -> None:
         """A frozen attrs FixedPointSolver with a name and a valid order."""
@@ -149,7 +150,7 @@ class SolverConformance(_Conformance):
     def test_at_most_T_iterations(self, sampler_kind: str, window: int | None) -> None:
         """From a random guess, with no early acceptance: done within T iterations, and exact."""
         if not self._claims_bound():
-            pytest.skip("the solver does not claim at most T iterations (safeguarded = False)")
+            pytest.skip("the solver does not claim at most T iterations (its controller has safeguard=False)")
         checks.check_solver_iteration_bound(self.solver, make_system(sampler_kind), window=window)
 
     def test_deterministic(self, sampler_kind: str) -> None:
