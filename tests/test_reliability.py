@@ -30,7 +30,7 @@ from fpsolve.errors import (
 from fpsolve.gpu.chunking import ChunkedEvaluator
 from fpsolve.initializers import Coarse, FromTrajectory, NoiseCopy
 from fpsolve.samplers import DDIM
-from fpsolve.solvers import AA, FP, TAA
+from fpsolve.solvers import FP, TAA
 from fpsolve.stopping import RMS
 
 from .conftest import ALPHAS_CUMPROD, make_sampler, make_system

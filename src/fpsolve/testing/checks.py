@@ -21,6 +21,7 @@ What "conforms" means, per kind:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, cast
@@ -30,6 +31,7 @@ import torch
 
 from ..api import fresh_rule, solve
 from ..control import Controller, runs_sequentially
+from ..errors import NotConvergedWarning
 from ..initializers import FromTrajectory, InitialGuess, Initializer
 from ..registry import preset_for, resolve
 from ..samplers.base import MODEL_OUTPUTS, AffineForm, SequentialSampler
@@ -106,17 +108,25 @@ def tight_stopping(
     return RMS(tol1=tol, tol2=tol)
 
 
-def solver_controller(solver: FixedPointSolver) -> Controller:
-    """The controller ``fpsolve.solve(system, solver)`` runs ``solver`` under: its preset's
-    (:func:`fpsolve.registry.preset_for`), else the plain safeguarded one."""
+def solver_controller(solver: FixedPointSolver, controller: Controller | None = None) -> Controller:
+    """The controller the checks run ``solver`` under: ``controller`` when given, else the one
+    ``fpsolve.solve(system, solver)`` uses (its preset's, :func:`fpsolve.registry.preset_for`,
+    else the plain safeguarded one)."""
+    if controller is not None:
+        return controller
     preset = preset_for(type(solver))
     return preset.controller if preset is not None else Controller()
 
 
-def _cap(solver: FixedPointSolver, unbounded: int) -> int | None:
+def _cap(solver: FixedPointSolver, unbounded: int, controller: Controller | None = None) -> int | None:
     """``None`` (the controller's cap) for a solver whose controller bounds the iterations by T,
     else ``unbounded``: an unsafeguarded solve may need more than T iterations."""
-    return None if solver_controller(solver).bounds_iterations() else unbounded
+    return None if solver_controller(solver, controller).bounds_iterations() else unbounded
+
+
+def _window(controller: Controller | None, window: int | None = None) -> Any:
+    """``solve``'s ``window=``: the given controller with ``window`` applied, or just ``window``."""
+    return window if controller is None else controller.override(window=window)
 
 
 def assert_same_sample(component: Any, got: Solution, expected: Solution, atol: float, what: str) -> None:
@@ -148,8 +158,8 @@ def check_solver_interface(solver: FixedPointSolver) -> None:
         raise _fail(solver, "set the class attribute name (its registry name).")
     if runs_sequentially(solver):
         raise _fail(
-            solver, "the sequential reference (fpsolve.solvers.Sequential) is not a parallel solver; "
-            "subclass FixedPointSolver instead."
+            solver, "fpsolve.solvers.Sequential is reserved for the reference (it runs as the system's "
+            "own loop); a parallel solver subclasses FixedPointSolver."
         )
     if not attrs.has(type(solver)):
         raise _fail(
@@ -254,12 +264,14 @@ def check_solver_parity(
     stopping: StoppingRule | None = None,
     atol: float = 1e-8,
     max_iters: int | None = None,
+    controller: Controller | None = None,
 ) -> Solution:
-    """At a tight tolerance the solve converges to the sequential trajectory."""
+    """At a tight tolerance the solve converges to the sequential trajectory (under
+    ``controller``, default: the solver's preset's)."""
     reference = solve(system, "sequential")
     rule = stopping if stopping is not None else tight_stopping(solver, system.dtype)
-    cap = max_iters if max_iters is not None else _cap(solver, 4 * system.num_steps)
-    solution = solve(system, solver, window=window, stopping=rule, max_iters=cap)
+    cap = max_iters if max_iters is not None else _cap(solver, 4 * system.num_steps, controller)
+    solution = solve(system, solver, window=_window(controller, window), stopping=rule, max_iters=cap)
     if not solution.converged:
         raise _fail(
             solver,
@@ -271,7 +283,8 @@ def check_solver_parity(
 
 
 def check_solver_iteration_bound(
-    solver: FixedPointSolver, system: TriangularSystem, *, window: int | None = None, seed: int = 0
+    solver: FixedPointSolver, system: TriangularSystem, *, window: int | None = None, seed: int = 0,
+    controller: Controller | None = None,
 ) -> None:
     """From a random guess and with no row ever accepted early, a solver that claims the bound
     finishes within T iterations, the anchor advancing every iteration, and stays exact."""
@@ -283,9 +296,12 @@ def check_solver_iteration_bound(
     init = FromTrajectory(trajectory=guess)
     # A rule that judges no rows: only the finite-termination argument can finish the solve
     # (the cap T + 1 lets a solver that breaks the claim show it).
-    solution = solve(
-        system, solver, window=window, initializer=init, stopping=StoppingRule(), max_iters=steps + 1
-    )
+    with warnings.catch_warnings():  # a solver that breaks the claim hits the cap: reported below
+        warnings.simplefilter("ignore", NotConvergedWarning)
+        solution = solve(
+            system, solver, window=_window(controller, window), initializer=init, stopping=StoppingRule(),
+            max_iters=steps + 1
+        )
     parallel = len(solution.residuals)
     if not solution.converged or parallel > steps:
         raise _fail(
@@ -301,13 +317,14 @@ def check_solver_iteration_bound(
 
 
 def check_solver_determinism(
-    solver: FixedPointSolver, system: TriangularSystem, *, stopping: StoppingRule | None = None
+    solver: FixedPointSolver, system: TriangularSystem, *, stopping: StoppingRule | None = None,
+    controller: Controller | None = None,
 ) -> None:
     """Two solves of the same problem give bit-identical trajectories and the same counts."""
     rule = stopping if stopping is not None else tight_stopping(solver, system.dtype)
-    cap = _cap(solver, 4 * system.num_steps)
-    first = solve(system, solver, stopping=rule, max_iters=cap)
-    second = solve(system, solver, stopping=rule, max_iters=cap)
+    cap = _cap(solver, 4 * system.num_steps, controller)
+    first = solve(system, solver, window=_window(controller), stopping=rule, max_iters=cap)
+    second = solve(system, solver, window=_window(controller), stopping=rule, max_iters=cap)
     if (first.iterations, first.model_evals) != (second.iterations, second.model_evals):
         raise _fail(
             solver,
@@ -332,11 +349,12 @@ def check_solver_shapes(
     stopping: StoppingRule | None = None,
     atol: float = 1e-8,
     cases: Sequence[tuple[int | None, tuple[int, ...], int]] = SHAPE_CASES,
+    controller: Controller | None = None,
 ) -> None:
     """Any batch (``None`` or N), any sample shape, and T = 1 give the sequential shapes and sample."""
     for batch, shape, steps in cases:
         system = make_system("ddim", steps=steps, shape=shape, batch=batch)
-        check_solver_parity(solver, system, stopping=stopping, atol=atol)
+        check_solver_parity(solver, system, stopping=stopping, atol=atol, controller=controller)
 
 
 def check_solver_dtype(
@@ -345,13 +363,14 @@ def check_solver_dtype(
     *,
     stopping: StoppingRule | None = None,
     atol: float | None = None,
+    controller: Controller | None = None,
 ) -> None:
     """A system in ``dtype`` gives a result in ``dtype``, close to that dtype's sequential sample."""
     system = make_system("ddim", dtype=dtype)
     reference = solve(system, "sequential")
     rule = stopping if stopping is not None else tight_stopping(solver, dtype)
-    cap = _cap(solver, 4 * system.num_steps)
-    solution = solve(system, solver, stopping=rule, max_iters=cap)
+    cap = _cap(solver, 4 * system.num_steps, controller)
+    solution = solve(system, solver, window=_window(controller), stopping=rule, max_iters=cap)
     for name, value in (("sample", solution.sample), ("trajectory", solution.trajectory)):
         if value.dtype != dtype:
             raise _fail(solver, f"returned a {name} of dtype {value.dtype} for a {dtype} system.")
@@ -365,12 +384,14 @@ def check_solver_device(
     *,
     stopping: StoppingRule | None = None,
     atol: float = 1e-6,
+    controller: Controller | None = None,
 ) -> None:
     """A system on ``device`` gives a result on ``device`` that matches the CPU result."""
-    cpu = check_solver_parity(solver, make_system("ddim"), stopping=stopping)
+    cpu = check_solver_parity(solver, make_system("ddim"), stopping=stopping, controller=controller)
     system = make_system("ddim", device=device)
     rule = stopping if stopping is not None else tight_stopping(solver, system.dtype)
-    solution = solve(system, solver, stopping=rule, max_iters=_cap(solver, 40))
+    solution = solve(system, solver, window=_window(controller), stopping=rule,
+                     max_iters=_cap(solver, 40, controller))
     target = torch.device(device)
     for name, value in (("sample", solution.sample), ("trajectory", solution.trajectory)):
         if value.device.type != target.type:
@@ -692,6 +713,7 @@ def check_solver(
     windows: Sequence[int | None] = (None, 3),
     devices: Sequence[str] | None = None,
     atol: float = 1e-8,
+    controller: Controller | None = None,
 ) -> None:
     """Run every solver check; one :class:`ConformanceError` lists all failures.
 
@@ -704,35 +726,42 @@ def check_solver(
         windows: windows for the parity and bound checks (``None``: the solver's default).
         devices: devices to check (default: the CPU and every visible GPU).
         atol: parity tolerance in float64, relative to the trajectory's scale.
+        controller: the loop policy to check the solver under (default: its preset's).
     """
     checks: list[tuple[str, Callable[[], Any]]] = [("interface", partial(check_solver_interface, solver))]
-    bound = (solver_controller(solver).bounds_iterations() if claims_at_most_steps is None
-             else claims_at_most_steps)
+    policy = solver_controller(solver, controller)
+    bound = policy.bounds_iterations() if claims_at_most_steps is None else claims_at_most_steps
     for kind in samplers:
         system = make_system(kind)
         checks.append((f"step contract [{kind}]", partial(check_solver_step_contract, solver, system)))
         checks.append(
-            (f"determinism [{kind}]", partial(check_solver_determinism, solver, system, stopping=stopping))
+            (f"determinism [{kind}]", partial(check_solver_determinism, solver, system, stopping=stopping,
+                                              controller=controller))
         )
         for window in windows:
             checks.append(
                 (
                     f"parity [{kind}, window={window}]",
-                    partial(check_solver_parity, solver, system, window=window, stopping=stopping, atol=atol),
+                    partial(check_solver_parity, solver, system, window=window, stopping=stopping, atol=atol,
+                            controller=controller),
                 )
             )
             if bound:
                 checks.append(
                     (
                         f"at most T iterations [{kind}, window={window}]",
-                        partial(check_solver_iteration_bound, solver, system, window=window),
+                        partial(check_solver_iteration_bound, solver, system, window=window,
+                                controller=controller),
                     )
                 )
-    checks.append(("shapes", partial(check_solver_shapes, solver, stopping=stopping, atol=atol)))
+    checks.append(("shapes", partial(check_solver_shapes, solver, atol=atol, stopping=stopping,
+                                     controller=controller)))
     for dtype in (torch.float32, torch.float64):
-        checks.append((f"dtype {dtype}", partial(check_solver_dtype, solver, dtype, stopping=stopping)))
+        checks.append((f"dtype {dtype}", partial(check_solver_dtype, solver, dtype, stopping=stopping,
+                                                 controller=controller)))
     for device in _devices(devices):
-        checks.append((f"device {device}", partial(check_solver_device, solver, device, stopping=stopping)))
+        checks.append((f"device {device}", partial(check_solver_device, solver, device, stopping=stopping,
+                                                   controller=controller)))
     _run_all(solver, checks)
 
 
