@@ -16,7 +16,8 @@ from __future__ import annotations
 from . import adjoint, control, errors, initializers, inversion, samplers, solvers, stopping
 from .api import make_system, solve
 from .control import Controller, Preset
-from .driver import DriverConfig, IterationInfo
+from .driver import DriverConfig as DriverConfig  # the former name of Controller, kept importable
+from .driver import IterationInfo
 from .errors import NotConvergedError, NotConvergedWarning
 from .hookspecs import hookimpl
 from .initializers import Initializer
@@ -44,7 +45,6 @@ __all__ = [
     "Initializer",
     "Controller",
     "Preset",
-    "DriverConfig",
     "IterationInfo",
     "hookimpl",
     "errors",
