@@ -6,14 +6,20 @@ of the iterate; ``StoppingView.system`` carries the system."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+
 import attrs
 import numpy as np
 import pytest
 import torch
 
 import fpsolve
+import fpsolve.api
+from fpsolve.api import resolve_controller
 from fpsolve.control import Controller, Preset, runs_sequentially
 from fpsolve.errors import InvalidOptionError, PluginConflictError
+from fpsolve.gpu import AutoWindow
 from fpsolve.registry import preset_for, register_plugin, unregister_plugin
 
 from .conftest import make_sampler, make_system
@@ -271,3 +277,13 @@ def test_stopping_views_carry_the_system(ddim_system):
     rule = Recording()
     fpsolve.solve(ddim_system, "taa", stopping=rule)
     assert rule.seen and all(view.system is ddim_system for view in rule.seen)
+
+
+def test_auto_is_a_registered_controller_that_keeps_the_presets_policy():
+    auto = resolve_controller("auto", 7, preset_for(fpsolve.solvers.AA))
+    assert type(auto) is AutoWindow and auto.safeguard is False and auto.max_iters == 7
+    assert fpsolve.registry.get_registry().lookup("controller", "auto").plugin == "fpsolve.gpu.auto"
+    # the api resolves the name through the registry: it imports nothing of fpsolve.gpu.auto
+    tree = ast.parse(inspect.getsource(fpsolve.api))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(name and name.startswith("gpu.auto") for name in imported), imported

@@ -63,9 +63,11 @@ def fpsolve_register_initializers() -> list[type[Initializer]]:
 def fpsolve_register_controllers() -> list[type[Controller]]:
     """Return the :class:`~fpsolve.control.Controller` classes this plugin provides.
 
-    Each class sets ``name``; ``fpsolve.solve(..., window=name)`` builds it with no arguments
-    (then applies the caller's ``max_iters``). fpsolve registers ``fixed`` (the plain controller)
-    and, from :mod:`fpsolve.gpu`, ``auto``.
+    Each class (a :class:`~fpsolve.control.Controller` subclass, an attrs class taking its
+    fields as keywords) sets ``name``; ``fpsolve.solve(..., window=name)`` builds it with the
+    preset's policy (``safeguard``, ``boundary``, ``update_accepted``) and the caller's or the
+    preset's ``max_iters``, then calls its :meth:`~fpsolve.control.Controller.prepare`. fpsolve
+    registers ``fixed`` (the plain controller) and, from :mod:`fpsolve.gpu`, ``auto``.
     """
 
 
