@@ -96,7 +96,7 @@ class Prepared:
     observers: tuple[Callable[[Any], Any], ...] = ()
 
 
-@attrs.define(frozen=True, kw_only=True)
+@attrs.define(frozen=True)
 class Controller:
     """The loop policy of a parallel solve (see the module docstring for each field).
 
