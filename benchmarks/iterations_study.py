@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import fpsolve
+from fpsolve.api import resolve_method, resolve_stopping
 from fpsolve.bench.matrix import parse_sampler
 from fpsolve.initializers import Extrapolate
 from fpsolve.models import load_reference
@@ -147,10 +148,10 @@ def run_cell(ref: Any, cell: str, config: dict[str, Any], samples: int, seed: in
     options = _options(config, system.num_steps)
     rule = options.pop("stopping", None)
     if rule is None:
-        solver = fpsolve.registry.resolve("solver", options.get("solver", "newton"),
-                                          {k: v for k, v in options.items()
-                                           if k not in ("solver", "initializer", "window", "max_iters")})
-        rule = solver.default_stopping() or RMS()
+        _, preset = resolve_method(options.get("solver", "newton"),
+                                   {k: v for k, v in options.items()
+                                    if k not in ("solver", "initializer", "window", "max_iters")})
+        rule = resolve_stopping(None, None, preset)  # the preset's rule, else rms
     watch = _Watch(rule, steps=system.num_steps)
     started = time.perf_counter()
     solution = fpsolve.solve(system, stopping=watch, **options)

@@ -211,3 +211,42 @@ def layer_table() -> str:
 def test_the_architecture_page_shows_the_layer_table():
     page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     assert layer_table() in page, "docs/architecture.md: paste the table of test_architecture.layer_table()"
+
+
+# -- modules loaded by name ------------------------------------------------------------------------
+# The registry imports its built-in plugin modules (and the kinds' base classes) by NAME when the
+# plugin manager is made, as pytest loads its default plugins: that is the one by-name import the
+# layers allow, so the built-in "auto" controller of fpsolve.gpu registers without an upward
+# import. These edges still count for cycles: a plugin module that imported the registry back
+# would close a loop.
+
+
+def _by_name_edges() -> list[Edge]:
+    from fpsolve.registry import BUILTIN_PLUGINS, KINDS
+
+    named = list(BUILTIN_PLUGINS) + [path.partition(":")[0] for _, path in KINDS.values()]
+    return [("fpsolve.registry", module, 0, False, module) for module in named]
+
+
+def test_the_registry_loads_only_modules_that_exist_by_name():
+    assert all(target in MODULES for _, target, *_ in _by_name_edges())
+    assert "fpsolve.gpu.auto" in {target for _, target, *_ in _by_name_edges()}
+
+
+def test_no_cycle_through_the_modules_the_registry_loads_by_name():
+    assert _cycles(EDGES + _by_name_edges()) == []
+
+
+def test_a_by_name_load_that_closes_a_loop_is_a_cycle():
+    back = [("fpsolve.gpu.auto", "fpsolve.registry", 1, False, "fpsolve.registry")]
+    assert ["fpsolve.gpu.auto", "fpsolve.registry"] in _cycles(back + _by_name_edges())
+
+
+def test_below_the_entry_points_only_the_registry_imports_by_name():
+    # the entry points (the command line's subcommands, fpsolve.models on first use) sit at the
+    # top, where a by-name import cannot point upward
+    top = len(LAYERS) - 1
+    by_name = [module for module, path in MODULES.items()
+               if module != "fpsolve.registry" and layer_of(module) < top
+               and "import_module(" in path.read_text(encoding="utf-8")]
+    assert by_name == []

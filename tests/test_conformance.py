@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 import fpsolve
+from fpsolve.control import runs_sequentially
 from fpsolve.registry import BUILTIN_PLUGINS, get_registry, resolve
 from fpsolve.testing import (
     InitializerConformance,
@@ -16,6 +17,7 @@ from fpsolve.testing import (
     SolverConformance,
     StoppingRuleConformance,
 )
+from fpsolve.testing.checks import tight_stopping
 from fpsolve.testing.problems import problem_sampler
 
 #: tight configurations for parity (a stopping rule's defaults are deliberately loose)
@@ -38,10 +40,10 @@ def _class_name(name: str) -> str:
 def _solver_classes():
     for entry in _builtin_entries("solver"):
         solver = resolve("solver", entry.name)
-        if solver.sequential or (entry.alias_of and not entry.preset):
+        if runs_sequentially(solver) or (entry.alias_of and not entry.preset):
             continue  # the reference itself; an alias without a preset is the same solver again
         attributes = {"solver": solver, "expect_registered": True}
-        default = solver.default_stopping()
+        default = tight_stopping(solver)
         if type(default) in TIGHT_RULES:  # a solver's own loose default (newton: x0), made tight
             attributes["stopping"] = TIGHT_RULES[type(default)]
         yield _class_name(entry.name), type("", (SolverConformance,), attributes)

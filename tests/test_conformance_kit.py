@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fpsolve
+from fpsolve.control import Controller
 from fpsolve.initializers import InitialGuess, NoiseCopy
 from fpsolve.testing import ConformanceError, checks
 from fpsolve.testing.problems import make_sampler, make_system
@@ -27,12 +28,17 @@ pytest_plugins = ["pytester"]
 
 @attrs.define(frozen=True, eq=False, kw_only=True)
 class BiasedFinal(fpsolve.solvers.FP):
-    """Makes the boundary row final with a biased value: never reproduces the sequential sample."""
+    """Proposes biased values; under a controller that makes the boundary row final with the
+    proposal (PROPOSAL) it never reproduces the sequential sample."""
 
     name = "biased_final"
 
-    def final_step(self, view, proposal, row):
-        return view.rhs[row] + 1e-3
+    def step(self, view, state):
+        return view.rhs + 1e-3, state
+
+
+#: The loop policy that makes the boundary row (and x_0) final with the solver's proposal.
+PROPOSAL = Controller(boundary="proposal")
 
 
 @attrs.define(frozen=True, eq=False, kw_only=True)
@@ -71,7 +77,6 @@ class Stalling(fpsolve.solvers.FP):
     """Unsafeguarded and never moves; a test class that claims the T bound for it must fail."""
 
     name = "stalling"
-    safeguarded = False
 
     def step(self, view, state):
         return view.states, state
@@ -104,7 +109,8 @@ def test_good_solvers_pass_every_check():
 @pytest.mark.parametrize(
     "solver, check, message",
     [
-        (BiasedFinal(), lambda s: checks.check_solver_parity(s, make_system("ddim")), "max abs error"),
+        (BiasedFinal(), lambda s: checks.check_solver_parity(s, make_system("ddim"), controller=PROPOSAL),
+         "max abs error"),
         (
             RandomDamping(),
             lambda s: checks.check_solver_determinism(s, make_system("ddim")),
@@ -118,7 +124,8 @@ def test_good_solvers_pass_every_check():
         (OneRow(), lambda s: checks.check_solver_step_contract(s, make_system("ddim")), "has shape"),
         (
             Stalling(),
-            lambda s: checks.check_solver_iteration_bound(s, make_system("ddim")),
+            lambda s: checks.check_solver_iteration_bound(s, make_system("ddim"),
+                                                          controller=Controller(safeguard=False)),
             "claims at most T",
         ),
         (Mutable(), checks.check_solver_interface, "frozen"),
@@ -135,7 +142,8 @@ def test_broken_solvers_are_rejected_by_the_right_check(solver, check, message):
 
 def test_the_whole_suite_lists_every_failure():
     with pytest.raises(ConformanceError) as info:
-        checks.check_solver(BiasedFinal(), samplers=("ddim", "ddpm"), windows=(None,), devices=["cpu"])
+        checks.check_solver(BiasedFinal(), samplers=("ddim", "ddpm"), windows=(None,), devices=["cpu"],
+                            controller=PROPOSAL)
     message = str(info.value)
     assert "BiasedFinal 'biased_final' failed" in message
     assert "parity [ddim, window=None]" in message and "parity [ddpm, window=None]" in message
@@ -306,6 +314,7 @@ PLUGIN_TESTS = textwrap.dedent("""
     import attrs
     import pytest
     import fpsolve
+    from fpsolve.control import Controller
     from fpsolve.testing import ConformanceError, SolverConformance, StoppingRuleConformance
 
 
@@ -321,8 +330,8 @@ PLUGIN_TESTS = textwrap.dedent("""
     class BiasedFinal(fpsolve.solvers.FP):
         name = "biased_final"
 
-        def final_step(self, view, proposal, row):
-            return view.rhs[row] + 1e-3
+        def step(self, view, state):
+            return view.rhs + 1e-3, state
 
 
     class TestHalfStep(SolverConformance):
@@ -333,6 +342,7 @@ PLUGIN_TESTS = textwrap.dedent("""
 
     class TestBiasedFinal(SolverConformance):
         solver = BiasedFinal()
+        controller = Controller(boundary="proposal")
         samplers = ("ddim",)
         windows = (None,)
 
@@ -348,7 +358,8 @@ PLUGIN_TESTS = textwrap.dedent("""
 
     def test_fixture_rejects_a_broken_solver(fpsolve_conformance):
         with pytest.raises(ConformanceError, match="biased_final"):
-            fpsolve_conformance.solver(BiasedFinal(), samplers=("ddim",), windows=(None,))
+            fpsolve_conformance.solver(BiasedFinal(), samplers=("ddim",), windows=(None,),
+                                       controller=Controller(boundary="proposal"))
 
 
     def test_problem_fixture(fpsolve_problem):

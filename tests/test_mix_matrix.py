@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import fpsolve
+from fpsolve.control import runs_sequentially
 from fpsolve.registry import get_registry
+from fpsolve.testing.checks import solver_controller
 from fpsolve.testing.problems import problem_denoiser, problem_sampler
 
 STEPS, DIM, BATCH = 10, 4, 2
@@ -48,7 +50,7 @@ def test_mix(sampler, solver, stopping, initializer):
     reference = fpsolve.solve(system, "sequential")
     init = fpsolve.registry.resolve("initializer", initializer,
                                     required_options("initializer", initializer, system))
-    if get_registry().lookup("solver", solver).cls.sequential:
+    if runs_sequentially(fpsolve.registry.resolve("solver", solver)):
         # The sequential loop refuses a rule, a first guess and a window (it would ignore them).
         with pytest.raises(fpsolve.errors.InvalidOptionError,
                            match="uses no window or stopping or initializer"):
@@ -62,7 +64,7 @@ def test_mix(sampler, solver, stopping, initializer):
     trace = solution.residuals
     warmup = solution.iterations - len(trace)  # sequential rounds an initializer spent (coarse)
     assert warmup >= 0 and solution.model_evals == sum(trace.evaluations) + warmup * BATCH
-    if solution.solver.safeguarded:
+    if solver_controller(solution.solver).safeguard:
         assert len(trace) <= STEPS
     if solution.converged and stopping == "rms":  # the default rule bounds the error at tol 1e-3
         error = (solution.sample - reference.sample).abs().max().item()

@@ -34,7 +34,10 @@ def test_builtins_register_through_the_hooks():
     names = {kind: registry.get_registry().names(kind) for kind in registry.KINDS}
     assert {"ddim", "ddpm", "dpm_solver"} <= set(names["sampler"])
     assert {"sequential", "fp", "jacobi", "picard", "aa", "taa"} <= set(names["solver"])
-    assert {"rms", "paradigms", "max_iters"} <= set(names["stopping rule"])
+    assert {"rms", "paradigms", "x0"} <= set(names["stopping rule"])
+    assert "max_iters" not in names["stopping rule"]  # the one cap is the controller's (issue 12)
+    assert {"fixed", "auto"} <= set(names["controller"])
+    assert {"newton", "aa"} <= set(registry.get_registry().presets)
     assert {"noise_copy", "trajectory", "coarse"} <= set(names["initializer"])
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fpsolve
+from fpsolve.control import Controller
 from fpsolve.driver import DriverConfig, run, run_sequential
 from fpsolve.errors import (
     DenoiserOutputError,
@@ -29,7 +30,7 @@ from fpsolve.errors import (
 from fpsolve.gpu.chunking import ChunkedEvaluator
 from fpsolve.initializers import Coarse, FromTrajectory, NoiseCopy
 from fpsolve.samplers import DDIM
-from fpsolve.solvers import AA, FP, TAA
+from fpsolve.solvers import FP, TAA
 from fpsolve.stopping import RMS
 
 from .conftest import ALPHAS_CUMPROD, make_sampler, make_system
@@ -117,14 +118,15 @@ def test_solve_arguments_are_checked(call, match):
 
 
 @pytest.mark.parametrize(("make", "match"), [
-    (lambda: AA(safeguard="no"), "safeguard must be True or False; got 'no'"),  # was True
-    (lambda: AA(safeguard=1), "safeguard must be True or False"),
+    (lambda: Controller(safeguard="no"), "safeguard must be True or False; got 'no'"),  # was True
+    (lambda: Controller(safeguard=1), "safeguard must be True or False"),
     (lambda: TAA(order=True), "order must be an int"),
     (lambda: FP(order=2.0), "order must be an int"),
     (lambda: Coarse(steps=2.5), r"coarse steps must be an int in 1..T"),
     (lambda: FromTrajectory(solve_last=True), r"solve_last must be an int"),
     (lambda: RMS(tol1=True), "tol1 must be a finite number > 0"),
-    (lambda: fpsolve.stopping.MaxIters(True), "max_iters must be an int >= 1"),
+    (lambda: Controller(max_iters=True), "max_iters must be an int >= 1"),
+    (lambda: fpsolve.stopping.MaxIters(3), r"MaxIters stopping rule is gone .* Pass max_iters=n"),
     (lambda: make_sampler("ddim", 5, eta="0.5"), "eta must be a finite number"),
     (lambda: make_sampler("ddim", 5, noise_final_step="no"), "noise_final_step must be True or False"),
     (lambda: make_sampler("dpm_solver", 5, order=True), "order must be 1, 2 or 3"),
@@ -286,6 +288,13 @@ def test_raise_for_status():
     assert issubclass(NotConvergedError, RuntimeError) and fpsolve.NotConvergedError is NotConvergedError
 
 
+class StopAfter2(fpsolve.StoppingRule):
+    """Judges no row; ends the solve after two iterations for its own reason."""
+
+    def stop(self, iteration):
+        return "two iterations are enough" if iteration >= 2 else None
+
+
 def test_a_solver_stopping_at_its_cap_warns():
     """``aa`` (no safeguard) used to end at MAX_ITERS up to 3% off without a word."""
     system = make_system(make_sampler("ddim", 20), dim=8)
@@ -296,7 +305,7 @@ def test_a_solver_stopping_at_its_cap_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error", NotConvergedWarning)
         fpsolve.solve(system, "aa")  # a converged solve is silent
-        fpsolve.solve(system, "taa", stopping=RMS(tol1=1e-12) & fpsolve.stopping.MaxIters(2))  # asked for
+        fpsolve.solve(system, "taa", stopping=RMS(tol1=1e-12) & StopAfter2())  # asked for: STOPPED
 
 
 # -- the state is never aliased to the model ------------------------------------------------------
@@ -320,7 +329,7 @@ def test_a_denoiser_writing_into_its_input_changes_nothing(solver, batch):
 
 def test_a_denoiser_writing_into_its_input_changes_nothing_in_chunks():
     clean_system, dirty_system = plain_system(batch=3), plain_system(batch=3, denoiser=halving)
-    parts = dict(solver=TAA(), stopping=RMS(), initializer=NoiseCopy(), config=DriverConfig(window=4))
+    parts = dict(solver=TAA(), stopping=RMS(), initializer=NoiseCopy(), controller=Controller(window=4))
     clean = run(clean_system, **parts)
     dirty = run(dirty_system, **parts, evaluate=ChunkedEvaluator(dirty_system, max_batch=3, remember=False))
     assert torch.equal(dirty.trajectory, clean.trajectory)

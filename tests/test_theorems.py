@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fpsolve
-from fpsolve.stopping import MaxIters
+from fpsolve.control import Controller
 from fpsolve.testing import strategies as fst
 from fpsolve.testing.problems import sampler_variants
 
@@ -78,7 +78,7 @@ def test_fp_on_every_order_reaches_sequential_within_T(system, data):
     init = fpsolve.initializers.FromTrajectory(trajectory=guess)
     # No early acceptance at all: only the finite-termination argument makes it exact.
     worst = fpsolve.solve(system, "fp", order=order, window=window, initializer=init,
-                          stopping=MaxIters(steps + 1))
+                          stopping=fpsolve.StoppingRule(), max_iters=steps + 1)
     assert worst.converged and worst.iterations == steps
     torch.testing.assert_close(worst.sample, reference.sample, rtol=0, atol=1e-10)
     early = fpsolve.solve(system, "fp", order=order, window=window, initializer=init, tol=1e-13)
@@ -95,7 +95,7 @@ SOLVERS = {
     "fp-kT": ("fp", {}),
     "taa-m2": ("taa", {"history": 2}),
     "taa-m3-k6": ("taa", {"history": 3, "order": 6}),
-    "aa-safeguarded": ("aa", {"history": 3, "safeguard": True}),
+    "aa-safeguarded": ("aa", {"history": 3, "safeguard": True}),  # safeguard: the controller's
     "newton": ("newton", {}),
     "newton-k5": ("newton", {"order": 5}),
 }
@@ -109,7 +109,10 @@ def test_every_solver_returns_the_sequential_sample(sampler_id, solver_id, windo
     system = make_system(make_sampler(kind, 20, **options), dim=6, batch=3)
     reference = fpsolve.solve(system, "sequential")
     name, solver_options = SOLVERS[solver_id]
-    solution = fpsolve.solve(system, name, window=window, tol=1e-13, **solver_options)
+    solver_options = dict(solver_options)
+    safeguard = solver_options.pop("safeguard", None)
+    policy = window if safeguard is None else Controller(window=window, safeguard=safeguard)
+    solution = fpsolve.solve(system, name, window=policy, tol=1e-13, **solver_options)
     assert solution.converged, solution.message
     assert solution.iterations <= 20
     assert solution.sample.shape == (3, 6)
@@ -176,7 +179,6 @@ class UpdatingFP(fpsolve.solvers.FP):
     """FP whose accepted rows take the update too (ParaDiGMS' semantics)."""
 
     name = "updating_fp"
-    update_accepted = True
 
 
 @pytest.mark.parametrize("sampler_id", ["ddim-eta1.0", "dpm_solver-order3", "flow_dpm_solver-order3"])
@@ -184,7 +186,8 @@ def test_solvers_that_update_accepted_rows_stay_exact(sampler_id):
     kind, options = SAMPLERS[sampler_id]
     system = make_system(make_sampler(kind, 20, **options), dim=4, batch=2)
     reference = fpsolve.solve(system, "sequential")
-    solution = fpsolve.solve(system, UpdatingFP(), window=7, tol=1e-13)
+    solution = fpsolve.solve(system, UpdatingFP(), window=Controller(window=7, update_accepted=True),
+                             tol=1e-13)
     assert solution.converged and solution.iterations <= 20
     torch.testing.assert_close(solution.trajectory, reference.trajectory, rtol=0, atol=1e-10)
     # multistep samplers re-evaluate the model at updated accepted rows they still read

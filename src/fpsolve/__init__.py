@@ -13,9 +13,11 @@ Quick start::
 
 from __future__ import annotations
 
-from . import adjoint, errors, initializers, inversion, samplers, solvers, stopping
+from . import adjoint, control, errors, initializers, inversion, samplers, solvers, stopping
 from .api import make_system, solve
-from .driver import DriverConfig, IterationInfo
+from .control import Controller, Preset
+from .driver import DriverConfig as DriverConfig  # the former name of Controller, kept importable
+from .driver import IterationInfo
 from .errors import NotConvergedError, NotConvergedWarning
 from .hookspecs import hookimpl
 from .initializers import Initializer
@@ -41,7 +43,8 @@ __all__ = [
     "FixedPointSolver",
     "StoppingRule",
     "Initializer",
-    "DriverConfig",
+    "Controller",
+    "Preset",
     "IterationInfo",
     "hookimpl",
     "errors",
@@ -53,6 +56,7 @@ __all__ = [
     "samplers",
     "solvers",
     "stopping",
+    "control",
     "initializers",
     "adjoint",
     "inversion",

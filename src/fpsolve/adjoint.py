@@ -48,7 +48,8 @@ from typing import Any
 import attrs
 import torch
 
-from .driver import DriverConfig, run
+from .control import Controller
+from .driver import run
 from .errors import InvalidOptionError
 from .initializers import NoiseCopy
 from .registry import iteration_hook
@@ -311,8 +312,7 @@ class _Backward:
     system: TriangularSystem
     states: torch.Tensor  # [T+1, N, D], detached
     solver: FixedPointSolver
-    window: int | None
-    max_iters: int | None
+    controller: Controller
     params: list[torch.Tensor]
     noise_grad: bool
     adjoint_tol: float
@@ -343,13 +343,13 @@ class _Backward:
         tol = self.adjoint_tol * scale if scale > 0 else 1.0
         with torch.no_grad():
             solved = run(adjoint, self.solver, RMS(tol1=tol, tol2=tol), NoiseCopy(),
-                         DriverConfig(window=self.window, max_iters=self.max_iters), [iteration_hook()])
+                         self.controller, [iteration_hook()])
         w = adjoint.flat_noise.new_zeros(self.states.shape)
         flat_adjoint = solved.trajectory.reshape(self.states.shape)
         w[:steps] = flat_adjoint.flip(0)[:steps]  # w_j for j = 0..T-1
         jtw = torch.zeros_like(self.states)
         param_grads: list[torch.Tensor | None] = [None] * len(self.params)
-        chunk = self.chunk or self.window or steps
+        chunk = self.chunk or self.controller.window or steps
         for start in range(0, steps, chunk):
             rows = torch.arange(start, min(start + chunk, steps), device=system.device)
             part, grads = _vjp(system, self.states, rows, w[rows], self.params)
@@ -389,14 +389,15 @@ class _SolvedTrajectory(torch.autograd.Function):
 
 
 def differentiable_solution(system: TriangularSystem, solution: Solution, solver: FixedPointSolver, *,
-                            window: int | None, max_iters: int | None,
+                            controller: Controller,
                             params: Sequence[torch.Tensor] | None = None, adjoint_tol: float = 2e-4,
                             vjp_chunk: int | None = None) -> Solution:
     """``solution`` with ``sample`` and ``trajectory`` differentiable through the solved system.
 
     Args:
         system: the solved system; solution: its solution (computed without autograd).
-        solver, window, max_iters: how the adjoint system is solved (the forward solve's).
+        solver, controller: how the adjoint system is solved (the forward solve's: window,
+            cap and the rest of the loop policy).
         params: tensors to differentiate besides the noise (default :func:`denoiser_parameters`).
         adjoint_tol: the adjoint solve's tolerance, relative to the largest RMS of its constant
             term (rows of ``P^T g``).
@@ -420,7 +421,7 @@ def differentiable_solution(system: TriangularSystem, solution: Solution, solver
         )
     states = solution.trajectory.detach().reshape(noise.shape).to(system.dtype)
     record = GradientRecord()
-    backward = _Backward(system, states, solver, window, max_iters, tensors, noise.requires_grad,
+    backward = _Backward(system, states, solver, controller, tensors, noise.requires_grad,
                          float(adjoint_tol), vjp_chunk, record)
     flat = _SolvedTrajectory.apply(backward, noise, *tensors)
     trajectory = system.unflatten(flat)

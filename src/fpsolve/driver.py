@@ -8,14 +8,19 @@ One iteration, with anchor ``a`` (states ``0..a`` final) and window rows ``lo = 
    initializer froze a prefix, the few earlier states a multistep sampler reads);
 3. the first-order residuals ``r1`` and the solver's order-k residuals come from the system;
 4. the stopping rule marks accepted rows; ``U`` is the first row it does not accept;
-5. the solver proposes new values for the window; the safeguard then keeps accepted rows
-   (``< U``) as they are, gives row ``U`` the plain fixed-point step on the solver's order-k
-   equations (exact, since every state it reads is accepted; a solver may override this value
-   with :meth:`~fpsolve.FixedPointSolver.final_step`), and takes the solver's proposal
-   only below ``U``. The anchor moves to ``U``: at least one row per iteration, so at most T
-   iterations. (Solvers with ``safeguarded = False`` give row ``U`` their own proposal and the
-   anchor moves only over accepted rows.) When every row is accepted, the anchor moves to
-   ``hi``; the final state ``x_0``, whose value no model call reads, takes the same plain step.
+5. the solver proposes new values for the window; the controller (:class:`fpsolve.control.Controller`)
+   decides what the rows take. With its safeguard (the default) accepted rows (``< U``) keep
+   their values, row ``U`` is made final with the plain fixed-point step on the solver's order-k
+   equations (exact, since every state it reads is accepted; ``boundary="proposal"`` gives it
+   the solver's proposal instead, as ParaDiGMS does), and only the rows below ``U`` take the
+   solver's proposal. The anchor moves to ``U``: at least one row per iteration, so at most T
+   iterations. (Without the safeguard row ``U`` takes the proposal and the anchor moves only
+   over accepted rows; with ``update_accepted`` accepted rows take the proposal too.) When every
+   row is accepted, the anchor moves to ``hi``; the final state ``x_0``, whose value no model
+   call reads, is made final the same way as row ``U``.
+
+The window (clipped to T), the iteration cap and these rules are the controller's; the solver
+only proposes, and the driver reads the policy from the controller alone.
 
 Why the order-k step at ``U`` rather than the sampler's one-step update: accepted rows satisfy
 their equations only to the tolerance, and their small defects add up along the trajectory
@@ -42,6 +47,7 @@ naming the plugin.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,6 +55,7 @@ from typing import Any
 import attrs
 import torch
 
+from .control import Controller, runs_sequentially
 from .errors import InvalidOptionError, PluginOutputError
 from .initializers import Initializer
 from .plugin_marks import plugin_of_class
@@ -66,34 +73,9 @@ Observer = Callable[["IterationInfo"], Any]
 Evaluator = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 
-def _optional_int(value: Any) -> Any:
-    return int(value) if is_integer(value) else value  # numpy ints are ints; bools stay refused
-
-
-def _window_option(instance: Any, attribute: Any, value: int | None) -> None:
-    if value is not None and not (is_integer(value) and value >= 1):
-        raise InvalidOptionError(
-            f"window must be an int >= 1 (positions solved per iteration) or None for T; got {value!r}."
-        )
-
-
-def _max_iters_option(instance: Any, attribute: Any, value: int | None) -> None:
-    if value is not None and not (is_integer(value) and value >= 1):
-        raise InvalidOptionError(f"max_iters must be an int >= 1 or None; got {value!r}.")
-
-
-@attrs.define(frozen=True)
-class DriverConfig:
-    """Settings of the driver loop.
-
-    Args:
-        window: positions solved per iteration (one batched model call over them); ``None``
-            means T (the whole trajectory). Larger than T is clipped to T.
-        max_iters: cap on parallel iterations; ``None`` means T.
-    """
-
-    window: int | None = attrs.field(default=None, converter=_optional_int, validator=_window_option)
-    max_iters: int | None = attrs.field(default=None, converter=_optional_int, validator=_max_iters_option)
+#: The driver's settings before issue 12: the same class as :class:`fpsolve.control.Controller`
+#: (``DriverConfig(window=8, max_iters=20)`` still reads as it did).
+DriverConfig = Controller
 
 
 @attrs.define(frozen=True, eq=False)
@@ -105,6 +87,11 @@ class IterationInfo:
         num_steps: T; evaluations: this iteration's denoiser evaluations; model_evals: so far.
         residual_rms: ``[W]`` first-order residual RMS of the window rows (worst sample).
         converged: ``[W]`` rows the stopping rule accepted.
+        states: the whole iterate after this iteration's update, ``[T+1, N, D]`` (``x_T``
+            first), as a COPY made when an observer reads it (so an observer can neither change
+            the solve by writing to it nor see later iterations in it); ``None`` from the
+            sequential loop, which reports rows only. Read it during the call: a copy costs one
+            trajectory's memory.
     """
 
     iteration: int
@@ -116,6 +103,12 @@ class IterationInfo:
     model_evals: int
     residual_rms: torch.Tensor = attrs.field(repr=False)
     converged: torch.Tensor = attrs.field(repr=False)
+    _trajectory: torch.Tensor | None = attrs.field(default=None, repr=False, alias="trajectory")
+
+    @property
+    def states(self) -> torch.Tensor | None:
+        """A copy of the iterate after this iteration, ``[T+1, N, D]`` (see the class docstring)."""
+        return None if self._trajectory is None else self._trajectory.detach().clone()
 
 
 def _notify(observers: Sequence[Observer], info: IterationInfo) -> None:
@@ -178,7 +171,7 @@ class _Recorder:
         return ResidualTrace(matrix, tuple(self.anchors), tuple(self.windows), tuple(self.evaluations))
 
 
-_DEFAULT_CONFIG = DriverConfig()  # frozen, so one shared default is safe
+_DEFAULT_CONTROLLER = Controller()  # frozen, so one shared default is safe
 
 
 def plugin_label(component: Any) -> str:
@@ -265,18 +258,53 @@ def _failure_summary(failures: dict[int, str], samples: int) -> str:
             f"iterate ({listed})")
 
 
+def _denoiser_failure(system: TriangularSystem, iteration: int, position: int) -> str:
+    return (f"the denoiser returned non-finite values at iteration {iteration}, position {position} "
+            f"(timestep {system.sampler.timesteps[position]})")
+
+
+def _solver_failure(solver: FixedPointSolver, iteration: int, position: int) -> str:
+    return f"solver {solver.name!r} produced non-finite values at iteration {iteration}, position {position}"
+
+
+def _record_failures(values: torch.Tensor, positions: Sequence[int], failures: dict[int, str],
+                     samples: int, describe: Callable[[int], str]) -> tuple[torch.Tensor, str | None]:
+    """Record in ``failures`` every sample with a non-finite entry in ``values`` ``[P, N, D]``
+    (``describe(position)`` says why, at its first bad position).
+
+    Returns the ``[N]`` mask of those samples and, when no sample is left to solve, the message
+    the solve ends with (else ``None``). Samples already frozen hold finite values, so every
+    sample found here is a new failure."""
+    _, sample = _first_nonfinite(values, positions)
+    for index, at in _first_bad_positions(values, positions).items():
+        failures.setdefault(index, describe(at))
+    bad = _bad_samples(values)
+    if len(failures) < samples:
+        return bad, None
+    if samples == 1:
+        return bad, f"{failures[sample]}, sample {sample}; the last finite iterate is returned"
+    return bad, _failure_summary(failures, samples) + "; no sample is left to solve"
+
+
 def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRule,
-        initializer: Initializer, config: DriverConfig = _DEFAULT_CONFIG,
+        initializer: Initializer, controller: Controller = _DEFAULT_CONTROLLER,
         observers: Sequence[Observer] = (), evaluate: Evaluator | None = None) -> Solution:
-    """Solve ``system`` with a parallel solver; see the module docstring for one iteration."""
-    if solver.sequential:
-        return run_sequential(system, observers, solver=solver, evaluate=evaluate)
+    """Solve ``system`` with a parallel solver under ``controller``'s loop policy; see the module
+    docstring for one iteration. The sequential reference solver runs the system's own loop."""
+    if not isinstance(controller, Controller):
+        raise InvalidOptionError(
+            f"controller must be an fpsolve.control.Controller (e.g. Controller(window=8)); "
+            f"got {controller!r}.")
+    if runs_sequentially(solver):
+        return run_sequential(system, observers, solver=solver, evaluate=evaluate, plan=controller.plan)
     evaluate = evaluate or system.evaluate
     started = time.perf_counter()
     steps, samples = system.num_steps, system.num_samples
     order = solver.resolved_order(steps)
-    window = min(config.window or steps, steps)
-    max_iters = config.max_iters or steps
+    window = controller.window_for(steps)
+    max_iters = controller.cap_for(steps)
+    safeguard, update_accepted = controller.safeguard, controller.update_accepted
+    exact_boundary = controller.boundary == "exact"
     lags = system.affine_form.lags
     guess = initializer.initialize(system)
     _check_initial_guess(initializer, guess, system)
@@ -346,17 +374,11 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
         # The single host sync of the decision, once all of the iteration's device work is queued.
         first_failing, outputs_finite = _decision(verdict, finite)
         if not outputs_finite:
-            bad = _bad_samples(evaluated)
-            position, sample = _first_nonfinite(evaluated, positions)
-            for index, at in _first_bad_positions(evaluated, positions).items():
-                timestep = system.sampler.timesteps[at]
-                failures.setdefault(index, f"the denoiser returned non-finite values at iteration "
-                                           f"{parallel}, position {at} (timestep {timestep})")
-            where = failures[sample]
-            if len(failures) == samples:
-                status = Status.NONFINITE
-                message = (f"{where}, sample {sample}; the last finite iterate is returned" if samples == 1
-                           else _failure_summary(failures, samples) + "; no sample is left to solve")
+            bad, final = _record_failures(
+                evaluated, positions, failures, samples,
+                functools.partial(_denoiser_failure, system, parallel))
+            if final is not None:
+                status, message = Status.NONFINITE, final
                 break
             failed |= bad
             evaluated = evaluated.masked_fill(failed_rows, 0.0)
@@ -366,19 +388,17 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
         boundary = None if first_failing == hi - lo + 1 else first_failing
         updated = current.clone()
         accepted = hi - lo + 1 if boundary is None else boundary
-        if solver.update_accepted and accepted:
+        if update_accepted and accepted:
             updated[:accepted] = proposal[:accepted]
         if boundary is None:
             new_anchor, first_changed = hi, hi - lo + 1
-            if hi == steps:
-                updated[-1] = _check_proposal(solver, solver.final_step(view, proposal, hi - lo), current[0],
-                                              "final_step()")
+            if hi == steps:  # x_0 is made final like row U
+                updated[-1] = view.rhs[hi - lo] if exact_boundary else proposal[hi - lo]
                 first_changed = hi - lo
         else:
             updated[boundary + 1:] = proposal[boundary + 1:]
-            if solver.safeguarded:
-                updated[boundary] = _check_proposal(solver, solver.final_step(view, proposal, boundary),
-                                                    current[0], "final_step()")
+            if safeguard:
+                updated[boundary] = view.rhs[boundary] if exact_boundary else proposal[boundary]
                 new_anchor = lo + boundary
             else:
                 updated[boundary] = proposal[boundary]
@@ -387,22 +407,16 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
         if failures:
             updated = torch.where(failed_rows, current, updated)
         if not torch.isfinite(updated).all():
-            bad = _bad_samples(updated)
-            position, sample = _first_nonfinite(updated, list(range(lo, hi + 1)))
-            for index, at in _first_bad_positions(updated, list(range(lo, hi + 1))).items():
-                failures.setdefault(index, f"solver {solver.name!r} produced non-finite values at iteration "
-                                           f"{parallel}, position {at}")
-            where = (f"solver {solver.name!r} produced non-finite values at iteration {parallel}, "
-                     f"position {position}")
-            if len(failures) == samples:
-                status = Status.NONFINITE
-                message = (f"{where}, sample {sample}; the last finite iterate is returned" if samples == 1
-                           else _failure_summary(failures, samples) + "; no sample is left to solve")
+            bad, final = _record_failures(
+                updated, list(range(lo, hi + 1)), failures, samples,
+                functools.partial(_solver_failure, solver, parallel))
+            if final is not None:
+                status, message = Status.NONFINITE, final
                 break
             failed |= bad
             updated = torch.where(failed_rows, current, updated)
         states[lo:hi + 1] = updated
-        if solver.update_accepted:
+        if update_accepted:
             first_changed = 0
         for j in range(lo + first_changed, hi + 1):
             fresh[j] = False
@@ -410,7 +424,7 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
         rms = rms_per_row(first_order)
         recorder.add(lo, hi, rms, anchor, len(positions) * samples)
         _notify(observers, IterationInfo(parallel, lo, hi, anchor, steps, len(positions) * samples,
-                                         model_evals, rms, verdict))
+                                         model_evals, rms, verdict, trajectory=states))
         reason = stopping.stop(parallel)
         if reason and anchor < steps:
             status, message = Status.STOPPED, f"stopping rule: {reason} (anchor {anchor} of {steps})"
@@ -427,8 +441,8 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
     trajectory = system.unflatten(states)
     return Solution(sample=trajectory[-1], trajectory=trajectory, iterations=iterations,
                     model_evals=model_evals, status=status, message=message, residuals=recorder.trace(),
-                    wall_time=time.perf_counter() - started, solver=solver, order=order,
-                    converged_samples=_converged_samples(status, failures, samples))
+                    wall_time=time.perf_counter() - started, solver=solver, order=order, window=window,
+                    plan=controller.plan, converged_samples=_converged_samples(status, failures, samples))
 
 
 def _converged_samples(status: Status, failures: dict[int, str], samples: int) -> torch.Tensor:
@@ -441,8 +455,11 @@ def _converged_samples(status: Status, failures: dict[int, str], samples: int) -
 
 
 def run_sequential(system: TriangularSystem, observers: Sequence[Observer] = (),
-                   solver: FixedPointSolver | None = None, evaluate: Evaluator | None = None) -> Solution:
+                   solver: FixedPointSolver | None = None, evaluate: Evaluator | None = None,
+                   plan: Any = None) -> Solution:
     """The reference: T model calls, each over the N samples, each followed by one exact step.
+
+    ``plan`` is recorded on the solution (a ``window="auto"`` plan that chose this loop).
 
     A sample whose model output turns non-finite keeps its last finite state from then on (the
     others go on); the solve stops early only when every sample has failed.
@@ -472,5 +489,5 @@ def run_sequential(system: TriangularSystem, observers: Sequence[Observer] = (),
     trajectory = system.unflatten(states)
     return Solution(sample=trajectory[-1], trajectory=trajectory, iterations=calls,
                     model_evals=calls * samples, status=status, message=message, residuals=recorder.trace(),
-                    wall_time=time.perf_counter() - started, solver=solver, order=1,
-                    converged_samples=_converged_samples(status, failures, samples))
+                    wall_time=time.perf_counter() - started, solver=solver, order=1, window=None,
+                    plan=plan, converged_samples=_converged_samples(status, failures, samples))

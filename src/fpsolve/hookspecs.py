@@ -10,7 +10,8 @@ fpsolve's own samplers, solvers, stopping rules and initializers register throug
 Hooks, by phase:
 
 * registration: :func:`fpsolve_register_samplers`, :func:`fpsolve_register_solvers`,
-  :func:`fpsolve_register_stopping_rules`, :func:`fpsolve_register_initializers`;
+  :func:`fpsolve_register_stopping_rules`, :func:`fpsolve_register_initializers`,
+  :func:`fpsolve_register_controllers`, :func:`fpsolve_register_presets`;
 * adapters: :func:`fpsolve_make_system` (first non-``None`` result wins);
 * observation: :func:`fpsolve_iteration_end`.
 """
@@ -24,6 +25,7 @@ import pluggy
 from .plugin_marks import hookimpl as hookimpl  # re-exported: plugins mark hooks with it
 
 if TYPE_CHECKING:
+    from .control import Controller, Preset
     from .driver import IterationInfo
     from .initializers import Initializer
     from .samplers.base import SequentialSampler
@@ -55,6 +57,30 @@ def fpsolve_register_stopping_rules() -> list[type[StoppingRule]]:
 @hookspec
 def fpsolve_register_initializers() -> list[type[Initializer]]:
     """Return the :class:`~fpsolve.Initializer` classes this plugin provides."""
+
+
+@hookspec
+def fpsolve_register_controllers() -> list[type[Controller]]:
+    """Return the :class:`~fpsolve.control.Controller` classes this plugin provides.
+
+    Each class (a :class:`~fpsolve.control.Controller` subclass, an attrs class taking its
+    fields as keywords) sets ``name``; ``fpsolve.solve(..., window=name)`` builds it with the
+    preset's policy (``safeguard``, ``boundary``, ``update_accepted``) and the caller's or the
+    preset's ``max_iters``, then calls its :meth:`~fpsolve.control.Controller.prepare`. fpsolve
+    registers ``fixed`` (the plain controller) and, from :mod:`fpsolve.gpu`, ``auto``.
+    """
+
+
+@hookspec
+def fpsolve_register_presets() -> list[Preset]:
+    """Return the :class:`~fpsolve.control.Preset` objects this plugin provides.
+
+    A preset names a published method: a solver class with the controller (window, safeguard,
+    boundary row, accepted rows, cap) and stopping rule it is published with.
+    ``fpsolve.solve(system, name)`` runs it; the caller's ``window=``, ``max_iters=``, ``tol=``
+    and ``stopping=`` override its parts. A preset named after its solver class is also what an
+    instance of that class gets. fpsolve's own (``newton``, ``aa``) register through this hook.
+    """
 
 
 @hookspec(firstresult=True)

@@ -48,13 +48,14 @@ from typing import Any
 import attrs
 import torch
 
-from .api import make_system, solve
+from .api import make_system, resolve_method, solve
+from .control import Controller, runs_sequentially
 from .errors import InvalidOptionError, ShapeError, UnsupportedError
 from .initializers import InitialGuess, Initializer
 from .registry import resolve
 from .samplers.base import AffineForm, SequentialSampler
 from .solution import ResidualTrace, Solution, Status
-from .solvers.base import FixedPointSolver, WindowView
+from .solvers.base import FixedPointSolver
 from .stopping import RMS
 from .system import TriangularSystem
 
@@ -231,28 +232,6 @@ class _SharedInitializer(Initializer):
         return guess
 
 
-class _Unguarded(FixedPointSolver):
-    """``inner`` without the safeguard: row ``U`` of an implicit system has no exact step, so
-    the anchor may only move over rows whose equation the stopping rule accepted."""
-
-    safeguarded = False
-
-    def __init__(self, inner: FixedPointSolver):
-        self.inner = inner
-        self.name = inner.name  # type: ignore[misc]
-        self.order = getattr(inner, "order", None)
-        self.update_accepted = inner.update_accepted  # type: ignore[misc]
-
-    def init(self, system: Any) -> Any:
-        return self.inner.init(system)
-
-    def step(self, view: WindowView, state: Any) -> tuple[torch.Tensor, Any]:
-        return self.inner.step(view, state)
-
-    def final_step(self, view: WindowView, proposal: torch.Tensor, row: int) -> torch.Tensor:
-        return self.inner.final_step(view, proposal, row)
-
-
 def _batched(x0: torch.Tensor, system: TriangularSystem) -> tuple[torch.Tensor, int | None]:
     """``x0`` as ``[N, D]`` and the batch (``None`` for one unbatched sample)."""
     if not isinstance(x0, torch.Tensor):
@@ -412,16 +391,21 @@ def _solve_exact(inverse: TriangularSystem, solver: Any, options: dict[str, Any]
         options.pop(key, None)
     passthrough = {"window", "initializer", "max_iters", "observers", "progress"}
     solver_options.update({k: options.pop(k) for k in list(options) if k not in passthrough})
-    solver_obj = resolve("solver", solver, solver_options)
-    if solver_obj.sequential:
+    solver_obj, preset = resolve_method(solver, solver_options)
+    if runs_sequentially(solver_obj):
         max_inner = options.get("max_iters") or 50
         return _sequential_exact(inverse, stopping_obj, max_inner)
     initializer = resolve("initializer", options.pop("initializer", None) or "noise_copy")
-    if options.get("max_iters") is None:
-        options["max_iters"] = _EXACT_ITERS_PER_STEP * inverse.num_steps
-    solution = solve(inverse, _Unguarded(solver_obj), stopping=stopping_obj,
-                     initializer=_SharedInitializer(initializer), **options)
-    return attrs.evolve(solution, solver=solver_obj)
+    max_iters = options.pop("max_iters", None)
+    # Unsafeguarded: row U of an implicit system has no exact step, so the anchor may only move
+    # over rows whose equation the stopping rule accepted. The rest of the preset's policy (the
+    # boundary value of x_0, accepted rows) stays; its window does not (None: all T).
+    controller = attrs.evolve(
+        preset.controller if preset is not None else Controller(), safeguard=False,
+        window=options.pop("window", None),
+        max_iters=max_iters if max_iters is not None else _EXACT_ITERS_PER_STEP * inverse.num_steps)
+    return solve(inverse, solver_obj, window=controller, stopping=stopping_obj,
+                 initializer=_SharedInitializer(initializer), **options)
 
 
 def reconstruction_error(system: TriangularSystem, x_T: torch.Tensor, x0: torch.Tensor) -> float:

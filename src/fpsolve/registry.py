@@ -4,6 +4,15 @@
 built-in plugin modules, then (once, unless ``FPSOLVE_DISABLE_PLUGIN_AUTOLOAD`` is set) loads
 third-party plugins from the entry-point group ``fpsolve``. The registry of names is rebuilt
 from the registration hooks whenever the set of plugins changes.
+
+The built-in plugin modules are NAMED in :data:`BUILTIN_PLUGINS` and imported by name when the
+plugin manager is made (as pytest loads its default plugins), so the registry needs no import
+of a module above it (``fpsolve.gpu.auto`` registers the ``"auto"`` controller this way).
+``tests/test_architecture.py`` allows exactly these by-name loads and checks them for cycles.
+
+Besides the component kinds (:data:`KINDS`), the registry holds the named presets
+(:class:`fpsolve.control.Preset`: solver + controller + stopping rule) from
+``fpsolve_register_presets``; :func:`lookup_preset` and :func:`preset_for` find them.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
+from .control import Preset
 from .driver import IterationInfo, Observer
 from .errors import InvalidOptionError, PluginConflictError, UnknownNameError
 from .plugin_marks import forget_origins, record_origin
@@ -37,13 +47,17 @@ __all__ = [
     "resolve",
     "plugin_of",
     "iteration_hook",
+    "PresetEntry",
+    "lookup_preset",
+    "preset_for",
 ]
 
 ENTRY_POINT_GROUP = "fpsolve"
 DISABLE_AUTOLOAD_ENV = "FPSOLVE_DISABLE_PLUGIN_AUTOLOAD"
 
-#: Built-in plugin modules, registered exactly like third-party plugins.
-BUILTIN_PLUGINS = ("fpsolve.samplers", "fpsolve.solvers", "fpsolve.stopping", "fpsolve.initializers")
+#: Built-in plugin modules, registered exactly like third-party plugins (imported by name).
+BUILTIN_PLUGINS = ("fpsolve.samplers", "fpsolve.solvers", "fpsolve.stopping", "fpsolve.initializers",
+                   "fpsolve.control", "fpsolve.gpu.auto")
 
 #: kind -> (registration hook name, dotted path of the base class)
 KINDS: dict[str, tuple[str, str]] = {
@@ -51,6 +65,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "solver": ("fpsolve_register_solvers", "fpsolve.solvers.base:FixedPointSolver"),
     "stopping rule": ("fpsolve_register_stopping_rules", "fpsolve.stopping:StoppingRule"),
     "initializer": ("fpsolve_register_initializers", "fpsolve.initializers:Initializer"),
+    "controller": ("fpsolve_register_controllers", "fpsolve.control:Controller"),
 }
 
 _lock = threading.RLock()
@@ -113,10 +128,26 @@ class RegistryEntry:
 
 
 @attrs.define(frozen=True)
+class PresetEntry:
+    """One registered preset and the plugin that registered it."""
+
+    preset: Preset
+    plugin: str
+    distribution: str
+    version: str
+
+    @property
+    def name(self) -> str:
+        """The preset's name."""
+        return self.preset.name
+
+
+@attrs.define(frozen=True)
 class Registry:
-    """Names of every registered component, by kind (``sampler``, ``solver``, ...)."""
+    """Names of every registered component, by kind (``sampler``, ``solver``, ...), and the presets."""
 
     entries: Mapping[str, Mapping[str, RegistryEntry]]
+    presets: Mapping[str, PresetEntry] = attrs.field(factory=dict)
 
     def names(self, kind: str) -> list[str]:
         """Every registered name of a kind, aliases included, sorted."""
@@ -197,7 +228,53 @@ def _build_registry(manager: pluggy.PluginManager) -> Registry:
     for table in entries.values():
         for entry in table.values():
             record_origin(entry.cls, entry.plugin)
-    return Registry(entries)
+    return Registry(entries, _collect_presets(manager, distributions))
+
+
+def _collect_presets(manager: pluggy.PluginManager,
+                     distributions: Mapping[str, tuple[str, str]]) -> dict[str, PresetEntry]:
+    presets: dict[str, PresetEntry] = {}
+    for impl in manager.hook.fpsolve_register_presets.get_hookimpls():
+        dist, version = distributions.get(impl.plugin_name, (impl.plugin_name, "unknown"))
+        given: Any = impl.function() or []
+        for preset in given:
+            if not isinstance(preset, Preset):
+                raise PluginConflictError(
+                    f"plugin {impl.plugin_name!r} registered {preset!r} as a preset, but it is not an "
+                    "fpsolve.control.Preset(name=..., solver=..., controller=..., stopping=...)."
+                )
+            previous = presets.get(preset.name)
+            if previous is not None:
+                raise PluginConflictError(
+                    f"the preset name {preset.name!r} is registered twice: by plugin {previous.plugin!r} "
+                    f"and by plugin {impl.plugin_name!r}. Uninstall or block one of them "
+                    "(PluginManager.set_blocked), or rename a preset."
+                )
+            presets[preset.name] = PresetEntry(preset, impl.plugin_name, dist, version)
+    return presets
+
+
+def lookup_preset(name: str) -> Preset | None:
+    """The preset registered as ``name`` (case-insensitive), or ``None`` when there is none."""
+    presets = get_registry().presets
+    if name in presets:
+        return presets[name].preset
+    folded = [entry for key, entry in presets.items() if key.casefold() == str(name).casefold()]
+    return folded[0].preset if len(folded) == 1 else None
+
+
+def preset_for(solver_class: type) -> Preset | None:
+    """The preset a solver class (or instance's class) gets when no preset is named: the one
+    registered under the class's own ``name`` for that class, searched up the class's bases (a
+    subclass that registers no preset of its own keeps its base's policy); ``None`` if none."""
+    presets = get_registry().presets
+    for klass in solver_class.__mro__:
+        name = vars(klass).get("name")
+        entry = presets.get(name) if isinstance(name, str) else None
+        if entry is not None and entry.preset.solver is klass:
+            return entry.preset
+    return None
+
 
 
 def iteration_hook() -> Observer:

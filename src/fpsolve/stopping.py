@@ -4,13 +4,15 @@ A rule answers two questions each iteration:
 
 * :meth:`StoppingRule.converged`: a ``[W]`` bool tensor, True for rows whose current value is
   accepted (all samples must pass), or ``None`` when the rule does not judge rows;
-* :meth:`StoppingRule.stop`: a message when the whole solve must stop now, else ``None``.
+* :meth:`StoppingRule.stop`: a message when the whole solve must stop now for the rule's own
+  reasons, else ``None``. The iteration cap is not a rule: it is the controller's
+  ``max_iters`` (``fpsolve.solve(..., max_iters=n)``, status ``MAX_ITERS``).
 
 Rules combine: ``rule_a & rule_b`` accepts a row only if both do (and stops when either
 stops); ``rule_a | rule_b`` accepts a row if either does.
 
-Built-ins: ``rms`` (ParaTAA's rule), ``paradigms`` (ParaDiGMS' rule), ``max_iters`` (a cap),
-``x0`` (the RMS rule on rows plus a stop once the output ``x_0`` has stopped moving).
+Built-ins: ``rms`` (ParaTAA's rule), ``paradigms`` (ParaDiGMS' rule), ``x0`` (the RMS rule on
+rows plus a stop once the output ``x_0`` has stopped moving).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from .errors import InvalidOptionError
 from .plugin_marks import hookimpl
-from .validators import is_integer, is_real
+from .validators import is_real
 
 if TYPE_CHECKING:
     from .system import TriangularSystem
@@ -135,24 +137,20 @@ class Paradigms(StoppingRule):
         return (error <= self.tol**2).all(-1)
 
 
-@attrs.define(frozen=True, eq=False)
+#: Why :class:`MaxIters` is gone, and the fix (also the error for ``stopping="max_iters"``).
+MAX_ITERS_MOVED = (
+    "the MaxIters stopping rule is gone (issue 12): the iteration cap is the controller's, and there is "
+    "one. Pass max_iters=n to fpsolve.solve (or fpsolve.Controller(max_iters=n)) instead of "
+    "stopping=MaxIters(n) & rule; a capped solve ends with status MAX_ITERS."
+)
+
+
 class MaxIters(StoppingRule):
-    """Stop after ``max_iters`` parallel iterations (the quality-versus-steps cap)."""
+    """Removed: constructing it raises :class:`~fpsolve.errors.InvalidOptionError` pointing at
+    ``max_iters=`` (the controller's one iteration cap)."""
 
-    name = "max_iters"
-
-    max_iters: int = attrs.field(default=10)
-
-    @max_iters.validator
-    def _check(self, attribute: Any, value: int) -> None:
-        if not is_integer(value) or value < 1:
-            raise InvalidOptionError(f"max_iters must be an int >= 1; got {value!r}.")
-
-    def stop(self, iteration: int) -> str | None:
-        """Stop once the cap is reached."""
-        if iteration >= self.max_iters:
-            return f"reached max_iters={self.max_iters}"
-        return None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise InvalidOptionError(MAX_ITERS_MOVED)
 
 
 @attrs.define(frozen=True, eq=False, kw_only=True)
@@ -251,4 +249,4 @@ class AnyOf(AllOf):
 @hookimpl
 def fpsolve_register_stopping_rules() -> list[type[StoppingRule]]:
     """fpsolve's own stopping rules."""
-    return [RMS, Paradigms, MaxIters, X0Change]
+    return [RMS, Paradigms, X0Change]

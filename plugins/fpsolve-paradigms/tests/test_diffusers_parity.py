@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fpsolve_paradigms import ParadigmsOriginal
 
 import fpsolve
 
@@ -154,7 +155,8 @@ def run_fpsolve(parts, scheduler, kind, steps, parallel, tolerance, guidance, ba
         noise=noise,
         dtype=torch.float32,
     )
-    return fpsolve.solve(system, solver="paradigms", parallel=parallel, tolerance=tolerance)
+    return fpsolve.solve(system, solver="paradigms", window=parallel,
+                         stopping=ParadigmsOriginal(tol=tolerance))
 
 
 CASES = {

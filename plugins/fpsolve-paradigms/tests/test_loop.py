@@ -10,6 +10,7 @@ window entries initialised with the last state of the previous window.
 from __future__ import annotations
 
 import torch
+from fpsolve_paradigms import ParadigmsOriginal
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -60,7 +61,7 @@ def test_the_solver_is_the_paradigms_loop(system, data):
     parallel = data.draw(st.integers(1, system.num_steps), label="parallel")
     tolerance = data.draw(st.sampled_from([0.3, 0.1, 0.02]), label="tolerance")
     iterations, evaluations, trajectory = paradigms_loop(system, parallel, tolerance)
-    solution = fpsolve.solve(system, "paradigms", parallel=parallel, tolerance=tolerance)
+    solution = fpsolve.solve(system, "paradigms", window=parallel, stopping=ParadigmsOriginal(tol=tolerance))
     assert solution.converged
     assert (solution.iterations, solution.model_evals) == (iterations, evaluations)
     expected = system.unflatten(trajectory)
@@ -70,6 +71,6 @@ def test_the_solver_is_the_paradigms_loop(system, data):
 @given(system=fst.systems(min_steps=2, max_steps=12))
 def test_a_tight_tolerance_reproduces_the_sequential_sample(system):
     reference = fpsolve.solve(system, "sequential")
-    solution = fpsolve.solve(system, "paradigms", parallel=5, tolerance=1e-9)
+    solution = fpsolve.solve(system, "paradigms", window=5, stopping=ParadigmsOriginal(tol=1e-9))
     assert solution.iterations <= system.num_steps
     torch.testing.assert_close(solution.sample, reference.sample, rtol=0, atol=1e-8)

@@ -1,26 +1,27 @@
 """Error to the sequential sample against an iteration cap (the paper's quality-vs-steps curve).
 
-The curve's point n is the sample of ``solve(system, solver, stopping=MaxIters(n) & RMS(tiny))``:
+The curve's point n is the sample of ``solve(system, solver, stopping=RMS(tiny), max_iters=n)``:
 the solver runs n parallel iterations and its ``x_0`` is compared with the sequential sample.
 Running that solve for every n = 1..N costs N(N+1)/2 iterations; this module gets the same N
-samples from ONE solve with cap N. A stopping rule sees each iteration's starting iterate
-(:class:`~fpsolve.stopping.StoppingView` ``.states``, which with the window spanning all T
-positions always holds ``x_0``), and a capped solve differs from the uncapped one only in where
-it stops, so the iterate that iteration n+1 starts from IS the capped solve's result for cap n.
-``tests/test_bench.py`` checks this equality against literal capped solves.
+samples from ONE solve with cap N. An observer sees each iteration's updated iterate
+(:attr:`fpsolve.IterationInfo.states`, a copy), and a capped solve differs from the uncapped
+one only in where it stops, so the iterate after iteration n IS the capped solve's result for
+cap n. ``tests/test_bench.py`` checks this equality against literal capped solves.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import attrs
 import torch
 
 from ..api import solve
-from ..errors import InvalidOptionError
+from ..driver import IterationInfo
+from ..errors import InvalidOptionError, NotConvergedWarning
 from ..solution import Solution
-from ..stopping import RMS, MaxIters, StoppingRule, StoppingView
+from ..stopping import RMS
 from ..system import TriangularSystem
 from .matrix import SolverSpec
 from .metrics import ErrorMetrics, ToImages, compare_samples
@@ -28,25 +29,22 @@ from .metrics import ErrorMetrics, ToImages, compare_samples
 __all__ = ["CapCurve", "capped_samples", "error_vs_cap"]
 
 
-@attrs.define(frozen=True, eq=False)
-class _FinalStateRecorder(StoppingRule):
-    """Judges no row and never stops; keeps ``x_0`` of the iterate each iteration starts from."""
+class _FinalStateRecorder:
+    """An observer: keeps ``x_0`` of the iterate after each iteration."""
 
-    steps: int
-    snapshots: list[torch.Tensor] = attrs.field(factory=list, repr=False)
+    def __init__(self) -> None:
+        self.snapshots: list[torch.Tensor] = []
 
-    def converged(self, view: StoppingView) -> None:
-        """Record ``x_0`` (the last window row); the window must reach the last state."""
-        if view.hi != self.steps:
-            raise InvalidOptionError("iteration-cap curves need the window to span all T positions.")
-        self.snapshots.append(view.states[-1].detach().to("cpu").clone())
-        return None
+    def __call__(self, info: IterationInfo) -> None:
+        states = info.states
+        if states is not None:
+            self.snapshots.append(states[-1].to("cpu"))
 
 
 def capped_samples(
     system: TriangularSystem, spec: SolverSpec, max_iters: int, tiny: float = 1e-10
 ) -> list[torch.Tensor]:
-    """``x_0`` ``[N, *shape]`` of ``solve(..., stopping=MaxIters(n) & RMS(tiny))`` for n = 1..max_iters.
+    """``x_0`` ``[N, *shape]`` of ``solve(..., stopping=RMS(tiny), max_iters=n)`` for n = 1..max_iters.
 
     The solver's own options (``spec.solver_options``) are kept; its stopping rule is replaced.
     """
@@ -54,17 +52,19 @@ def capped_samples(
         raise InvalidOptionError("the sequential solver has no iteration cap to vary.")
     steps = system.num_steps
     cap = max_iters  # not min(., T): an unsafeguarded solver (aa) may need more than T iterations
-    recorder = _FinalStateRecorder(steps)
-    rule = MaxIters(cap) & RMS(tol1=tiny, tol2=0.0) & recorder
-    # window=T explicitly: the recorder reads x_0, which only a window reaching the last state holds.
-    final: Solution = solve(
-        system, spec.solver, stopping=rule, max_iters=cap, window=steps, **spec.solver_options(steps)
-    )
+    recorder = _FinalStateRecorder()
+    # window=T explicitly: with a narrower window the iterate after n iterations holds copies
+    # below the window, not what the capped solve returns at x_0 once it stops early.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotConvergedWarning)  # the cap is the point here
+        final: Solution = solve(
+            system, spec.solver, stopping=RMS(tol1=tiny, tol2=0.0), max_iters=cap, window=steps,
+            observers=[recorder], **spec.solver_options(steps)
+        )
     shape = (system.num_samples, *system.shape)
-    # snapshots[n] is the iterate after n iterations (n = 0: the initial guess); the solve's own
-    # result is the iterate after its last iteration, and every larger cap returns it too.
-    done = len(recorder.snapshots)
-    samples = [recorder.snapshots[n].reshape(shape) for n in range(1, min(done, max_iters + 1))]
+    # snapshots[n - 1] is the iterate after n iterations; the solve's own result is the iterate
+    # after its last iteration, and every larger cap returns it too.
+    samples = [snapshot.reshape(shape) for snapshot in recorder.snapshots[:max_iters]]
     last = final.sample.detach().to("cpu").reshape(shape)
     samples += [last] * (max_iters - len(samples))
     return samples

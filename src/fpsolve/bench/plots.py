@@ -19,8 +19,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter
 
+from ..api import resolve_method, resolve_stopping
 from ..cli_output import atomic_write
-from ..registry import resolve
 from ..stopping import X0Change
 from .curves import CapCurve
 from .matrix import SolverSpec
@@ -66,11 +66,14 @@ def stopping_text(solver: SolverSpec, tol: float | None) -> str:
         if solver.stopping == "sequential":
             return "exact"
 
-        rule = resolve("solver", solver.solver).default_stopping() or resolve("stopping rule", "rms")
+        preset = resolve_method(solver.solver)[1]
+        rule = resolve_stopping(None, None, preset)  # the preset's, else rms
         prefix = "default: "
     if isinstance(rule, X0Change):  # its own bound is atol on x_0; tol is the rows' rule
         return f"{prefix}x0 {rule.atol:g} (rows rms {rule.tol:g})"
-    tols = [getattr(rule, f.name) for f in attrs.fields(type(rule)) if f.name.startswith("tol")]
+    rule_class: Any = type(rule)
+    fields = attrs.fields(rule_class) if attrs.has(rule_class) else ()
+    tols = [getattr(rule, f.name) for f in fields if f.name.startswith("tol")]
     value = f" {tols[0]:g}" if tols and all(t == tols[0] for t in tols) else ""
     return f"{prefix}{type(rule).__name__.lower()}{value}"
 

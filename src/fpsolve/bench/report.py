@@ -186,8 +186,8 @@ def write_markdown(
         "1.5e-2 in an iteration; rows at RMS 2e-5): `newton secant only` is newton before issue 14, "
         "`newton prior only` takes the slope 1/sigma without secants, `newton_diag` a per-element "
         "secant; `taa + x0 rule` and `fp k=T + x0 rule` compare the solvers at the same rule.",
-        "- Plots: iterations against T; the error after n parallel iterations (`MaxIters(n) & "
-        "RMS(1e-10)`, seed 0); the per-position residual of one solve by iteration.",
+        "- Plots: iterations against T; the error after n parallel iterations (`max_iters=n` with "
+        "`RMS(1e-10)`, seed 0); the per-position residual of one solve by iteration.",
         "",
     ]
     for model in plan.models:

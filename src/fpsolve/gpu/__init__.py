@@ -7,14 +7,15 @@
 * :func:`plan_window` / :class:`Plan`: the window with the smallest predicted wall time, or
   sequential (pure: unit-testable with synthetic latency curves);
 * :class:`IterationModel`: iterations against window, a prior refined by observed solves;
-* ``fpsolve.solve(..., window="auto")`` ties these together (:mod:`fpsolve.gpu.auto`).
+* ``fpsolve.solve(..., window="auto")`` ties these together: :class:`AutoWindow`, the ``"auto"``
+  controller this package registers (:mod:`fpsolve.gpu.auto`).
 
 Nothing here needs a GPU to import or to run: CUDA code runs only behind device checks.
 """
 
 from __future__ import annotations
 
-from .auto import AutoChoice, AutoWindowWarning, forget_observations, resolve_auto_window
+from .auto import AutoChoice, AutoWindow, AutoWindowWarning, forget_observations, resolve_auto_window
 from .chunking import ChunkedEvaluator, forget_max_batches, known_max_batch
 from .graphs import CUDAGraphDenoiser, CUDAGraphWarning
 from .iterations import IterationModel, fit_plateau, prior_plateau
@@ -50,6 +51,7 @@ __all__ = [
     "prior_plateau",
     "fit_plateau",
     "AutoChoice",
+    "AutoWindow",
     "AutoWindowWarning",
     "resolve_auto_window",
     "forget_observations",

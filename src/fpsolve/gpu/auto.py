@@ -13,6 +13,12 @@
 
 The samples are always solved together here (``batch_split = 1``): splitting them is a choice
 for callers who run the groups themselves (``plan_window(..., splits=...)``).
+
+``window="auto"`` names :class:`AutoWindow`, a controller this module registers through the
+``fpsolve_register_controllers`` hook (it is one of the registry's built-in plugin modules, loaded
+by name): the api resolves the string through the registry and never imports this package. Its
+:meth:`AutoWindow.prepare` runs the steps above and returns the plain controller with the planned
+window (and the plan, which the driver records on :attr:`fpsolve.Solution.plan`).
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ from typing import Any
 
 import attrs
 
+from ..control import Controller, Prepared, runs_sequentially
 from ..errors import InvalidOptionError
-from ..registry import resolve
+from ..plugin_marks import hookimpl
 from ..solvers.base import FixedPointSolver
+from ..solvers.sequential import Sequential
+from ..stopping import StoppingRule
 from ..system import TriangularSystem
 from ._identity import PerDenoiser
 from .chunking import known_max_batch
@@ -36,7 +45,7 @@ from .iterations import IterationModel
 from .latency import LatencyTable, latency_table
 from .planner import Plan, latency_curve, plan_window
 
-__all__ = ["AutoWindowWarning", "AutoChoice", "resolve_auto_window", "forget_observations"]
+__all__ = ["AutoWindowWarning", "AutoChoice", "AutoWindow", "resolve_auto_window", "forget_observations"]
 
 _OBSERVED = PerDenoiser()
 
@@ -74,13 +83,17 @@ def _is_stochastic(system: TriangularSystem) -> bool:
     return bool((system.affine_form.noise != 0).any())
 
 
-def _problem_key(system: TriangularSystem, solver: FixedPointSolver, stopping: Any) -> tuple[Any, ...]:
+def _problem_key(system: TriangularSystem, solver: FixedPointSolver, stopping: Any,
+                 controller: Controller | None) -> tuple[Any, ...]:
     # Everything that changes the iteration count, except the window (the model's variable).
+    controller = controller if controller is not None else Controller()
+    policy = (controller.safeguard, controller.boundary, controller.update_accepted)
     return (
         system.num_steps,
         system.num_samples,
         repr(solver),
         repr(stopping),
+        policy,
         _is_stochastic(system),
         type(system.sampler).__qualname__,
     )
@@ -136,8 +149,12 @@ def resolve_auto_window(
     *,
     distributed: Any = None,
     cache_path: str | Path | None = None,
+    controller: Controller | None = None,
 ) -> AutoChoice:
     """Plan the window of a solve of ``system`` with ``solver`` (see the module docstring).
+
+    ``controller``: the loop policy the solve runs under (its safeguard, boundary and accepted
+    rows change the iteration count, so solves under different policies are learnt apart).
 
     Raises:
         InvalidOptionError: together with ``distributed=`` (the plan is for one device).
@@ -155,7 +172,8 @@ def resolve_auto_window(
         cache_path=cache_path,
     )
     curve = latency_curve(table)
-    record = _OBSERVED.slot(system.denoiser).setdefault(_problem_key(system, solver, stopping), _Record())
+    key = _problem_key(system, solver, stopping, controller)
+    record = _OBSERVED.slot(system.denoiser).setdefault(key, _Record())
     if record.iterations:
         model = IterationModel.observed(steps, record.iterations)
     else:
@@ -173,11 +191,43 @@ def resolve_auto_window(
         iteration_overhead=statistics.median(record.iteration_overheads or [0.0]),
         step_overhead=statistics.median(record.step_overheads or [0.0]),
     )
-    if solver.sequential:
+    if runs_sequentially(solver):
         return AutoChoice(None, solver, plan, _Observer(record, None, curve), table)
     if plan.use_sequential:
         warnings.warn(
-            f"window='auto': {plan.reason}; running the sequential loop.", AutoWindowWarning, stacklevel=3
+            f"window='auto': {plan.reason}; running the sequential loop.", AutoWindowWarning, stacklevel=4
         )
-        return AutoChoice(None, resolve("solver", "sequential"), plan, _Observer(record, None, curve), table)
+        return AutoChoice(None, Sequential(), plan, _Observer(record, None, curve), table)
     return AutoChoice(plan.window, solver, plan, _Observer(record, plan.window, curve), table)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class AutoWindow(Controller):
+    """``window="auto"``: measure the model on its device and plan the window (module docstring).
+
+    The policy fields (``max_iters``, ``safeguard``, ``boundary``, ``update_accepted``) are kept
+    on the planned controller; ``window`` is what the plan chooses (a given one is ignored).
+
+    Args:
+        cache_path: a JSON file that keeps measured latencies between processes (default: none).
+    """
+
+    name = "auto"
+
+    cache_path: str | Path | None = attrs.field(default=None, eq=False)
+
+    def prepare(self, system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRule, *,
+                distributed: Any = None) -> Prepared:
+        """Plan the window (or choose the sequential loop) for this solve; raises
+        :class:`~fpsolve.errors.InvalidOptionError` together with ``distributed=``."""
+        choice = resolve_auto_window(system, solver, stopping, distributed=distributed,
+                                     cache_path=self.cache_path, controller=self)
+        planned = Controller(window=choice.window, max_iters=self.max_iters, safeguard=self.safeguard,
+                             boundary=self.boundary, update_accepted=self.update_accepted, plan=choice.plan)
+        return Prepared(planned, choice.solver, (choice.observer,))
+
+
+@hookimpl
+def fpsolve_register_controllers() -> list[type[Controller]]:
+    """The ``"auto"`` controller."""
+    return [AutoWindow]

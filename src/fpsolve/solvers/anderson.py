@@ -23,7 +23,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ._validators import flag_option, history_option, integer, order_option, real, ridge_option
+from ._validators import history_option, integer, order_option, real, ridge_option
 from .base import FixedPointSolver, WindowView
 from .history import History, Snapshot, differences
 
@@ -94,25 +94,19 @@ class TAA(_AndersonBase):
 class AA(_AndersonBase):
     """Standard (type-II, undamped) Anderson acceleration over the stacked window.
 
-    Not safeguarded by default, as in the literature: the anchor then moves only over rows that
-    passed the stopping rule, and nothing bounds the number of iterations by T.
+    Run unsafeguarded by its preset (``solve(system, "aa")``, or an ``AA`` instance), as in the
+    literature: the anchor then moves only over rows that passed the stopping rule, and nothing
+    bounds the number of iterations by T. ``window=fpsolve.Controller(safeguard=True)`` applies
+    the exact step at the first unconverged row like TAA.
 
     Args:
         order: k of the equations, 1..T, ``None`` = T (default).
         history: m, iterates kept (default 2).
         ridge: lambda added to the Gram matrix (absolute, default 1e-3).
-        safeguard: apply the exact step at the first unconverged row like TAA (default False).
     """
 
     name = "aa"
     aliases = {"anderson": {}}
-
-    safeguard: bool = attrs.field(default=False, validator=flag_option)
-
-    @property
-    def safeguarded(self) -> bool:  # type: ignore[override]
-        """Whether the driver applies the exact-step safeguard."""
-        return self.safeguard
 
     def step(self, view: WindowView, state: History) -> tuple[torch.Tensor, History]:
         """One least-squares fit per sample over every row and element of the window."""

@@ -1,23 +1,22 @@
 """The fixed-point solver interface: an immutable config with ``init`` and ``step``.
 
-The driver owns the loop, the window and the stopping decision; a solver sees one window at a
-time through a :class:`WindowView` and proposes new values for every row of it. The driver then
-applies the safeguard uniformly: rows that passed the stopping rule keep their values, the
-first row that failed takes the sampler's exact step, and only the rows below it take the
-solver's proposal (for solvers with ``safeguarded = True``; see :mod:`fpsolve.driver`).
+The driver owns the loop and the stopping decision, the controller (:mod:`fpsolve.control`) the
+loop policy; a solver sees one window at a time through a :class:`WindowView` and proposes new
+values for every row of it. By default the driver then applies the safeguard uniformly: rows
+that passed the stopping rule keep their values, the first row that failed takes the exact
+step, and only the rows below it take the solver's proposal (see :mod:`fpsolve.driver`). A
+solver that is published with another policy (a window, a rule, no safeguard) registers a
+:class:`fpsolve.control.Preset` for it instead of carrying it as members.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import torch
 
 from ..errors import InvalidOptionError
-
-if TYPE_CHECKING:
-    from ..stopping import StoppingRule
 
 __all__ = ["FixedPointSolver", "WindowView", "check_order"]
 
@@ -77,22 +76,15 @@ class FixedPointSolver:
     Attributes:
         name: registry name (class attribute).
         aliases: other names mapped to option presets, e.g. ``{"jacobi": {"order": 1}}``.
-        safeguarded: whether the driver forces the exact step at the first unconverged row, which
-            makes the anchor advance every iteration (at most T iterations).
-        sequential: ``True`` only for the sequential reference, which the driver runs as a loop.
-        update_accepted: whether rows the stopping rule accepted take the solver's proposal too
-            (ParaDiGMS does this); by default they keep the values the rule judged.
 
-    A solver that reproduces a published method whole (window, stopping rule and all) may also
-    override :meth:`default_window`, :meth:`default_stopping` (used by :func:`fpsolve.solve` when
-    the caller gives no ``window`` / ``stopping`` / ``tol``) and :meth:`final_step`.
+    That is all a solver is: ``init``, ``step`` and its options. The window, the safeguard, the
+    value of the row made final, whether accepted rows move, and the iteration cap are the
+    controller's (:class:`fpsolve.control.Controller`); a method published with its own policy
+    registers a :class:`fpsolve.control.Preset` (solver + controller + stopping rule).
     """
 
     name: ClassVar[str] = ""
     aliases: ClassVar[dict[str, dict[str, Any]]] = {}
-    safeguarded: ClassVar[bool] = True
-    sequential: ClassVar[bool] = False
-    update_accepted: ClassVar[bool] = False
 
     order: int | None
 
@@ -107,23 +99,3 @@ class FixedPointSolver:
     def step(self, view: WindowView, state: Any) -> tuple[torch.Tensor, Any]:
         """Propose new values ``[W, N, D]`` for the window rows; return them and the new state."""
         raise NotImplementedError
-
-    def final_step(self, view: WindowView, proposal: torch.Tensor, row: int) -> torch.Tensor:
-        """The value ``[N, D]`` that window row ``row`` takes when the driver makes it final.
-
-        Called for the first row the stopping rule did not accept (safeguarded solvers only) and
-        for the last state ``x_0`` once every row is accepted. The default is the plain
-        fixed-point step on the order-k equations, ``view.rhs[row]``: exact, because every state
-        it reads is final. A solver that reproduces a method which keeps its own proposal there
-        (ParaDiGMS) returns ``proposal[row]``; the anchor still advances every iteration.
-        """
-        return view.rhs[row]
-
-    def default_window(self) -> int | None:
-        """The window :func:`fpsolve.solve` uses when the caller gives none (``None``: all T)."""
-        return None
-
-    def default_stopping(self) -> StoppingRule | None:
-        """The stopping rule :func:`fpsolve.solve` uses when the caller gives neither ``stopping``
-        nor ``tol`` (``None``: the ``rms`` rule with tol 2e-4)."""
-        return None

@@ -28,7 +28,6 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ..stopping import StoppingRule, X0Change
 from ._validators import integer, order_option, prior_option, real, ridge_option, unit_interval_option
 from .base import FixedPointSolver, WindowView
 
@@ -71,8 +70,9 @@ class QuasiNewton(FixedPointSolver):
             0.5; 0: the secant alone, the solver before issue 14 with ``prior="zero"``; 1: the
             prior alone, no secants).
 
-    Its default stopping rule (no ``stopping=`` / ``tol=`` given) is
-    :class:`~fpsolve.stopping.X0Change`: stop once the output ``x_0`` moved by at most 1.5e-2.
+    Its preset (``solve(system, "newton")``, or a ``QuasiNewton`` instance) stops with
+    :class:`~fpsolve.stopping.X0Change` unless ``stopping=`` / ``tol=`` is given: stop once the
+    output ``x_0`` moved by at most 1.5e-2 (see :mod:`fpsolve.control`).
     """
 
     name = "newton"
@@ -85,10 +85,6 @@ class QuasiNewton(FixedPointSolver):
     # alone (weight 0) 10, the prior alone (weight 1) 8; on DDPM-100 17 against 19 and 21.
     prior: str = attrs.field(default="x0", validator=prior_option)
     prior_weight: float = attrs.field(default=0.5, converter=real, validator=unit_interval_option)
-
-    def default_stopping(self) -> StoppingRule:
-        """:class:`~fpsolve.stopping.X0Change` at its defaults (see the class docstring)."""
-        return X0Change()
 
     def init(self, system: object) -> NewtonState:
         """No secants yet: ``gamma`` is the prior everywhere (``zero``: the first step is Picard's)."""

@@ -16,12 +16,12 @@ __all__ = ["Sequential"]
 class Sequential(FixedPointSolver):
     """T model calls (each over the N samples), each followed by the sampler's step.
 
-    The driver runs it as a plain loop (``sequential = True``); it is the reference every
-    parallel solver must reproduce, and the honest baseline for wall time.
+    The driver runs it as :meth:`fpsolve.TriangularSystem.sequential` (recognised by
+    :func:`fpsolve.control.runs_sequentially`, the one place that does); it is the reference
+    every parallel solver must reproduce, and the honest baseline for wall time.
     """
 
     name = "sequential"
-    sequential = True
 
     @property
     def order(self) -> int:  # type: ignore[override]

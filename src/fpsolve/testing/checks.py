@@ -21,6 +21,7 @@ What "conforms" means, per kind:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, cast
@@ -28,19 +29,22 @@ from typing import Any, cast
 import attrs
 import torch
 
-from ..api import solve
+from ..api import fresh_rule, solve
+from ..control import Controller, runs_sequentially
+from ..errors import NotConvergedWarning
 from ..initializers import FromTrajectory, InitialGuess, Initializer
-from ..registry import resolve
+from ..registry import preset_for, resolve
 from ..samplers.base import MODEL_OUTPUTS, AffineForm, SequentialSampler
 from ..solution import Solution, Status
 from ..solvers.base import FixedPointSolver, WindowView
-from ..stopping import RMS, MaxIters, StoppingRule, StoppingView
+from ..stopping import RMS, StoppingRule, StoppingView
 from ..system import TriangularSystem
 from .problems import SAMPLER_KINDS, available_devices, make_system
 
 __all__ = [
     "ConformanceError",
     "tight_stopping",
+    "solver_controller",
     "assert_same_sample",
     "check_solver_interface",
     "check_solver_step_contract",
@@ -94,14 +98,35 @@ matrix-shaped samples, and the one-step edge case."""
 def tight_stopping(
     solver: FixedPointSolver | None = None, dtype: torch.dtype = torch.float64
 ) -> StoppingRule:
-    """The rule a parity check uses: the solver's own default if it has one, else ``rms`` at 1e-12
-    (float64) or 1e-5 (float32, where 1e-12 is below rounding)."""
+    """The rule a parity check uses: the rule of the solver's preset if it has one, else ``rms``
+    at 1e-12 (float64) or 1e-5 (float32, where 1e-12 is below rounding)."""
     if solver is not None:
-        default = solver.default_stopping()
-        if default is not None:
-            return default
+        preset = preset_for(type(solver))
+        if preset is not None and preset.stopping is not None:
+            return fresh_rule(preset.stopping)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     return RMS(tol1=tol, tol2=tol)
+
+
+def solver_controller(solver: FixedPointSolver, controller: Controller | None = None) -> Controller:
+    """The controller the checks run ``solver`` under: ``controller`` when given, else the one
+    ``fpsolve.solve(system, solver)`` uses (its preset's, :func:`fpsolve.registry.preset_for`,
+    else the plain safeguarded one)."""
+    if controller is not None:
+        return controller
+    preset = preset_for(type(solver))
+    return preset.controller if preset is not None else Controller()
+
+
+def _cap(solver: FixedPointSolver, unbounded: int, controller: Controller | None = None) -> int | None:
+    """``None`` (the controller's cap) for a solver whose controller bounds the iterations by T,
+    else ``unbounded``: an unsafeguarded solve may need more than T iterations."""
+    return None if solver_controller(solver, controller).bounds_iterations() else unbounded
+
+
+def _window(controller: Controller | None, window: int | None = None) -> Any:
+    """``solve``'s ``window=``: the given controller with ``window`` applied, or just ``window``."""
+    return window if controller is None else controller.override(window=window)
 
 
 def assert_same_sample(component: Any, got: Solution, expected: Solution, atol: float, what: str) -> None:
@@ -131,9 +156,10 @@ def check_solver_interface(solver: FixedPointSolver) -> None:
         raise ConformanceError(f"{solver!r} is not a fpsolve.FixedPointSolver instance.")
     if not isinstance(solver.name, str) or not solver.name:
         raise _fail(solver, "set the class attribute name (its registry name).")
-    if solver.sequential:
+    if runs_sequentially(solver):
         raise _fail(
-            solver, "sequential = True is reserved for the reference; parallel solvers leave it False."
+            solver, "fpsolve.solvers.Sequential is reserved for the reference (it runs as the system's "
+            "own loop); a parallel solver subclasses FixedPointSolver."
         )
     if not attrs.has(type(solver)):
         raise _fail(
@@ -211,7 +237,7 @@ def _check_tensor(solver: Any, value: Any, like: torch.Tensor, what: str) -> Non
 
 def check_solver_step_contract(solver: FixedPointSolver, system: TriangularSystem) -> None:
     """``init`` then two ``step`` calls on a sliding window: proposals ``[W, N, D]`` of the state's
-    dtype and device, finite; ``final_step`` gives one row ``[N, D]``."""
+    dtype and device, finite."""
     steps = system.num_steps
     order = solver.resolved_order(steps)
     states = system.flat_noise.clone()
@@ -227,8 +253,6 @@ def check_solver_step_contract(solver: FixedPointSolver, system: TriangularSyste
             raise _fail(solver, "step(view, state) must return a pair (proposal, new_state).")
         proposal, state = result
         _check_tensor(solver, proposal, view.states, f"step() proposal (iteration {iteration})")
-        row = solver.final_step(view, proposal, 0)
-        _check_tensor(solver, row, view.states[0], "final_step() value")
         states[lo : hi + 1] = proposal
 
 
@@ -240,12 +264,14 @@ def check_solver_parity(
     stopping: StoppingRule | None = None,
     atol: float = 1e-8,
     max_iters: int | None = None,
+    controller: Controller | None = None,
 ) -> Solution:
-    """At a tight tolerance the solve converges to the sequential trajectory."""
+    """At a tight tolerance the solve converges to the sequential trajectory (under
+    ``controller``, default: the solver's preset's)."""
     reference = solve(system, "sequential")
     rule = stopping if stopping is not None else tight_stopping(solver, system.dtype)
-    cap = max_iters if max_iters is not None else (None if solver.safeguarded else 4 * system.num_steps)
-    solution = solve(system, solver, window=window, stopping=rule, max_iters=cap)
+    cap = max_iters if max_iters is not None else _cap(solver, 4 * system.num_steps, controller)
+    solution = solve(system, solver, window=_window(controller, window), stopping=rule, max_iters=cap)
     if not solution.converged:
         raise _fail(
             solver,
@@ -257,7 +283,8 @@ def check_solver_parity(
 
 
 def check_solver_iteration_bound(
-    solver: FixedPointSolver, system: TriangularSystem, *, window: int | None = None, seed: int = 0
+    solver: FixedPointSolver, system: TriangularSystem, *, window: int | None = None, seed: int = 0,
+    controller: Controller | None = None,
 ) -> None:
     """From a random guess and with no row ever accepted early, a solver that claims the bound
     finishes within T iterations, the anchor advancing every iteration, and stays exact."""
@@ -267,17 +294,21 @@ def check_solver_iteration_bound(
         reference.trajectory.shape, dtype=system.dtype, generator=torch.Generator().manual_seed(seed)
     ).to(system.device)
     init = FromTrajectory(trajectory=guess)
-    # MaxIters judges no rows: only the finite-termination argument can finish the solve.
-    solution = solve(
-        system, solver, window=window, initializer=init, stopping=MaxIters(steps + 1), max_iters=2 * steps
-    )
+    # A rule that judges no rows: only the finite-termination argument can finish the solve
+    # (the cap T + 1 lets a solver that breaks the claim show it).
+    with warnings.catch_warnings():  # a solver that breaks the claim hits the cap: reported below
+        warnings.simplefilter("ignore", NotConvergedWarning)
+        solution = solve(
+            system, solver, window=_window(controller, window), initializer=init, stopping=StoppingRule(),
+            max_iters=steps + 1
+        )
     parallel = len(solution.residuals)
     if not solution.converged or parallel > steps:
         raise _fail(
             solver,
             f"claims at most T iterations but took {parallel} on {_describe(system)} "
-            f"(window={window}, status {solution.status.name}); set safeguarded = True or "
-            "drop the claim.",
+            f"(window={window}, status {solution.status.name}); run it under a safeguarded "
+            "controller (its preset's Controller(safeguard=True)) or drop the claim.",
         )
     anchors = (0,) + solution.residuals.anchors
     if any(b <= a for a, b in zip(anchors, anchors[1:], strict=False)):
@@ -286,13 +317,14 @@ def check_solver_iteration_bound(
 
 
 def check_solver_determinism(
-    solver: FixedPointSolver, system: TriangularSystem, *, stopping: StoppingRule | None = None
+    solver: FixedPointSolver, system: TriangularSystem, *, stopping: StoppingRule | None = None,
+    controller: Controller | None = None,
 ) -> None:
     """Two solves of the same problem give bit-identical trajectories and the same counts."""
     rule = stopping if stopping is not None else tight_stopping(solver, system.dtype)
-    cap = None if solver.safeguarded else 4 * system.num_steps
-    first = solve(system, solver, stopping=rule, max_iters=cap)
-    second = solve(system, solver, stopping=rule, max_iters=cap)
+    cap = _cap(solver, 4 * system.num_steps, controller)
+    first = solve(system, solver, window=_window(controller), stopping=rule, max_iters=cap)
+    second = solve(system, solver, window=_window(controller), stopping=rule, max_iters=cap)
     if (first.iterations, first.model_evals) != (second.iterations, second.model_evals):
         raise _fail(
             solver,
@@ -317,11 +349,12 @@ def check_solver_shapes(
     stopping: StoppingRule | None = None,
     atol: float = 1e-8,
     cases: Sequence[tuple[int | None, tuple[int, ...], int]] = SHAPE_CASES,
+    controller: Controller | None = None,
 ) -> None:
     """Any batch (``None`` or N), any sample shape, and T = 1 give the sequential shapes and sample."""
     for batch, shape, steps in cases:
         system = make_system("ddim", steps=steps, shape=shape, batch=batch)
-        check_solver_parity(solver, system, stopping=stopping, atol=atol)
+        check_solver_parity(solver, system, stopping=stopping, atol=atol, controller=controller)
 
 
 def check_solver_dtype(
@@ -330,13 +363,14 @@ def check_solver_dtype(
     *,
     stopping: StoppingRule | None = None,
     atol: float | None = None,
+    controller: Controller | None = None,
 ) -> None:
     """A system in ``dtype`` gives a result in ``dtype``, close to that dtype's sequential sample."""
     system = make_system("ddim", dtype=dtype)
     reference = solve(system, "sequential")
     rule = stopping if stopping is not None else tight_stopping(solver, dtype)
-    cap = None if solver.safeguarded else 4 * system.num_steps
-    solution = solve(system, solver, stopping=rule, max_iters=cap)
+    cap = _cap(solver, 4 * system.num_steps, controller)
+    solution = solve(system, solver, window=_window(controller), stopping=rule, max_iters=cap)
     for name, value in (("sample", solution.sample), ("trajectory", solution.trajectory)):
         if value.dtype != dtype:
             raise _fail(solver, f"returned a {name} of dtype {value.dtype} for a {dtype} system.")
@@ -350,12 +384,14 @@ def check_solver_device(
     *,
     stopping: StoppingRule | None = None,
     atol: float = 1e-6,
+    controller: Controller | None = None,
 ) -> None:
     """A system on ``device`` gives a result on ``device`` that matches the CPU result."""
-    cpu = check_solver_parity(solver, make_system("ddim"), stopping=stopping)
+    cpu = check_solver_parity(solver, make_system("ddim"), stopping=stopping, controller=controller)
     system = make_system("ddim", device=device)
     rule = stopping if stopping is not None else tight_stopping(solver, system.dtype)
-    solution = solve(system, solver, stopping=rule, max_iters=None if solver.safeguarded else 40)
+    solution = solve(system, solver, window=_window(controller), stopping=rule,
+                     max_iters=_cap(solver, 40, controller))
     target = torch.device(device)
     for name, value in (("sample", solution.sample), ("trajectory", solution.trajectory)):
         if value.device.type != target.type:
@@ -677,45 +713,55 @@ def check_solver(
     windows: Sequence[int | None] = (None, 3),
     devices: Sequence[str] | None = None,
     atol: float = 1e-8,
+    controller: Controller | None = None,
 ) -> None:
     """Run every solver check; one :class:`ConformanceError` lists all failures.
 
     Args:
         solver: the solver instance to judge.
         stopping: the tight rule for parity (default: :func:`tight_stopping`).
-        claims_at_most_steps: whether to hold the solver to T iterations (default: ``safeguarded``).
+        claims_at_most_steps: whether to hold the solver to T iterations (default: whether its
+            controller (:func:`solver_controller`) is safeguarded).
         samplers: problem samplers (:data:`~fpsolve.testing.problems.SAMPLER_KINDS`).
         windows: windows for the parity and bound checks (``None``: the solver's default).
         devices: devices to check (default: the CPU and every visible GPU).
         atol: parity tolerance in float64, relative to the trajectory's scale.
+        controller: the loop policy to check the solver under (default: its preset's).
     """
     checks: list[tuple[str, Callable[[], Any]]] = [("interface", partial(check_solver_interface, solver))]
-    bound = solver.safeguarded if claims_at_most_steps is None else claims_at_most_steps
+    policy = solver_controller(solver, controller)
+    bound = policy.bounds_iterations() if claims_at_most_steps is None else claims_at_most_steps
     for kind in samplers:
         system = make_system(kind)
         checks.append((f"step contract [{kind}]", partial(check_solver_step_contract, solver, system)))
         checks.append(
-            (f"determinism [{kind}]", partial(check_solver_determinism, solver, system, stopping=stopping))
+            (f"determinism [{kind}]", partial(check_solver_determinism, solver, system, stopping=stopping,
+                                              controller=controller))
         )
         for window in windows:
             checks.append(
                 (
                     f"parity [{kind}, window={window}]",
-                    partial(check_solver_parity, solver, system, window=window, stopping=stopping, atol=atol),
+                    partial(check_solver_parity, solver, system, window=window, stopping=stopping, atol=atol,
+                            controller=controller),
                 )
             )
             if bound:
                 checks.append(
                     (
                         f"at most T iterations [{kind}, window={window}]",
-                        partial(check_solver_iteration_bound, solver, system, window=window),
+                        partial(check_solver_iteration_bound, solver, system, window=window,
+                                controller=controller),
                     )
                 )
-    checks.append(("shapes", partial(check_solver_shapes, solver, stopping=stopping, atol=atol)))
+    checks.append(("shapes", partial(check_solver_shapes, solver, atol=atol, stopping=stopping,
+                                     controller=controller)))
     for dtype in (torch.float32, torch.float64):
-        checks.append((f"dtype {dtype}", partial(check_solver_dtype, solver, dtype, stopping=stopping)))
+        checks.append((f"dtype {dtype}", partial(check_solver_dtype, solver, dtype, stopping=stopping,
+                                                 controller=controller)))
     for device in _devices(devices):
-        checks.append((f"device {device}", partial(check_solver_device, solver, device, stopping=stopping)))
+        checks.append((f"device {device}", partial(check_solver_device, solver, device, stopping=stopping,
+                                                   controller=controller)))
     _run_all(solver, checks)
 
 

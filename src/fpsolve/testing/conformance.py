@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
+from ..control import Controller
 from ..initializers import Initializer
 from ..registry import get_registry
 from ..samplers.base import SequentialSampler
@@ -107,12 +108,15 @@ class SolverConformance(_Conformance):
 
     Attributes:
         solver: the solver instance under test (required).
-        stopping: the tight stopping rule for parity (default: the solver's own
-            ``default_stopping()`` if it has one, else ``rms`` at 1e-12); configure a solver that
-            brings its own rule tightly, e.g. ``Paradigms(tolerance=1e-7)``.
-        claims_at_most_steps: hold the solver to T iterations (default: ``solver.safeguarded``).
+        stopping: the tight stopping rule for parity (default: the rule of the solver's preset
+            if it has one, else ``rms`` at 1e-12); give a method that brings its own rule a
+            tight one, e.g. ``ParadigmsOriginal(tol=1e-7)``.
+        claims_at_most_steps: hold the solver to T iterations (default: whether the controller
+            of its preset, :func:`~fpsolve.testing.checks.solver_controller`, is safeguarded).
         samplers: problem samplers (default ``ddim``, ``ddpm``, ``dpm_solver``).
-        windows: windows for parity and the iteration bound (``None``: the solver's default).
+        windows: windows for parity and the iteration bound (``None``: the controller's window).
+        controller: the loop policy to test the solver under (default: its preset's, e.g. a
+            method published with ``Controller(boundary="proposal")``).
         atol: float64 parity tolerance, relative to the trajectory's scale.
         max_examples: examples of the hypothesis property on random problems.
     """
@@ -121,6 +125,7 @@ class SolverConformance(_Conformance):
     solver: ClassVar[FixedPointSolver]
     stopping: ClassVar[StoppingRule | None] = None
     claims_at_most_steps: ClassVar[bool | None] = None
+    controller: ClassVar[Controller | None] = None
     samplers: ClassVar[Sequence[str]] = SAMPLER_KINDS
     windows: ClassVar[Sequence[int | None]] = (None, 3)
     atol: ClassVar[float] = 1e-8
@@ -130,7 +135,9 @@ class SolverConformance(_Conformance):
 
     def _claims_bound(self) -> bool:
         claim = self.claims_at_most_steps
-        return self.solver.safeguarded if claim is None else claim
+        if claim is not None:
+            return claim
+        return checks.solver_controller(self.solver, self.controller).bounds_iterations()
 
     def test_interface(self) -> None:
         """A frozen attrs FixedPointSolver with a name and a valid order."""
@@ -143,37 +150,42 @@ class SolverConformance(_Conformance):
     def test_matches_sequential(self, sampler_kind: str, window: int | None) -> None:
         """At a tight tolerance the solve reproduces the sequential trajectory."""
         checks.check_solver_parity(
-            self.solver, make_system(sampler_kind), window=window, stopping=self.stopping, atol=self.atol
+            self.solver, make_system(sampler_kind), window=window, stopping=self.stopping, atol=self.atol,
+            controller=self.controller,
         )
 
     def test_at_most_T_iterations(self, sampler_kind: str, window: int | None) -> None:
         """From a random guess, with no early acceptance: done within T iterations, and exact."""
         if not self._claims_bound():
-            pytest.skip("the solver does not claim at most T iterations (safeguarded = False)")
-        checks.check_solver_iteration_bound(self.solver, make_system(sampler_kind), window=window)
+            pytest.skip("the solver does not claim at most T iterations (its controller has safeguard=False)")
+        checks.check_solver_iteration_bound(self.solver, make_system(sampler_kind), window=window,
+                                            controller=self.controller)
 
     def test_deterministic(self, sampler_kind: str) -> None:
         """Two solves give bit-identical trajectories."""
-        checks.check_solver_determinism(self.solver, make_system(sampler_kind), stopping=self.stopping)
+        checks.check_solver_determinism(self.solver, make_system(sampler_kind), stopping=self.stopping,
+                                        controller=self.controller)
 
     def test_shapes(self, shape_case: tuple[int | None, tuple[int, ...], int]) -> None:
         """No batch axis, matrix-shaped samples, and T = 1."""
-        checks.check_solver_shapes(self.solver, stopping=self.stopping, atol=self.atol, cases=[shape_case])
+        checks.check_solver_shapes(self.solver, stopping=self.stopping, atol=self.atol, cases=[shape_case],
+                                   controller=self.controller)
 
     def test_dtype(self, dtype: torch.dtype) -> None:
         """The result keeps the system's dtype and matches that dtype's sequential sample."""
-        checks.check_solver_dtype(self.solver, dtype, stopping=self.stopping)
+        checks.check_solver_dtype(self.solver, dtype, stopping=self.stopping, controller=self.controller)
 
     def test_device(self, device: str, request: Any) -> None:
         """The result stays on the system's device and matches the CPU."""
         _require_device(device, request)
-        checks.check_solver_device(self.solver, device, stopping=self.stopping)
+        checks.check_solver_device(self.solver, device, stopping=self.stopping, controller=self.controller)
 
     @_PROPERTY_SETTINGS
     @given(system=fst.systems(max_steps=8, max_dim=4, max_batch=2))
     def test_random_problems_match_sequential(self, system: TriangularSystem) -> None:
         """Random samplers, schedules, timestep lists, shapes and batches (hypothesis)."""
-        checks.check_solver_parity(self.solver, system, stopping=self.stopping, atol=self.atol)
+        checks.check_solver_parity(self.solver, system, stopping=self.stopping, atol=self.atol,
+                                   controller=self.controller)
 
 
 class SamplerConformance(_Conformance):

@@ -6,12 +6,16 @@ run it, in fpsolve's terms (anchor ``a = lo - 1``, window rows ``lo..hi``, ``hi 
 1. one batched model call at states ``a .. hi-1``;
 2. every row takes the Picard update ``x_r <- x_a + sum_{j <= r} (step(x_{j-1}) - x_{j-1})``
    (a cumulative sum of first-order residuals, see :func:`~fpsolve_paradigms.stopping.picard_update`),
-   accepted rows included (``update_accepted = True``);
+   accepted rows included;
 3. the rows are judged by :class:`~fpsolve_paradigms.ParadigmsOriginal`; the window slides by
-   ``1 + `` the index of the first unaccepted row, which keeps its Picard value
-   (:meth:`Paradigms.final_step`), so the anchor advances every iteration;
+   ``1 + `` the index of the first unaccepted row, which keeps its Picard value, so the anchor
+   advances every iteration;
 4. rows entering the window start as a copy of the last row of the previous window (fpsolve's
    ``noise_copy`` initializer and driver do exactly this).
+
+The solver is step 2 only. Steps 1, 3 and 4 are loop policy, which the ``paradigms`` preset
+(:data:`~fpsolve_paradigms.plugin.PARADIGMS`) gives the driver: ``Controller(window=10,
+boundary="proposal", update_accepted=True)`` and ``ParadigmsOriginal(tol=0.1)``.
 
 The iteration count is the number of model calls, as ParaDiGMS' loop counts them.
 """
@@ -23,42 +27,27 @@ from typing import Any
 import attrs
 import torch
 
-from fpsolve import FixedPointSolver, StoppingRule
-from fpsolve.errors import InvalidOptionError
+from fpsolve import FixedPointSolver
 from fpsolve.solvers import WindowView
 
-from .stopping import ParadigmsOriginal, _tolerance, picard_update
+from .stopping import picard_update
 
 __all__ = ["Paradigms"]
 
 
-def _parallel(instance: Any, attribute: Any, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidOptionError(
-            f"parallel must be an int >= 1 (the window: states per model call; ParaDiGMS' default is 10); "
-            f"got {value!r}."
-        )
-
-
 @attrs.define(frozen=True, eq=False, kw_only=True)
 class Paradigms(FixedPointSolver):
-    """ParaDiGMS: windowed Picard iteration with its own stopping rule and window slide.
+    """ParaDiGMS' Picard update of every window row (see the module docstring).
 
-    ``fpsolve.solve(system, solver="paradigms")`` uses ``window=parallel`` and the
-    ``paradigms_original`` rule with ``tol=tolerance`` unless the caller gives ``window``,
-    ``stopping`` or ``tol`` (``tol=`` always means fpsolve's ``rms`` rule).
-
-    Args:
-        parallel: window size, the states evaluated per model call (default 10, as the
-            diffusers pipeline's ``parallel``).
-        tolerance: ParaDiGMS' tolerance (default 0.1, the pipeline's ``tolerance``).
+    ``fpsolve.solve(system, "paradigms")`` (or with a ``Paradigms()`` instance) runs it under the
+    ``paradigms`` preset: window 10, the ``paradigms_original`` rule at tol 0.1, the Picard value
+    kept at the row where the window stops sliding, accepted rows updated too. ``window=`` and
+    ``stopping=`` override those parts (``tol=`` always means fpsolve's ``rms`` rule); the
+    pipeline's ``parallel`` is ``window=`` and its ``tolerance`` is
+    ``stopping=ParadigmsOriginal(tol=...)``.
     """
 
     name = "paradigms"
-    update_accepted = True
-
-    parallel: int = attrs.field(default=10, validator=_parallel)
-    tolerance: float = attrs.field(default=0.1, validator=_tolerance)
 
     @property
     def order(self) -> int:  # type: ignore[override]
@@ -68,15 +57,3 @@ class Paradigms(FixedPointSolver):
     def step(self, view: WindowView, state: Any) -> tuple[torch.Tensor, Any]:
         """Every row takes its Picard update from the anchor."""
         return view.states + picard_update(view.first_order), state
-
-    def final_step(self, view: WindowView, proposal: torch.Tensor, row: int) -> torch.Tensor:
-        """ParaDiGMS keeps the Picard value at the row where its window stops sliding."""
-        return proposal[row]
-
-    def default_window(self) -> int:
-        """``parallel``."""
-        return self.parallel
-
-    def default_stopping(self) -> StoppingRule:
-        """:class:`~fpsolve_paradigms.ParadigmsOriginal` with ``tol=tolerance``."""
-        return ParadigmsOriginal(tol=self.tolerance)
