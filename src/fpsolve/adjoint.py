@@ -361,7 +361,7 @@ class _Backward:
         lam = (system.propagator().T @ (grad_states + jtw).reshape(steps + 1, -1)).reshape(self.states.shape)
         noise_grad = None
         if self.noise_grad:
-            _, _, noise_coef = system._device_coefficients()
+            _, _, noise_coef = system.coefficients()
             noise_grad = lam * noise_coef[:, None, None]
             noise_grad[0] = lam[0]
         self.record.adjoint = solved

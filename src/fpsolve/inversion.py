@@ -303,7 +303,7 @@ def _sequential_exact(system: TriangularSystem, stopping: RMS, max_inner: int) -
     """Per-step fixed-point iteration of the implicit equations (the sequential reference)."""
     started = time.perf_counter()
     steps, samples = system.num_steps, system.num_samples
-    state_coef, output_coef, _ = system._device_coefficients()
+    state_coef, output_coef, _ = system.coefficients()
     states = system.flat_noise.clone()
     evals = 0
     rows = []
