@@ -229,6 +229,7 @@ PUBLIC_MODULES = [
     "fpsolve.testing.checks",
     "fpsolve.testing.conformance",
     "fpsolve.distributed",
+    "fpsolve.evaluators",
     "fpsolve.gpu",
     "fpsolve.models",
     "fpsolve_paradigms",

@@ -13,9 +13,9 @@ __all__ = ["LAYERS", "OPTIONAL_MODULES", "layer_of"]
 
 #: (layer name, what it holds, modules and packages in it), lowest first.
 LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("data", "plain data, errors, validators, the plugin marker",
+    ("data", "plain data, errors, validators, the plugin marker, per-denoiser memory",
      ("fpsolve._layers", "fpsolve.errors", "fpsolve.solution", "fpsolve.validators", "fpsolve.plugin_marks",
-      "fpsolve.progress", "fpsolve.cli_output")),
+      "fpsolve.progress", "fpsolve.cli_output", "fpsolve._identity")),
     ("samplers", "pure math: the samplers' affine forms",
      ("fpsolve.samplers",)),
     ("system", "TriangularSystem: residuals, evaluation, the one sequential loop",
@@ -24,10 +24,12 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("fpsolve.solvers", "fpsolve.stopping", "fpsolve.initializers")),
     ("driver", "the parallel loop",
      ("fpsolve.driver",)),
+    ("evaluators", "plain, chunked (OOM-safe) and sharded (torch.distributed) evaluators, and the one choice",
+     ("fpsolve.evaluators",)),
     ("registry", "names -> classes, the hook specifications, plugins",
      ("fpsolve.registry", "fpsolve.hookspecs")),
-    ("evaluation", "what the api chooses: sharded and chunked evaluators, the auto window",
-     ("fpsolve.sharding", "fpsolve.gpu")),
+    ("gpu", "what the api asks of the GPU tools: the auto window, latency, planning, CUDA graphs",
+     ("fpsolve.gpu",)),
     ("api", "solve(), make_system(), inversion and the adjoint",
      ("fpsolve.api", "fpsolve.inversion", "fpsolve.adjoint")),
     ("tools", "everything that uses the api",

@@ -11,14 +11,13 @@ import attrs
 import torch
 
 from .adjoint import differentiable_solution
-from .driver import DriverConfig, Evaluator, Observer, run
+from .driver import DriverConfig, Observer, run
 from .errors import InvalidOptionError, NotConvergedWarning
+from .evaluators import choose as choose_evaluator
 from .gpu.auto import resolve_auto_window
-from .gpu.chunking import ChunkedEvaluator
 from .initializers import Initializer
 from .progress import ProgressBar
 from .registry import get_plugin_manager, iteration_hook, resolve
-from .sharding import sharded_evaluator
 from .solution import Solution, Status
 from .solvers.base import FixedPointSolver
 from .stopping import RMS, StoppingRule
@@ -170,12 +169,7 @@ def solve(
     if progress:
         bar = ProgressBar(f"fpsolve {solver_obj.name}")
         observers.append(bar)
-    evaluate: Evaluator | None = None
-    if distributed is not None and distributed is not False:
-        evaluate = sharded_evaluator(system, distributed)
-    elif system.device.type == "cuda":  # a model call that does not fit is split, not fatal
-
-        evaluate = ChunkedEvaluator(system)
+    evaluate = choose_evaluator(system, distributed=distributed)
     # A differentiable solve runs without autograd; its backward is the adjoint solve.
     grad_mode = torch.no_grad() if differentiable else contextlib.nullcontext()
     try:

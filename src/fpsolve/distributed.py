@@ -38,7 +38,7 @@ import torch.distributed as dist
 from .api import make_system, solve
 from .driver import DriverConfig
 from .errors import InvalidOptionError
-from .sharding import (
+from .evaluators.sharded import (
     DistributedError,
     RankFailedError,
     RankFailure,

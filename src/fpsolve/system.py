@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -32,12 +32,29 @@ from .errors import DenoiserOutputError, InvalidOptionError, ShapeError
 from .samplers.base import AffineForm, SequentialSampler
 from .validators import as_int, is_integer
 
-__all__ = ["TriangularSystem", "Denoiser", "StepCoefficients"]
+__all__ = ["TriangularSystem", "Denoiser", "Evaluator", "StepCoefficients"]
 
 #: The denoiser signature: ``x`` ``[B, *shape]`` and model times ``t`` ``[B]`` -> the model output
 #: the sampler declares (``sampler.prediction``: eps, velocity, ...). ``t`` is a long tensor of
 #: integer timesteps, or, for a sampler with ``continuous_time``, a float tensor in the state dtype.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """What the driver calls once per iteration: ONE batched denoiser evaluation.
+
+    ``evaluate(states [P, N, D], positions [P]) -> outputs [P, N, D]`` in the state dtype: the
+    model outputs of the ``P`` states at state indices ``positions``, for all ``N`` samples.
+    :meth:`TriangularSystem.evaluate` is the plain one; :mod:`fpsolve.evaluators` holds it with
+    the chunked (out-of-memory-safe) and the sharded (``torch.distributed``) ones and
+    :func:`fpsolve.evaluators.choose`, which picks one for a solve. It lives here, in the system's
+    layer, so that the driver (below the evaluators) can name it.
+    """
+
+    def __call__(self, states: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """The model outputs ``[P, N, D]`` of ``states`` ``[P, N, D]`` at ``positions``."""
+        ...
 
 
 def _as_shape(value: Any) -> tuple[int, ...]:
@@ -379,7 +396,7 @@ class TriangularSystem:
             weights = weights * band
         return (weights @ first_order.reshape(width, -1)).reshape(first_order.shape)
 
-    def sequential(self, evaluate: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None = None,
+    def sequential(self, evaluate: Evaluator | None = None,
                    on_step: Callable[[int], Any] | None = None) -> SequentialRun:
         """The ONE sequential loop: T model calls, each over the N samples, each followed by the
         sampler's exact step (``states[t] = first_order_rhs``).

@@ -26,12 +26,12 @@ from typing import Any
 
 import attrs
 
+from .._identity import PerDenoiser
 from ..errors import InvalidOptionError
+from ..evaluators import known_max_batch
 from ..registry import resolve
 from ..solvers.base import FixedPointSolver
 from ..system import TriangularSystem
-from ._identity import PerDenoiser
-from .chunking import known_max_batch
 from .iterations import IterationModel
 from .latency import LatencyTable, latency_table
 from .planner import Plan, latency_curve, plan_window

@@ -21,8 +21,8 @@ from typing import Any
 import attrs
 import torch
 
+from .._identity import denoiser_cache_key
 from ..errors import InvalidOptionError
-from ._identity import denoiser_cache_key
 
 __all__ = ["CUDAGraphDenoiser", "CUDAGraphWarning"]
 

@@ -20,8 +20,8 @@ from typing import Any
 import attrs
 import torch
 
+from .._identity import PerDenoiser, denoiser_cache_key, input_key
 from ..errors import InvalidOptionError
-from ._identity import PerDenoiser, denoiser_cache_key, input_key
 from .timing import DeviceTimer
 
 __all__ = [

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .._identity import PerDenoiser, input_key
 from ..errors import InvalidOptionError
 from ..system import TriangularSystem
-from ._identity import PerDenoiser, input_key
 
 __all__ = ["ChunkedEvaluator", "known_max_batch", "forget_max_batches"]
 
@@ -49,8 +49,9 @@ class ChunkedEvaluator:
     """The driver's evaluator (``evaluate(states [P, N, D], positions) -> outputs [P, N, D]``) with
     the model batch split into chunks of at most ``max_batch`` rows, halved on out-of-memory.
 
-    ``fpsolve.solve`` uses one automatically on CUDA devices (with ``max_batch=None``: one chunk
-    until memory runs out). Pass one to :func:`fpsolve.driver.run` directly as ``evaluate=``.
+    ``fpsolve.solve`` uses one automatically on CUDA devices (:func:`fpsolve.evaluators.choose`,
+    with ``max_batch=None``: one chunk until memory runs out). Pass one to
+    :func:`fpsolve.driver.run` directly as ``evaluate=``.
 
     Args:
         system: the system whose denoiser is called (through its validated
