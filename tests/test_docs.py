@@ -230,6 +230,7 @@ PUBLIC_MODULES = [
     "fpsolve.testing.conformance",
     "fpsolve.distributed",
     "fpsolve.evaluators",
+    "fpsolve.schedules",
     "fpsolve.gpu",
     "fpsolve.models",
     "fpsolve_paradigms",
