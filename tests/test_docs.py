@@ -231,6 +231,7 @@ PUBLIC_MODULES = [
     "fpsolve.distributed",
     "fpsolve.evaluators",
     "fpsolve.schedules",
+    "fpsolve.validators",
     "fpsolve.gpu",
     "fpsolve.models",
     "fpsolve_paradigms",

@@ -57,6 +57,7 @@ from .solution import ResidualTrace, Solution, Status
 from .solvers.base import FixedPointSolver, WindowView
 from .stopping import RMS
 from .system import TriangularSystem
+from .validators import as_flag
 
 __all__ = ["invert", "InverseSampler", "ImplicitInverseSystem", "inverse_system", "solve_inverse",
            "check_invertible", "reconstruction_error"]
@@ -369,8 +370,7 @@ def invert(system: TriangularSystem | Any, x0: torch.Tensor,
         ShapeError: ``x0`` does not have the system's sample shape.
     """
     system = make_system(system)
-    if not isinstance(exact, bool):
-        raise InvalidOptionError(f"exact must be True or False; got {exact!r}.")
+    exact = as_flag("exact", exact)
     if solve_options.get("differentiable"):
         raise InvalidOptionError("invert(..., differentiable=True) is not supported; differentiate a "
                                  "forward solve with fpsolve.solve(..., differentiable=True) instead.")

@@ -20,8 +20,8 @@ from .sharded import sharded_evaluator
 
 __all__ = ["EvaluatorKind", "choose", "kind_for"]
 
-#: The evaluators :func:`choose` picks from.
 EvaluatorKind = Literal["plain", "chunked", "sharded"]
+"""The evaluators :func:`choose` picks from, as :func:`kind_for` names them."""
 
 
 def _distributes(distributed: Any) -> bool:

@@ -25,7 +25,7 @@ import attrs
 import torch
 
 from ..errors import InvalidOptionError
-from ._validators import order_option, prior_option, ridge_option
+from ..validators import order_option, prior_option, ridge_option
 from .base import FixedPointSolver, WindowView
 from .newton import NewtonState, prior_slopes, secant_pairs
 

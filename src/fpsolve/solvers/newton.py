@@ -29,7 +29,7 @@ import attrs
 import torch
 
 from ..stopping import StoppingRule, X0Change
-from ._validators import integer, order_option, prior_option, real, ridge_option, unit_interval_option
+from ..validators import integer, order_option, prior_option, real, ridge_option, unit_interval_option
 from .base import FixedPointSolver, WindowView
 
 __all__ = ["QuasiNewton", "NewtonState", "prior_slopes", "secant_pairs"]
