@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import fpsolve
+from fpsolve.schedules import linear_alphas_cumprod, spaced_timesteps
 from fpsolve.testing.problems import problem_denoiser, problem_sampler
 
 settings.register_profile("dev", max_examples=30, deadline=None,
@@ -17,13 +18,8 @@ settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-ALPHAS_CUMPROD = torch.cumprod(1 - BETAS, 0)
-
-
-def spaced(steps: int) -> list[int]:
-    """``steps`` evenly spaced descending timesteps from 999 to 0."""
-    return torch.linspace(999, 0, steps).round().long().tolist()
+ALPHAS_CUMPROD = linear_alphas_cumprod()  # DDPM's linear betas 1e-4..0.02 over 1000 steps
+spaced = spaced_timesteps  # ``steps`` evenly spaced descending timesteps from 999 to 0
 
 
 def make_sampler(kind, steps: int, **options):

@@ -85,7 +85,7 @@ def test_not_initialised_names_the_fix(ddim_system):
 
 @pytest.mark.parametrize("backend", ["gloo", "cpu:gloo,cuda:nccl", "mpi"])
 def test_cpu_tensors_stay_on_the_cpu_for_cpu_backends(backend):
-    from fpsolve.distributed import _comm_device, _Group
+    from fpsolve.evaluators.sharded import _comm_device, _Group
 
     assert _comm_device(_Group(None, 0, 2, backend), torch.device("cpu")) == torch.device("cpu")
 

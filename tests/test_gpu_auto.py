@@ -241,7 +241,7 @@ def test_latency_table_validation():
 def test_per_denoiser_memory_is_by_identity_and_dropped_with_the_denoiser():
     import gc
 
-    from fpsolve.gpu._identity import PerDenoiser
+    from fpsolve._identity import PerDenoiser
 
     store = PerDenoiser()
     first, second = Model(), Model()

@@ -8,7 +8,7 @@ import torch
 import fpsolve
 from fpsolve.driver import DriverConfig, run
 from fpsolve.errors import InvalidOptionError
-from fpsolve.gpu import ChunkedEvaluator, forget_max_batches, known_max_batch
+from fpsolve.evaluators import ChunkedEvaluator, forget_max_batches, known_max_batch
 from fpsolve.initializers import NoiseCopy
 from fpsolve.stopping import RMS
 

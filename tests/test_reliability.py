@@ -27,7 +27,7 @@ from fpsolve.errors import (
     ShapeError,
     UnknownNameError,
 )
-from fpsolve.gpu.chunking import ChunkedEvaluator
+from fpsolve.evaluators import ChunkedEvaluator
 from fpsolve.initializers import Coarse, FromTrajectory, NoiseCopy
 from fpsolve.samplers import DDIM
 from fpsolve.solvers import FP, TAA

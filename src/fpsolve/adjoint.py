@@ -58,6 +58,7 @@ from .solution import Solution
 from .solvers.base import FixedPointSolver
 from .stopping import RMS
 from .system import TriangularSystem
+from .validators import as_int, as_real
 
 __all__ = ["AdjointSampler", "adjoint_form", "denoiser_parameters", "differentiable_solution",
            "GradientRecord", "gradient_record"]
@@ -361,7 +362,7 @@ class _Backward:
         lam = (system.propagator().T @ (grad_states + jtw).reshape(steps + 1, -1)).reshape(self.states.shape)
         noise_grad = None
         if self.noise_grad:
-            _, _, noise_coef = system._device_coefficients()
+            _, _, noise_coef = system.coefficients()
             noise_grad = lam * noise_coef[:, None, None]
             noise_grad[0] = lam[0]
         self.record.adjoint = solved
@@ -406,11 +407,9 @@ def differentiable_solution(system: TriangularSystem, solution: Solution, solver
     Raises:
         InvalidOptionError: nothing requires grad (neither the noise nor any parameter).
     """
-    if not (isinstance(adjoint_tol, (int, float)) and adjoint_tol > 0):
-        raise InvalidOptionError(f"adjoint_tol must be a number > 0 (relative); got {adjoint_tol!r}.")
-    bad_chunk = isinstance(vjp_chunk, bool) or not isinstance(vjp_chunk, int) or vjp_chunk < 1
-    if vjp_chunk is not None and bad_chunk:
-        raise InvalidOptionError(f"vjp_chunk must be an int >= 1 or None; got {vjp_chunk!r}.")
+    adjoint_tol = as_real("adjoint_tol", adjoint_tol, minimum=0.0, strict=True, hint=" (relative)")
+    if vjp_chunk is not None:
+        vjp_chunk = as_int("vjp_chunk", vjp_chunk, minimum=1, hint=" or None")
     tensors = [p for p in _as_params(params, system.denoiser)]
     noise = system.flat_noise
     if not noise.requires_grad and not any(p.requires_grad for p in tensors):

@@ -20,13 +20,12 @@ import torch
 
 from .adjoint import differentiable_solution
 from .control import Controller, Preset, runs_sequentially
-from .driver import Evaluator, Observer, run
+from .driver import Observer, run
 from .errors import InvalidOptionError, NotConvergedWarning
-from .gpu.chunking import ChunkedEvaluator
+from .evaluators import choose as choose_evaluator
 from .initializers import Initializer
 from .progress import ProgressBar
 from .registry import get_plugin_manager, get_registry, iteration_hook, lookup_preset, preset_for, resolve
-from .sharding import sharded_evaluator
 from .solution import Solution, Status
 from .solvers.base import FixedPointSolver
 from .stopping import MAX_ITERS_MOVED, RMS, StoppingRule
@@ -167,12 +166,7 @@ def solve(
     if progress:
         bar = ProgressBar(f"fpsolve {solver_obj.name}")
         observers.append(bar)
-    evaluate: Evaluator | None = None
-    if distributed is not None and distributed is not False:
-        evaluate = sharded_evaluator(system, distributed)
-    elif system.device.type == "cuda":  # a model call that does not fit is split, not fatal
-
-        evaluate = ChunkedEvaluator(system)
+    evaluate = choose_evaluator(system, distributed=distributed)
     # A differentiable solve runs without autograd; its backward is the adjoint solve.
     grad_mode = torch.no_grad() if differentiable else contextlib.nullcontext()
     try:

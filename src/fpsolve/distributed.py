@@ -38,7 +38,7 @@ import torch.distributed as dist
 from .api import make_system, solve
 from .driver import DriverConfig
 from .errors import InvalidOptionError
-from .sharding import (
+from .evaluators.sharded import (
     DistributedError,
     RankFailedError,
     RankFailure,
@@ -54,6 +54,7 @@ from .sharding import (
 )
 from .solution import ResidualTrace, Solution, Status
 from .system import TriangularSystem
+from .validators import as_int
 
 __all__ = [
     "DistributedError",
@@ -91,12 +92,6 @@ class ShardPlan:
     reason: str
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidOptionError(f"{name} must be an int >= 1; got {value!r}.")
-    return value
-
-
 def plan(num_samples: int, window: int, world_size: int, *, shard: str = "auto") -> ShardPlan:
     """Choose window sharding or sample sharding for ``num_samples`` samples and ``window`` positions.
 
@@ -116,9 +111,9 @@ def plan(num_samples: int, window: int, world_size: int, *, shard: str = "auto")
         shard: ``"auto"``, ``"window"`` or ``"samples"`` (forces the mode; ``"samples"`` needs
             ``N >= R``).
     """
-    samples = _positive_int("num_samples", num_samples)
-    width = _positive_int("window", window)
-    ranks = _positive_int("world_size", world_size)
+    samples = as_int("num_samples", num_samples, minimum=1)
+    width = as_int("window", window, minimum=1)
+    ranks = as_int("world_size", world_size, minimum=1)
     if shard not in ("auto", "window", "samples"):
         raise InvalidOptionError(f"shard must be 'auto', 'window' or 'samples'; got {shard!r}.")
     window_rows = math.ceil(width * samples / ranks)

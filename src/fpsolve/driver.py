@@ -62,15 +62,12 @@ from .plugin_marks import plugin_of_class
 from .solution import ResidualTrace, Solution, Status
 from .solvers.base import FixedPointSolver, WindowView
 from .stopping import StoppingRule, StoppingView, rms_per_row
-from .system import TriangularSystem
+from .system import Evaluator, TriangularSystem
 from .validators import is_integer
 
 __all__ = ["DriverConfig", "IterationInfo", "Evaluator", "run", "run_sequential"]
 
 Observer = Callable[["IterationInfo"], Any]
-#: ``evaluate(states [P, N, D], positions) -> outputs [P, N, D]``: ONE batched denoiser call.
-#: The default is :meth:`TriangularSystem.evaluate`; the distributed driver shards it.
-Evaluator = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 
 #: The driver's settings before issue 12: the same class as :class:`fpsolve.control.Controller`

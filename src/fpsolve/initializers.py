@@ -21,13 +21,9 @@ import torch
 from .errors import InvalidOptionError, ShapeError
 from .plugin_marks import hookimpl
 from .system import TriangularSystem
-from .validators import check_int, is_integer
+from .validators import check_int, integer
 
 __all__ = ["InitialGuess", "Initializer", "NoiseCopy", "FromTrajectory", "Coarse", "Extrapolate"]
-
-
-def _integer(value: Any) -> Any:
-    return int(value) if is_integer(value) else value  # numpy ints are ints; the validator refuses the rest
 
 
 @attrs.define(frozen=True, eq=False)
@@ -94,7 +90,7 @@ class FromTrajectory(Initializer):
     aliases = {"from_trajectory": {}}
 
     trajectory: Any = attrs.field(default=None, repr=False)
-    solve_last: int | None = attrs.field(default=None, converter=_integer,
+    solve_last: int | None = attrs.field(default=None, converter=integer,
                                          validator=check_int("solve_last", optional=True,
                                                              hint=" in 1..T, or None"))
 
@@ -139,7 +135,7 @@ class Coarse(Initializer):
 
     name = "coarse"
 
-    steps: int | None = attrs.field(default=None, converter=_integer,
+    steps: int | None = attrs.field(default=None, converter=integer,
                                     validator=check_int("coarse steps", optional=True,
                                                         hint=" in 1..T (coarse sequential steps), or None"))
 
@@ -183,14 +179,6 @@ def _interpolate(states: torch.Tensor, sigmas: list[float], sigma: float) -> tor
     return states[-1]
 
 
-def _steps_option(instance: Any, attribute: Any, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidOptionError(
-            f"extrapolate steps must be an int >= 0 (exact sequential steps before extrapolating); "
-            f"got {value!r}."
-        )
-
-
 def _frozen_x0_rows(system: TriangularSystem, trajectory: torch.Tensor, outputs: torch.Tensor,
                    first: int, x0: torch.Tensor) -> bool:
     """Fill rows ``first + 1 .. T`` of ``trajectory`` by running the sampler with ``x_0`` held fixed.
@@ -232,7 +220,9 @@ class Extrapolate(Initializer):
     name = "extrapolate"
     aliases = {"parasolver": {}}
 
-    steps: int = attrs.field(default=1, validator=_steps_option)
+    steps: int = attrs.field(default=1, converter=integer,
+                             validator=check_int("extrapolate steps", minimum=0,
+                                                 hint=" (exact sequential steps before extrapolating)"))
 
     def initialize(self, system: TriangularSystem) -> InitialGuess:
         """Exact steps, then the frozen-x0 extrapolation of every later row."""

@@ -58,6 +58,7 @@ from .solution import ResidualTrace, Solution, Status
 from .solvers.base import FixedPointSolver
 from .stopping import RMS
 from .system import TriangularSystem
+from .validators import as_flag
 
 __all__ = ["invert", "InverseSampler", "ImplicitInverseSystem", "inverse_system", "solve_inverse",
            "check_invertible", "reconstruction_error"]
@@ -282,7 +283,7 @@ def _sequential_exact(system: TriangularSystem, stopping: RMS, max_inner: int) -
     """Per-step fixed-point iteration of the implicit equations (the sequential reference)."""
     started = time.perf_counter()
     steps, samples = system.num_steps, system.num_samples
-    state_coef, output_coef, _ = system._device_coefficients()
+    state_coef, output_coef, _ = system.coefficients()
     states = system.flat_noise.clone()
     evals = 0
     rows = []
@@ -348,8 +349,7 @@ def invert(system: TriangularSystem | Any, x0: torch.Tensor,
         ShapeError: ``x0`` does not have the system's sample shape.
     """
     system = make_system(system)
-    if not isinstance(exact, bool):
-        raise InvalidOptionError(f"exact must be True or False; got {exact!r}.")
+    exact = as_flag("exact", exact)
     if solve_options.get("differentiable"):
         raise InvalidOptionError("invert(..., differentiable=True) is not supported; differentiate a "
                                  "forward solve with fpsolve.solve(..., differentiable=True) instead.")

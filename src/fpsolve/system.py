@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -32,12 +32,29 @@ from .errors import DenoiserOutputError, InvalidOptionError, ShapeError
 from .samplers.base import AffineForm, SequentialSampler
 from .validators import as_int, is_integer
 
-__all__ = ["TriangularSystem", "Denoiser"]
+__all__ = ["TriangularSystem", "Denoiser", "Evaluator", "StepCoefficients"]
 
 #: The denoiser signature: ``x`` ``[B, *shape]`` and model times ``t`` ``[B]`` -> the model output
 #: the sampler declares (``sampler.prediction``: eps, velocity, ...). ``t`` is a long tensor of
 #: integer timesteps, or, for a sampler with ``continuous_time``, a float tensor in the state dtype.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """What the driver calls once per iteration: ONE batched denoiser evaluation.
+
+    ``evaluate(states [P, N, D], positions [P]) -> outputs [P, N, D]`` in the state dtype: the
+    model outputs of the ``P`` states at state indices ``positions``, for all ``N`` samples.
+    :meth:`TriangularSystem.evaluate` is the plain one; :mod:`fpsolve.evaluators` holds it with
+    the chunked (out-of-memory-safe) and the sharded (``torch.distributed``) ones and
+    :func:`fpsolve.evaluators.choose`, which picks one for a solve. It lives here, in the system's
+    layer, so that the driver (below the evaluators) can name it.
+    """
+
+    def __call__(self, states: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """The model outputs ``[P, N, D]`` of ``states`` ``[P, N, D]`` at ``positions``."""
+        ...
 
 
 def _as_shape(value: Any) -> tuple[int, ...]:
@@ -98,6 +115,20 @@ def _as_dtype(value: Any) -> torch.dtype:
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise InvalidOptionError(f"dtype must be a floating torch.dtype; got {value!r}.")
     return value
+
+
+class StepCoefficients(NamedTuple):
+    """A sampler's step coefficients, as :meth:`TriangularSystem.coefficients` returns them.
+
+    Attributes:
+        state: ``[T+1, K]``; ``state[i, l-1]`` multiplies ``s_{i-l}`` in step ``i``.
+        output: ``[T+1, K]``; ``output[i, l-1]`` multiplies the model output ``e_{i-l}``.
+        noise: ``[T+1]``; ``noise[i]`` multiplies the noise draw ``xi_i`` of step ``i``.
+    """
+
+    state: torch.Tensor
+    output: torch.Tensor
+    noise: torch.Tensor
 
 
 @attrs.define(frozen=True, eq=False, kw_only=True)
@@ -240,11 +271,18 @@ class TriangularSystem:
             return form
         return self._cached("affine", make)
 
-    def _device_coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def coefficients(self) -> StepCoefficients:
+        """The sampler's step coefficients on the device in the state dtype, computed once.
+
+        The :attr:`affine_form` (float64, CPU) moved to where the solve runs: what the
+        quasi-Newton solvers, inversion and the adjoint multiply the window's states with.
+        Unpacks as ``state, output, noise``; do not write into the tensors (they are shared).
+        """
+        def make() -> StepCoefficients:
             form = self.affine_form
             device, dtype = self.device, self.dtype
-            return form.state.to(device, dtype), form.output.to(device, dtype), form.noise.to(device, dtype)
+            return StepCoefficients(form.state.to(device, dtype), form.output.to(device, dtype),
+                                    form.noise.to(device, dtype))
         return self._cached("coefficients", make)
 
     def propagator(self) -> torch.Tensor:
@@ -329,7 +367,7 @@ class TriangularSystem:
         ``states`` is the full trajectory ``[T+1, N, D]``; ``outputs`` holds the model outputs
         ``[T, N, D]`` (``outputs[j] = eps(s_j)``); only the lags each row reads are used.
         """
-        state_coef, output_coef, noise_coef = self._device_coefficients()
+        state_coef, output_coef, noise_coef = self.coefficients()
         rows = slice(lo, hi + 1)
         result = noise_coef[rows, None, None] * self._flat_noise[rows]
         for lag in range(1, state_coef.shape[1] + 1):
@@ -358,7 +396,7 @@ class TriangularSystem:
             weights = weights * band
         return (weights @ first_order.reshape(width, -1)).reshape(first_order.shape)
 
-    def sequential(self, evaluate: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None = None,
+    def sequential(self, evaluate: Evaluator | None = None,
                    on_step: Callable[[int], Any] | None = None, *,
                    check_finite: bool = True) -> SequentialRun:
         """The ONE sequential loop: T model calls, each over the N samples, each followed by the

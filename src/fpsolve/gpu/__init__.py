@@ -2,7 +2,8 @@
 
 * :class:`CUDAGraphDenoiser`: one captured CUDA graph per batch size (pass-through on a CPU);
 * :class:`ChunkedEvaluator`: the iteration's model call split into chunks that fit, halving on
-  out-of-memory (``fpsolve.solve`` uses it automatically on CUDA);
+  out-of-memory (``fpsolve.solve`` uses it automatically on CUDA); defined in
+  :mod:`fpsolve.evaluators`, re-exported here;
 * :func:`measure_latency` / :func:`latency_table`: ``t(B)`` of a denoiser on its device, cached;
 * :func:`plan_window` / :class:`Plan`: the window with the smallest predicted wall time, or
   sequential (pure: unit-testable with synthetic latency curves);
@@ -15,8 +16,8 @@ Nothing here needs a GPU to import or to run: CUDA code runs only behind device 
 
 from __future__ import annotations
 
+from ..evaluators import ChunkedEvaluator, forget_max_batches, known_max_batch
 from .auto import AutoChoice, AutoWindow, AutoWindowWarning, forget_observations, resolve_auto_window
-from .chunking import ChunkedEvaluator, forget_max_batches, known_max_batch
 from .graphs import CUDAGraphDenoiser, CUDAGraphWarning
 from .iterations import IterationModel, fit_plateau, prior_plateau
 from .latency import (

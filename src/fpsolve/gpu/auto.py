@@ -32,15 +32,15 @@ from typing import Any
 
 import attrs
 
+from .._identity import PerDenoiser
 from ..control import Controller, Prepared, runs_sequentially
 from ..errors import InvalidOptionError
+from ..evaluators import known_max_batch
 from ..plugin_marks import hookimpl
 from ..solvers.base import FixedPointSolver
 from ..solvers.sequential import Sequential
 from ..stopping import StoppingRule
 from ..system import TriangularSystem
-from ._identity import PerDenoiser
-from .chunking import known_max_batch
 from .iterations import IterationModel
 from .latency import LatencyTable, latency_table
 from .planner import Plan, latency_curve, plan_window

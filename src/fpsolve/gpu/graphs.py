@@ -21,8 +21,9 @@ from typing import Any
 import attrs
 import torch
 
+from .._identity import denoiser_cache_key
 from ..errors import InvalidOptionError
-from ._identity import denoiser_cache_key
+from ..validators import as_int
 
 __all__ = ["CUDAGraphDenoiser", "CUDAGraphWarning"]
 
@@ -125,12 +126,8 @@ class CUDAGraphDenoiser:
     ):
         if not callable(denoiser):
             raise InvalidOptionError("CUDAGraphDenoiser: denoiser must be callable as denoiser(x, t) -> eps.")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise InvalidOptionError(f"CUDAGraphDenoiser: warmup must be an int >= 1; got {warmup!r}.")
-        if isinstance(batch_multiple, bool) or not isinstance(batch_multiple, int) or batch_multiple < 1:
-            raise InvalidOptionError(
-                f"CUDAGraphDenoiser: batch_multiple must be an int >= 1; got {batch_multiple!r}."
-            )
+        warmup = as_int("CUDAGraphDenoiser: warmup", warmup, minimum=1)
+        batch_multiple = as_int("CUDAGraphDenoiser: batch_multiple", batch_multiple, minimum=1)
         if not isinstance(dtype, torch.dtype):
             raise InvalidOptionError(f"CUDAGraphDenoiser: dtype must be a torch.dtype; got {dtype!r}.")
         self.denoiser = denoiser

@@ -22,13 +22,13 @@ observations of the same problem).
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 
 import attrs
 
 from ..errors import InvalidOptionError
+from ..validators import as_real
 
 __all__ = ["IterationModel", "prior_plateau", "fit_plateau"]
 
@@ -76,8 +76,7 @@ class IterationModel:
     source: str = "prior"
 
     def __attrs_post_init__(self) -> None:
-        if not (math.isfinite(self.plateau) and self.plateau > 0):
-            raise InvalidOptionError(f"plateau must be a finite number > 0; got {self.plateau!r}.")
+        as_real("plateau", self.plateau, minimum=0.0, strict=True)
 
     def __call__(self, window: int) -> float:
         """Predicted iterations at ``window``."""

@@ -20,8 +20,9 @@ from typing import Any
 import attrs
 import torch
 
+from .._identity import PerDenoiser, denoiser_cache_key, input_key
 from ..errors import InvalidOptionError
-from ._identity import PerDenoiser, denoiser_cache_key, input_key
+from ..validators import as_int
 from .timing import DeviceTimer
 
 __all__ = [
@@ -127,8 +128,8 @@ def measure_latency(
     sizes = sorted({int(b) for b in batches})
     if not sizes or sizes[0] < 1:
         raise InvalidOptionError(f"batches must be positive ints; got {list(batches)!r}.")
-    if repeats < 1 or warmup < 0:
-        raise InvalidOptionError("repeats must be >= 1 and warmup >= 0.")
+    repeats = as_int("repeats", repeats, minimum=1)
+    warmup = as_int("warmup", warmup, minimum=0)
     generator = torch.Generator().manual_seed(seed)
     steps = torch.as_tensor(list(timesteps), dtype=torch.long)
     seconds: dict[int, float] = {}

@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 
 from ..errors import InvalidOptionError
+from ..validators import as_int, as_real
 
 __all__ = ["Plan", "plan_window", "latency_curve", "candidate_windows", "predicted_parallel_seconds"]
 
@@ -152,12 +153,6 @@ def _groups(samples: int, split: int) -> list[int]:
     return [size + 1] * extra + [size] * (split - extra)
 
 
-def _check_int(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidOptionError(f"{name} must be an int >= {low}; got {value!r}.")
-    return value
-
-
 def plan_window(
     latency: Latency,
     num_steps: int,
@@ -191,20 +186,19 @@ def plan_window(
     Returns:
         The :class:`Plan`. Ties go to fewer groups, then the smaller window (less memory).
     """
-    _check_int("num_steps", num_steps)
-    _check_int("samples", samples)
+    num_steps = as_int("num_steps", num_steps, minimum=1)
+    samples = as_int("samples", samples, minimum=1)
     if max_batch is not None:
-        _check_int("max_batch", max_batch)
+        max_batch = as_int("max_batch", max_batch, minimum=1)
     if not callable(predicted_iterations):
         raise InvalidOptionError("predicted_iterations must be a callable I(window) -> iterations.")
-    if not (math.isfinite(min_speedup) and min_speedup > 0):
-        raise InvalidOptionError(f"min_speedup must be a finite number > 0; got {min_speedup!r}.")
+    min_speedup = as_real("min_speedup", min_speedup, minimum=0.0, strict=True)
     curve = latency_curve(latency)
     window_list = sorted({min(max(1, int(w)), num_steps) for w in (windows or candidate_windows(num_steps))})
     if splits is None:
         split_list = sorted({min(2**k, samples) for k in range(samples.bit_length() + 1)})
     else:
-        split_list = sorted({_check_int("split", s) for s in splits if s <= samples}) or [1]
+        split_list = sorted({as_int("split", s, minimum=1) for s in splits if s <= samples}) or [1]
     sequential = num_steps * (_call_seconds(curve, samples, max_batch) + step_overhead)
 
     best: tuple[float, int, int, float] | None = None

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._identity import denoiser_cache_key
+from .._identity import denoiser_cache_key
 
 __all__ = ["synchronize", "DeviceTimer", "TimedDenoiser"]
 

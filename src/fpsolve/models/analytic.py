@@ -19,22 +19,9 @@ import attrs
 import torch
 
 from ..errors import InvalidOptionError, ShapeError
+from ..schedules import linear_alphas_cumprod, spaced_timesteps
 
 __all__ = ["GaussianMixtureDenoiser", "EmpiricalDenoiser", "linear_alphas_cumprod", "spaced_timesteps"]
-
-
-def linear_alphas_cumprod(num_train_steps: int = 1000, beta_start: float = 1e-4,
-                          beta_end: float = 0.02) -> torch.Tensor:
-    """abar of the linear-beta DDPM schedule (float64): ``cumprod(1 - linspace(b0, b1, n))``."""
-    betas = torch.linspace(beta_start, beta_end, num_train_steps, dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0)
-
-
-def spaced_timesteps(num_steps: int, num_train_steps: int = 1000) -> list[int]:
-    """``num_steps`` descending timesteps from ``num_train_steps - 1`` to 0, evenly spaced."""
-    if not 1 <= num_steps <= num_train_steps:
-        raise InvalidOptionError(f"num_steps must lie in 1..{num_train_steps}; got {num_steps}.")
-    return torch.linspace(num_train_steps - 1, 0, num_steps).round().long().tolist()
 
 
 def _as_float64(value: torch.Tensor) -> torch.Tensor:

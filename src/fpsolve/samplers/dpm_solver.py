@@ -24,7 +24,7 @@ import attrs
 import torch
 
 from ..errors import InvalidOptionError
-from ..validators import check_flag, is_integer
+from ..validators import check_flag, integer, is_integer
 from .base import AffineForm, SequentialSampler
 from .vp import VPSampler
 
@@ -100,7 +100,7 @@ class DPMSolver(VPSampler):
     name = "dpm_solver"
     aliases = {"dpm_solver++": {}, "dpmsolver++": {}}
 
-    order: int = attrs.field(default=2, converter=lambda v: int(v) if is_integer(v) else v)
+    order: int = attrs.field(default=2, converter=integer)
     lower_order_final: bool = attrs.field(default=True, validator=check_flag("lower_order_final"))
 
     @order.validator

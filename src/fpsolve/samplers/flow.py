@@ -29,6 +29,7 @@ import attrs
 import torch
 
 from ..errors import InvalidOptionError
+from ..validators import check_int, integer
 from .base import AffineForm, SequentialSampler
 from .dpm_solver import dpm_solver_step_orders, dpm_solver_weights
 
@@ -72,11 +73,6 @@ def _as_sigmas(value: Any) -> torch.Tensor:
     return tensor
 
 
-def _check_train_timesteps(instance: Any, attribute: Any, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidOptionError(f"num_train_timesteps must be an int >= 1; got {value!r}.")
-
-
 @attrs.define(frozen=True, eq=False, kw_only=True)
 class FlowSampler(SequentialSampler):
     """Base of flow-matching samplers: a descending grid of noise levels and a velocity model.
@@ -92,7 +88,7 @@ class FlowSampler(SequentialSampler):
     continuous_time = True
 
     sigmas: torch.Tensor = attrs.field(converter=_as_sigmas, repr=False)
-    num_train_timesteps: int = attrs.field(default=1000, validator=_check_train_timesteps)
+    num_train_timesteps: int = attrs.field(default=1000, converter=integer, validator=check_int(minimum=1))
 
     @property
     def timesteps(self) -> tuple[float, ...]:  # type: ignore[override]  # continuous model time

@@ -8,7 +8,6 @@ state ``T`` at ``final_alpha_cumprod``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,13 +15,8 @@ import attrs
 import torch
 
 from ..errors import InvalidOptionError
-from ..validators import check_flag, is_integer, is_real
+from ..validators import check_flag, check_real, is_integer, is_real, real
 from .base import AffineForm, SequentialSampler
-
-
-def real(value: Any) -> Any:
-    """Converter: a real number (numpy included, not bool) becomes a float; the rest is refused later."""
-    return float(value) if is_real(value) else value
 
 __all__ = ["VPSampler", "DDIM", "DDPM"]
 
@@ -200,13 +194,8 @@ class DDIM(VPSampler):
 
     name = "ddim"
 
-    eta: float = attrs.field(default=0.0, converter=real)
+    eta: float = attrs.field(default=0.0, converter=real, validator=check_real(minimum=0.0))
     noise_final_step: bool = attrs.field(default=False, validator=check_flag("noise_final_step"))
-
-    @eta.validator
-    def _check_eta(self, attribute: Any, value: float) -> None:
-        if not (is_real(value) and value >= 0 and math.isfinite(value)):
-            raise InvalidOptionError(f"eta must be a finite number >= 0; got {value!r}.")
 
     def affine_form(self) -> AffineForm:
         abar = self.state_alphas_cumprod()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ._validators import history_option, integer, order_option, real, ridge_option
+from ..validators import history_option, integer, order_option, real, ridge_option
 from .base import FixedPointSolver, WindowView
 from .history import History, Snapshot, differences
 

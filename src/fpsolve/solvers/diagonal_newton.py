@@ -25,7 +25,7 @@ import attrs
 import torch
 
 from ..errors import InvalidOptionError
-from ._validators import order_option, prior_option, ridge_option
+from ..validators import order_option, prior_option, ridge_option
 from .base import FixedPointSolver, WindowView
 from .newton import NewtonState, prior_slopes, secant_pairs
 
@@ -71,7 +71,7 @@ class DiagonalNewton(FixedPointSolver):
                             dtype=system.dtype, device=system.device)  # type: ignore[attr-defined]
         if self.prior == "x0":
             gamma += prior_slopes(system, self.clamp)[:, None, None]
-        state_coef, output_coef, _ = system._device_coefficients()  # type: ignore[attr-defined]
+        state_coef, output_coef, _ = system.coefficients()  # type: ignore[attr-defined]
         return NewtonState(0, None, None, gamma, state_coef, output_coef)
 
     def step(self, view: WindowView, state: NewtonState) -> tuple[torch.Tensor, NewtonState]:

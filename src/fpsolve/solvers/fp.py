@@ -7,7 +7,7 @@ from typing import Any
 import attrs
 import torch
 
-from ._validators import integer, order_option
+from ..validators import integer, order_option
 from .base import FixedPointSolver, WindowView
 
 __all__ = ["FP"]

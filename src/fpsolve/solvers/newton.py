@@ -28,7 +28,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ._validators import integer, order_option, prior_option, real, ridge_option, unit_interval_option
+from ..validators import integer, order_option, prior_option, real, ridge_option, unit_interval_option
 from .base import FixedPointSolver, WindowView
 
 __all__ = ["QuasiNewton", "NewtonState", "prior_slopes", "secant_pairs"]
@@ -92,7 +92,7 @@ class QuasiNewton(FixedPointSolver):
         gamma = torch.zeros(steps + 1, samples, dtype=system.dtype, device=system.device)  # type: ignore[attr-defined]
         if self.prior == "x0":
             gamma += prior_slopes(system, self.clamp)[:, None]
-        state_coef, output_coef, _ = system._device_coefficients()  # type: ignore[attr-defined]
+        state_coef, output_coef, _ = system.coefficients()  # type: ignore[attr-defined]
         return NewtonState(0, None, None, gamma, state_coef, output_coef, gamma[:, :1].clone())
 
     def step(self, view: WindowView, state: NewtonState) -> tuple[torch.Tensor, NewtonState]:

@@ -22,6 +22,7 @@ import torch
 from ..errors import InvalidOptionError
 from ..registry import get_registry
 from ..samplers import FlowSampler, SequentialSampler, VPSampler
+from ..schedules import linear_alphas_cumprod, shifted_flow_sigmas, spaced_timesteps
 from ..system import Denoiser, TriangularSystem
 from .strategies import SmoothDenoiser, SmoothVelocity
 
@@ -46,26 +47,6 @@ stochastic, and multistep (three lags), so a component meets every structure a s
 OPTION_VARIANTS: dict[str, tuple[Any, ...]] = {"eta": (0.0, 1.0), "order": (2, 3)}
 """Sampler options whose values change a system's structure (noise, lags): a sampler with such an
 option gets one test variant per value in :func:`sampler_variants`; other samplers get one."""
-
-
-def linear_alphas_cumprod(num_train_steps: int = 1000) -> torch.Tensor:
-    """alphas_cumprod of the DDPM linear-beta schedule (1e-4 to 0.02), float64."""
-    betas = torch.linspace(1e-4, 0.02, num_train_steps, dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0)
-
-
-def spaced_timesteps(steps: int, num_train_steps: int = 1000) -> list[int]:
-    """``steps`` evenly spaced descending model timesteps from ``num_train_steps - 1`` to 0."""
-    if steps == 1:
-        return [num_train_steps - 1]
-    return torch.linspace(num_train_steps - 1, 0, steps).round().long().tolist()
-
-
-def shifted_flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """``[steps + 1]`` flow-matching levels from 1 to 0, time-shifted as SD3 does
-    (``shift * s / (1 + (shift - 1) s)`` of an even grid), float64."""
-    even = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return shift * even / (1 + (shift - 1) * even)
 
 
 #: The standard problem samplers by kind: (registered sampler name, options). Settings only: the

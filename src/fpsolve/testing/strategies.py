@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from ..registry import get_registry
 from ..samplers import FlowSampler, SequentialSampler, VPSampler
+from ..schedules import linear_alphas_cumprod
 from ..system import TriangularSystem
 
 __all__ = ["SmoothDenoiser", "SmoothVelocity", "schedules", "timestep_lists", "flow_sigma_lists",
@@ -87,8 +88,7 @@ class SmoothVelocity:
 def schedules(draw: st.DrawFn, *, num_train_steps: int = 1000) -> torch.Tensor:
     """alphas_cumprod of a linear-beta schedule with a random end beta."""
     beta_end = draw(st.floats(0.01, 0.03))
-    betas = torch.linspace(1e-4, beta_end, num_train_steps, dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0)
+    return linear_alphas_cumprod(num_train_steps, 1e-4, beta_end)
 
 
 @st.composite

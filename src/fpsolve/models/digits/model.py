@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fpsolve.errors import InvalidOptionError, ShapeError
+from fpsolve.schedules import linear_alphas_cumprod
 
 if TYPE_CHECKING:  # pragma: no cover - only for annotations
     from diffusers import UNet2DModel
@@ -70,8 +71,7 @@ def digits_alphas_cumprod() -> torch.Tensor:
         Computed in float64 so that samplers can form ``sqrt(1 - alpha_bar)`` near ``t = 0``
         without cancellation.
     """
-    betas = torch.linspace(BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
-    return torch.cumprod(1.0 - betas, dim=0)
+    return linear_alphas_cumprod(NUM_TRAIN_TIMESTEPS, BETA_START, BETA_END)
 
 
 def build_digits_unet(config: dict[str, Any] | None = None) -> UNet2DModel:

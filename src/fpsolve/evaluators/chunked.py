@@ -21,9 +21,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .._identity import PerDenoiser, input_key
 from ..errors import InvalidOptionError
 from ..system import TriangularSystem
-from ._identity import PerDenoiser, input_key
+from ..validators import as_int
 
 __all__ = ["ChunkedEvaluator", "known_max_batch", "forget_max_batches"]
 
@@ -49,8 +50,9 @@ class ChunkedEvaluator:
     """The driver's evaluator (``evaluate(states [P, N, D], positions) -> outputs [P, N, D]``) with
     the model batch split into chunks of at most ``max_batch`` rows, halved on out-of-memory.
 
-    ``fpsolve.solve`` uses one automatically on CUDA devices (with ``max_batch=None``: one chunk
-    until memory runs out). Pass one to :func:`fpsolve.driver.run` directly as ``evaluate=``.
+    ``fpsolve.solve`` uses one automatically on CUDA devices (:func:`fpsolve.evaluators.choose`,
+    with ``max_batch=None``: one chunk until memory runs out). Pass one to
+    :func:`fpsolve.driver.run` directly as ``evaluate=``.
 
     Args:
         system: the system whose denoiser is called (through its validated
@@ -66,10 +68,8 @@ class ChunkedEvaluator:
             raise InvalidOptionError(
                 f"ChunkedEvaluator needs a TriangularSystem; got {type(system).__name__}."
             )
-        if max_batch is not None and (
-            isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
-        ):
-            raise InvalidOptionError(f"max_batch must be an int >= 1 or None; got {max_batch!r}.")
+        if max_batch is not None:
+            max_batch = as_int("max_batch", max_batch, minimum=1, hint=" or None")
         if max_batch is not None and max_batch < system.num_samples:
             raise InvalidOptionError(
                 f"max_batch={max_batch} is smaller than one position of the window "

@@ -1,8 +1,9 @@
 """Window sharding: one batched model call cut across the ranks of a ``torch.distributed`` group.
 
-The evaluator behind ``fpsolve.solve(system, ..., distributed=True)``. It sits below the api
-(which chooses it) and above the system; :mod:`fpsolve.distributed`, above the api, re-exports
-it beside sample sharding. See :mod:`fpsolve.distributed` for the guarantees.
+The evaluator behind ``fpsolve.solve(system, ..., distributed=True)`` (chosen by
+:func:`fpsolve.evaluators.choose`), with the process-group plumbing and the errors it raises.
+:mod:`fpsolve.distributed`, above the api, re-exports it beside sample sharding, which reuses
+the plumbing. See :mod:`fpsolve.distributed` for the guarantees.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from .errors import FpsolveError, InvalidOptionError, UnsupportedError
-from .system import TriangularSystem
+from ..errors import FpsolveError, InvalidOptionError, UnsupportedError
+from ..system import TriangularSystem
 
 __all__ = ["DistributedError", "RankFailedError", "RankFailure", "ShardedEvaluator", "chunk_bounds",
            "sharded_evaluator"]
