@@ -21,7 +21,7 @@ from fpsolve.initializers import Extrapolate
 from fpsolve.models import digits
 from fpsolve.samplers import DDIM, DPMSolver, FlowEuler
 from fpsolve.schedules import linear_alphas_cumprod, shifted_flow_sigmas, spaced_timesteps
-from fpsolve.solvers import AA, TAA, QuasiNewton
+from fpsolve.solvers import TAA, QuasiNewton
 from fpsolve.testing import problems
 
 from .conftest import make_sampler
@@ -157,7 +157,7 @@ ACCEPTS = [
     (lambda v: QuasiNewton(clamp=v), np.float64(20.0), "clamp must be a finite number >= 0"),  # not "ridge"
     (lambda v: QuasiNewton(prior_weight=v), np.float32(0.25),
      r"prior_weight must be a finite number in \[0, 1\]"),
-    (lambda v: AA(safeguard=v), np.bool_(False), "safeguard must be True or False"),
+    (lambda v: fpsolve.Controller(safeguard=v), np.bool_(False), "safeguard must be True or False"),
 ]
 
 
@@ -189,7 +189,7 @@ def test_the_invert_and_adjoint_checks_name_their_option():
              (dict(vjp_chunk=0), "vjp_chunk must be an int >= 1 or None")]
     for options, message in cases:
         with pytest.raises(InvalidOptionError, match=message):
-            differentiable_solution(system, solution, TAA(), window=None, max_iters=None, **options)
+            differentiable_solution(system, solution, TAA(), controller=fpsolve.Controller(), **options)
 
 
 def test_the_helpers():
