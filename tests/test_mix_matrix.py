@@ -69,3 +69,28 @@ def test_mix(sampler, solver, stopping, initializer):
     if solution.converged and stopping == "rms":  # the default rule bounds the error at tol 1e-3
         error = (solution.sample - reference.sample).abs().max().item()
         assert error < 0.1, f"{solver}/{stopping}/{initializer}: error {error:.2e} to sequential"
+
+
+@pytest.mark.parametrize("initializer", _names("initializer"))
+@pytest.mark.filterwarnings("ignore::fpsolve.errors.NotConvergedWarning")
+# The sequential loop takes no cap (test_mix checks that it refuses one), so it is left out here.
+@pytest.mark.parametrize("solver", [name for name in _names("solver", with_aliases=True)
+                                    if not runs_sequentially(fpsolve.registry.resolve("solver", name))])
+@pytest.mark.parametrize("sampler", _names("sampler"))
+def test_mix_under_the_one_cap(sampler, solver, initializer):
+    """The controller's cap (``max_iters=``, which replaced the ``max_iters`` stopping rule of this
+    matrix) ends every combination after at most that many parallel iterations, finite, with
+    status MAX_ITERS unless it converged first."""
+    built = build_sampler(sampler)
+    system = fpsolve.TriangularSystem(sampler=built, denoiser=problem_denoiser(built, DIM, 1),
+                                      shape=(DIM,), batch=BATCH, generator=torch.Generator().manual_seed(0))
+    init = fpsolve.registry.resolve("initializer", initializer,
+                                    required_options("initializer", initializer, system))
+    cap = 2
+    solution = fpsolve.solve(system, solver, initializer=init, window=6, max_iters=cap,
+                             stopping=fpsolve.stopping.RMS(tol1=1e-12, tol2=1e-12))
+    assert len(solution.residuals) <= cap
+    assert solution.status in (fpsolve.Status.MAX_ITERS, fpsolve.Status.CONVERGED)
+    if solution.status is fpsolve.Status.MAX_ITERS:
+        assert len(solution.residuals) == cap and not solution.converged
+    assert torch.isfinite(solution.trajectory).all()
