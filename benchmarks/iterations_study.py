@@ -36,10 +36,11 @@ import torch
 import fpsolve
 from fpsolve.bench.matrix import parse_sampler
 from fpsolve.initializers import Extrapolate
-from fpsolve.models import load_reference
+from fpsolve.models import EmpiricalDenoiser, load_reference
 from fpsolve.stopping import RMS, StoppingRule, StoppingView, X0Change
 
 CACHE = Path("/tmp/fpsolve-iterations-study")
+HELDOUT = Path(__file__).parent / "heldout"  # the held-out digits model (benchmarks/heldout/train_heldout.py)
 CELLS = ("ddim-25", "ddim-50", "ddim-100", "ddpm-100", "dpm2m-25")
 
 def _x0(atol: float = 1e-2, tol: float = 2e-5) -> Any:
@@ -59,13 +60,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # baselines at the rms rule's default 2e-4 (the defaults before issue 14)
     "fp": dict(solver="fp", stopping=lambda steps: RMS()),
     "taa": dict(solver="taa", stopping=lambda steps: RMS()),
-    "taa-m3": dict(solver="taa", history=3, stopping=lambda steps: RMS()),
     "newton-secant": _newton("zero", 0.0, stopping=lambda steps: RMS()),  # newton before issue 14
     # idea 1: the x0 rule
     "newton-secant/x0": _newton("zero", 0.0, stopping=_x0()),
     "newton-secant/x0-row2e-4": _newton("zero", 0.0, stopping=_x0(tol=2e-4)),
     "taa/x0": dict(solver="taa", stopping=_x0()),
     "taa-m3/x0": dict(solver="taa", history=3, stopping=_x0()),
+    "taa-m5/x0": dict(solver="taa", history=5, stopping=_x0()),
+    "taa-m3": dict(solver="taa", history=3, stopping=lambda steps: RMS()),
+    "taa-m5": dict(solver="taa", history=5, stopping=lambda steps: RMS()),
     "fp/x0": dict(solver="fp", stopping=_x0()),
     # idea 2: ParaSolver's start (extrapolate); ex0 = steps 0, ex1 = steps 1
     "newton-secant+ex0": _newton("zero", 0.0, stopping=lambda steps: RMS(), initializer=Extrapolate(steps=0)),
@@ -96,17 +99,39 @@ class _Watch(StoppingRule):
 
     rule: StoppingRule
     outputs: list[torch.Tensor] = attrs.field(factory=list)
+    residuals: list[float] = attrs.field(factory=list)
     steps: int = 0
 
     def converged(self, view: StoppingView) -> torch.Tensor | None:
         if view.hi == self.steps:
             self.outputs.append((view.states[-1] + view.residual[-1]).detach().clone())
+            self.residuals.append(float(view.residual[-1].abs().max()))
         else:
             self.outputs.append(torch.full_like(view.states[-1], float("nan")))
+            self.residuals.append(float("nan"))
         return self.rule.converged(view)
 
     def stop(self, iteration: int) -> str | None:
         return self.rule.stop(iteration)
+
+
+def load_model(name: str) -> Any:
+    """A shipped reference (``digits``, ``digits-flow``, ``gmm``), ``heldout``: the held-out digits
+    UNet of benchmarks/heldout (another seed and width; for checking only, never for tuning), or
+    ``memorise``: the exact (memorising) denoiser of the digits training set."""
+    from fpsolve.models import digits
+    from fpsolve.models.reference import ReferenceModel
+
+    if name == "memorise":  # the exact denoiser of the digits training set: it memorises
+        abar = digits.digits_alphas_cumprod()
+        model = EmpiricalDenoiser(digits.load_digits_dataset(), abar)
+        return ReferenceModel("memorise", model, abar, tuple(digits.DIGITS_SHAPE), digits.digits_to_images)
+    if name != "heldout":
+        return load_reference(name)
+
+    unet = digits.load_digits_unet(weights_dir=HELDOUT)
+    return ReferenceModel("heldout", digits.digits_denoiser(unet), digits.digits_alphas_cumprod(),
+                          tuple(digits.DIGITS_SHAPE), digits.digits_to_images, unet)
 
 
 def _px(ref: Any, sample: torch.Tensor, reference: torch.Tensor) -> float:
@@ -121,7 +146,7 @@ def _px(ref: Any, sample: torch.Tensor, reference: torch.Tensor) -> float:
 
 def _system(ref: Any, cell: str, samples: int, seed: int) -> fpsolve.TriangularSystem:
     return fpsolve.TriangularSystem(
-        sampler=parse_sampler(cell).build(ref.alphas_cumprod), denoiser=ref.denoiser, shape=ref.shape,
+        sampler=parse_sampler(cell).build(ref), denoiser=ref.denoiser, shape=ref.shape,
         batch=samples, generator=torch.Generator().manual_seed(seed))
 
 
@@ -156,17 +181,27 @@ def run_cell(ref: Any, cell: str, config: dict[str, Any], samples: int, seed: in
     solution = fpsolve.solve(system, stopping=watch, **options)
     wall = time.perf_counter() - started
     errors = [_px(ref, x, reference.reshape(x.shape)) for x in watch.outputs]
+    # model units: the max abs error of each output, and its max abs change since the previous one
+    abs_errors = [float((x - reference.reshape(x.shape)).abs().max()) for x in watch.outputs]
+    changes = [float("nan")] + [float((b - a).abs().max())
+                                for a, b in zip(watch.outputs, watch.outputs[1:], strict=False)]
     offset = solution.iterations - len(watch.outputs)  # rounds spent by the initializer
     oracle = next((offset + i + 1 for i, e in enumerate(errors) if e <= 1.0), None)
     return dict(cell=cell, it=solution.iterations, px=_px(ref, solution.sample, reference),
                 oracle=oracle, evals=solution.model_evals / samples, status=solution.status.name,
-                wall=round(wall, 2), trace=[None if e != e else e for e in errors])
+                wall=round(wall, 2), trace=[None if e != e else e for e in errors],
+                abs_error=_finite(abs_errors), change=_finite(changes),
+                last_residual=_finite(watch.residuals), offset=offset)
+
+
+def _finite(values: list[float]) -> list[float | None]:
+    return [None if v != v else v for v in values]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", help=f"configurations: {', '.join(CONFIGS)}")
-    parser.add_argument("--model", default="digits", help="digits or gmm")
+    parser.add_argument("--model", default="digits", help="digits, digits-flow, gmm, heldout or memorise")
     parser.add_argument("--cells", default=",".join(CELLS))
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--seed", type=int, default=11)
@@ -179,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24s} {config}")
         return 0
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ref = load_reference(args.model)
+    ref = load_model(args.model)
     for name in args.configs:
         row = [f"{name:22s}"]
         for cell in args.cells.split(","):
