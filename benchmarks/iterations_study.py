@@ -37,7 +37,7 @@ import fpsolve
 from fpsolve.bench.matrix import parse_sampler
 from fpsolve.initializers import Extrapolate
 from fpsolve.models import EmpiricalDenoiser, load_reference
-from fpsolve.stopping import RMS, StoppingRule, StoppingView, X0Change
+from fpsolve.stopping import RMS, StoppingRule, StoppingView, X0Change, X0Forecast
 
 CACHE = Path("/tmp/fpsolve-iterations-study")
 HELDOUT = Path(__file__).parent / "heldout"  # the held-out digits model (benchmarks/heldout/train_heldout.py)
@@ -68,6 +68,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "taa-m3/x0": dict(solver="taa", history=3, stopping=_x0()),
     "taa-m5/x0": dict(solver="taa", history=5, stopping=_x0()),
     "taa-m3": dict(solver="taa", history=3, stopping=lambda steps: RMS()),
+    # idea 4b: TAA restarts (a sample's history is dropped when its residual norm grows by > r)
+    "taa-m3-r1/x0": dict(solver="taa", history=3, restart=1.0, stopping=_x0()),
+    "taa-m3-r2/x0": dict(solver="taa", history=3, restart=2.0, stopping=_x0()),
+    "taa-m5-r1/x0": dict(solver="taa", history=5, restart=1.0, stopping=_x0()),
+    "taa-m5-r2/x0": dict(solver="taa", history=5, restart=2.0, stopping=_x0()),
+    "taa-r1/x0": dict(solver="taa", restart=1.0, stopping=_x0()),
+    # idea 1b: the x0_forecast rule with the default newton
+    "default/forecast": dict(stopping=lambda steps: X0Forecast()),
     "taa-m5": dict(solver="taa", history=5, stopping=lambda steps: RMS()),
     "fp/x0": dict(solver="fp", stopping=_x0()),
     # idea 2: ParaSolver's start (extrapolate); ex0 = steps 0, ex1 = steps 1

@@ -1,5 +1,6 @@
 """Issue 14's components: the ``x0`` stopping rule, the ``extrapolate`` initializer, the Jacobian
-prior of ``newton``, the diagonal-secant solver ``newton_diag`` and the ``x0_forecast`` rule.
+prior of ``newton``, the diagonal-secant solver ``newton_diag``, the ``x0_forecast`` rule
+and TAA's restarts.
 
 The exactness tests use a point-mass denoiser, ``eps(x, t) = (x - sqrt(abar_t) c) / sqrt(1 - abar_t)``:
 the exact eps of data concentrated at ``c``. Its predicted x_0 is ``c`` at every state, so the
@@ -19,7 +20,8 @@ import fpsolve
 from fpsolve.errors import InvalidOptionError
 from fpsolve.initializers import Extrapolate
 from fpsolve.samplers import DDIM, DDPM, DPMSolver
-from fpsolve.solvers import DiagonalNewton, QuasiNewton
+from fpsolve.solvers import TAA, DiagonalNewton, QuasiNewton
+from fpsolve.solvers.base import WindowView
 from fpsolve.stopping import RMS, StoppingView, X0Change, X0Forecast, geometric_tail
 from fpsolve.testing.problems import linear_alphas_cumprod, make_system
 
@@ -311,3 +313,57 @@ def test_x0_forecast_stops_no_later_than_the_x0_rule_and_reaches_the_sequential_
 def test_x0_forecast_refuses_bad_bounds(options):
     with pytest.raises(InvalidOptionError, match="bound|trust"):
         X0Forecast(**options)
+
+
+# -- TAA restarts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpm_solver"])
+def test_taa_that_never_restarts_is_taa(kind):
+    """A restart factor no residual growth reaches keeps every column: the iterates are ParaTAA's."""
+    system = make_system(kind, steps=12)
+    for history in (2, 3):
+        plain = fpsolve.solve(system, TAA(history=history), tol=1e-8)
+        never = fpsolve.solve(system, TAA(history=history, restart=1e300), tol=1e-8)
+        assert never.iterations == plain.iterations
+        torch.testing.assert_close(never.trajectory, plain.trajectory, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpm_solver"])
+@pytest.mark.parametrize("history", [3, 5])
+def test_restarting_taa_reaches_the_sequential_sample_within_T(kind, history):
+    system = make_system(kind, steps=12)
+    solution = fpsolve.solve(system, TAA(history=history, restart=1.0), tol=1e-11)
+    assert solution.iterations <= system.num_steps  # the driver's safeguard still holds
+    torch.testing.assert_close(solution.sample, _sequential(system)[-1], rtol=0, atol=1e-9)
+    anchors = solution.residuals.anchors
+    assert all(b > a for a, b in zip(anchors, anchors[1:], strict=False))
+
+
+def test_a_restart_drops_the_history_of_the_sample_whose_residual_grew():
+    """Two samples; the second one's residual grows, so it takes the plain FP step (the right-hand
+    side) while the first keeps its Anderson correction."""
+    system = make_system("ddim", steps=6, batch=2)
+    solver = TAA(history=3, restart=1.5)
+    state = solver.init(system)
+    generator = torch.Generator().manual_seed(0)
+    width, trajectory = 6, torch.zeros(7, 2, 4, dtype=torch.float64)
+    outputs = torch.zeros(6, 2, 4, dtype=torch.float64)
+    proposals = []
+    for iteration, scale in enumerate(([1.0, 1.0], [0.5, 0.5], [0.25, 4.0]), start=1):
+        states = torch.randn(width, 2, 4, dtype=torch.float64, generator=generator)
+        residual = torch.randn(width, 2, 4, dtype=torch.float64, generator=generator)
+        residual = residual * torch.tensor(scale, dtype=torch.float64)[None, :, None]
+        view = WindowView(iteration, 1, 6, states, states + residual, residual, residual,
+                          torch.full((width,), iteration), trajectory, outputs)
+        proposal, state = solver.step(view, state)
+        proposals.append((proposal, view.rhs))
+    proposal, rhs = proposals[-1]
+    torch.testing.assert_close(proposal[:, 1], rhs[:, 1], rtol=0, atol=0)  # restarted: plain FP
+    assert not torch.allclose(proposal[:, 0], rhs[:, 0])  # kept its history: Anderson step
+
+
+@pytest.mark.parametrize("restart", [0.5, -1.0, float("inf"), "yes"])
+def test_taa_refuses_a_bad_restart_factor(restart):
+    with pytest.raises(InvalidOptionError, match="restart"):
+        TAA(restart=restart)

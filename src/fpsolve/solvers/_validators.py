@@ -7,6 +7,7 @@ module needs one import. Numbers are checked, never coerced: numpy integers pass
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..errors import InvalidOptionError
@@ -82,3 +83,13 @@ def unit_interval_option(instance: Any, attribute: Any, value: float) -> None:
     """A weight in [0, 1] (numpy numbers accepted, booleans refused)."""
     if not (is_real(value) and 0 <= float(value) <= 1):
         raise InvalidOptionError(f"{attribute.name} must be a number in [0, 1]; got {value!r}.")
+
+
+def restart_option(instance: Any, attribute: Any, value: float | None) -> None:
+    """A restart factor: None (never restart) or a finite number >= 1 (the residual growth that
+    triggers a restart)."""
+    if value is not None and not (is_real(value) and math.isfinite(float(value)) and float(value) >= 1):
+        raise InvalidOptionError(
+            f"{attribute.name} must be None (no restart) or a finite number >= 1 (restart when a sample's "
+            f"residual norm grows by more than this factor in one iteration); got {value!r}."
+        )
