@@ -15,6 +15,8 @@ Sequential references are cached under ``/tmp/fpsolve-iterations-study``. Run::
 
     python benchmarks/iterations_study.py default newton-secant/x0 taa/x0 fp/x0 --samples 2
     python benchmarks/iterations_study.py --list
+    python benchmarks/iterations_study.py default/long --model heldout --json runs.jsonl
+    python benchmarks/iterations_study.py --replay runs.jsonl   # stopping rules replayed offline
 
 Machine noted in the report: 2-core x86_64 CPU, shared with other jobs, torch 1 thread.
 """
@@ -74,8 +76,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "taa-m5-r1/x0": dict(solver="taa", history=5, restart=1.0, stopping=_x0()),
     "taa-m5-r2/x0": dict(solver="taa", history=5, restart=2.0, stopping=_x0()),
     "taa-r1/x0": dict(solver="taa", restart=1.0, stopping=_x0()),
-    # idea 1b: the x0_forecast rule with the default newton
+    # idea 1b: the x0_forecast rule with the default newton; "long": the same iterates traced
+    # past every rule with atol >= 2e-3 (the x0 rule at atol 2e-3), to replay rules offline
     "default/forecast": dict(stopping=lambda steps: X0Forecast()),
+    "default/x0": dict(stopping=_x0(atol=1.5e-2)),
+    "default/long": dict(stopping=_x0(atol=2e-3)),
+    "default/long-row5e-6": dict(stopping=_x0(atol=2e-3, tol=5e-6)),
+    "default/long-row1e-6": dict(stopping=_x0(atol=2e-3, tol=1e-6)),
     "taa-m5": dict(solver="taa", history=5, stopping=lambda steps: RMS()),
     "fp/x0": dict(solver="fp", stopping=_x0()),
     # idea 2: ParaSolver's start (extrapolate); ex0 = steps 0, ex1 = steps 1
@@ -206,6 +213,70 @@ def _finite(values: list[float]) -> list[float | None]:
     return [None if v != v else v for v in values]
 
 
+#: Rules replayed offline by ``--replay``: name -> (atol, bound, trust); bound None: the x0 rule.
+REPLAY_RULES: dict[str, tuple[float, float | None, float]] = {
+    "x0 (atol 1.5e-2)": (1.5e-2, None, 0.0),
+    "x0 (atol 1e-2)": (1e-2, None, 0.0),
+    "x0 (atol 7.5e-3)": (7.5e-3, None, 0.0),
+    "forecast (default: 1.5e-2, 1.2e-2, 3e-2)": (1.5e-2, 1.2e-2, 3e-2),
+    "forecast (1.5e-2, 1e-2, 3e-2)": (1.5e-2, 1e-2, 3e-2),
+    "forecast (1e-2, 8e-3, 3e-2)": (1e-2, 8e-3, 3e-2),
+    "forecast (7.5e-3, 6e-3, 3e-2)": (7.5e-3, 6e-3, 3e-2),
+}
+
+
+#: The x0 rule's atol of the recorded configurations that ``--replay`` reads.
+RECORDED_ATOL = {"default/long": 2e-3, "default/long-row5e-6": 2e-3, "default/long-row1e-6": 2e-3,
+                 "default": 1.5e-2, "default/x0": 1.5e-2}
+
+
+def replay_stop(change: list[float | None], atol: float, bound: float | None, trust: float,
+                recorded_atol: float) -> int | None:
+    """The iteration (1-based) at which ``X0Change(atol)`` (``bound`` None) or ``X0Forecast(atol,
+    bound, trust)`` would stop on a run whose output changes were ``change``, recorded with
+    ``X0Change(recorded_atol)``. The rules only decide when to stop, not the iterates (rows are
+    judged by the same RMS rule), so this is exact; a rule that has not fired when the recorded
+    run ended stops there too if ``atol >= recorded_atol`` (the run ended by its rows, which
+    every such rule accepts as well), else the answer is unknown (None)."""
+    for k, c in enumerate(change):
+        if c is None:
+            continue
+        if c <= atol:
+            return k + 1
+        previous = change[k - 1] if k >= 1 else None
+        if bound is not None and previous is not None and c <= trust and c < previous:
+            ratio = c / previous
+            if c * ratio / (1 - ratio) <= bound:
+                return k + 1
+    return len(change) if atol >= recorded_atol else None
+
+
+def replay(paths: list[str]) -> int:
+    """Replay :data:`REPLAY_RULES` on recorded runs (``--json`` output of ``default/long``)."""
+    rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line]
+    for name, (atol, bound, trust) in REPLAY_RULES.items():
+        print(f"## {name}")
+        cells: dict[tuple[str, str], list[str]] = {}
+        worst, over_oracle, fails = 0.0, 0, 0
+        for row in rows:
+            stop = replay_stop(row["change"], atol, bound, trust, RECORDED_ATOL[row["config"]])
+            key = (row["model"], row["cell"])
+            if stop is None:
+                cells.setdefault(key, []).append("-")
+                continue
+            px = row["trace"][stop - 1]
+            stop += row["offset"]
+            worst = max(worst, px)
+            fails += px > 1
+            over_oracle = max(over_oracle, stop - (row["oracle"] or 10**6))
+            mark = "" if px <= 1 else f" **{px:.0f} px**"
+            cells.setdefault(key, []).append(f"{stop} ({row['oracle']}){mark}")
+        for (model, cell), entries in cells.items():
+            print(f"{model:12s} {cell:16s} " + ", ".join(entries))
+        print(f"worst {worst:.0f} px; cells above 1 px: {fails}; stop - oracle at most {over_oracle}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", help=f"configurations: {', '.join(CONFIGS)}")
@@ -216,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="append results as JSON lines to this file")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--trace", action="store_true", help="print the per-iteration px error")
+    parser.add_argument("--replay", nargs="+", metavar="JSONL",
+                        help="replay the stopping rules of REPLAY_RULES on recorded runs instead of solving")
     args = parser.parse_args(argv)
+    if args.replay:
+        return replay(args.replay)
     if args.list or not args.configs:
         for name, config in CONFIGS.items():
             print(f"{name:24s} {config}")

@@ -186,7 +186,7 @@ def test_newton_defaults_are_the_measured_best_and_bring_the_x0_rule():
     assert isinstance(solver.default_stopping(), X0Forecast)
     assert (X0Change().atol, X0Change().tol) == (1.5e-2, 2e-5)
     forecast = X0Forecast()
-    assert (forecast.atol, forecast.tol, forecast.bound, forecast.trust) == (1.5e-2, 2e-5, 1.2e-2, 3e-2)
+    assert (forecast.atol, forecast.tol, forecast.bound, forecast.trust) == (1.5e-2, 5e-6, 1.2e-2, 3e-2)
     system = make_system("ddim", steps=12)
     solution = fpsolve.solve(system)  # the default solver is newton with its own rule
     assert isinstance(solution.solver, QuasiNewton)

@@ -73,8 +73,9 @@ class QuasiNewton(FixedPointSolver):
 
     Its default stopping rule (no ``stopping=`` / ``tol=`` given) is
     :class:`~fpsolve.stopping.X0Forecast`: stop once the output ``x_0`` moved by at most 1.5e-2,
-    or once its contraction forecasts a remaining error of at most 1.2e-2 (issue 14: one round
-    fewer than the ``x0`` rule on about a quarter of the benchmark cells, every one still <= 1 px).
+    or once its contraction forecasts a remaining error of at most 1.2e-2, rows judged at RMS
+    5e-6 (issue 14: one round fewer than the ``x0`` rule on about a quarter of the benchmark
+    cells, every one still <= 1 px; docs/benchmarks/iterations.md).
     """
 
     name = "newton"
