@@ -82,6 +82,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default/x0": dict(stopping=_x0(atol=1.5e-2)),
     "default/long": dict(stopping=_x0(atol=2e-3)),
     "default/long-row5e-6": dict(stopping=_x0(atol=2e-3, tol=5e-6)),
+    # idea 5: the order of newton's correction (how far down a row's correction reaches)
+    "default-k5": dict(order=5),
+    "default-k10": dict(order=10),
+    "default-k20": dict(order=20),
     "default/long-row1e-6": dict(stopping=_x0(atol=2e-3, tol=1e-6)),
     "taa-m5": dict(solver="taa", history=5, stopping=lambda steps: RMS()),
     "fp/x0": dict(solver="fp", stopping=_x0()),
@@ -131,8 +135,8 @@ class _Watch(StoppingRule):
 
 
 def load_model(name: str) -> Any:
-    """A shipped reference (``digits``, ``digits-flow``, ``gmm``), ``heldout``: the held-out digits
-    UNet of benchmarks/heldout (another seed and width; for checking only, never for tuning), or
+    """A shipped reference (``digits``, ``digits-flow``, ``gmm``), ``heldout`` / ``heldout2``: the
+    held-out digits UNets of benchmarks/heldout (other seeds and widths; for checking only), or
     ``memorise``: the exact (memorising) denoiser of the digits training set."""
     from fpsolve.models import digits
     from fpsolve.models.reference import ReferenceModel
@@ -141,11 +145,11 @@ def load_model(name: str) -> Any:
         abar = digits.digits_alphas_cumprod()
         model = EmpiricalDenoiser(digits.load_digits_dataset(), abar)
         return ReferenceModel("memorise", model, abar, tuple(digits.DIGITS_SHAPE), digits.digits_to_images)
-    if name != "heldout":
+    if name not in ("heldout", "heldout2"):
         return load_reference(name)
 
-    unet = digits.load_digits_unet(weights_dir=HELDOUT)
-    return ReferenceModel("heldout", digits.digits_denoiser(unet), digits.digits_alphas_cumprod(),
+    unet = digits.load_digits_unet(weights_dir=HELDOUT if name == "heldout" else HELDOUT / "heldout2")
+    return ReferenceModel(name, digits.digits_denoiser(unet), digits.digits_alphas_cumprod(),
                           tuple(digits.DIGITS_SHAPE), digits.digits_to_images, unet)
 
 
@@ -280,7 +284,8 @@ def replay(paths: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", help=f"configurations: {', '.join(CONFIGS)}")
-    parser.add_argument("--model", default="digits", help="digits, digits-flow, gmm, heldout or memorise")
+    parser.add_argument("--model", default="digits",
+                        help="digits, digits-flow, gmm, heldout, heldout2 or memorise")
     parser.add_argument("--cells", default=",".join(CELLS))
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--seed", type=int, default=11)
