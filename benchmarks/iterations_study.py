@@ -39,6 +39,8 @@ import fpsolve
 from fpsolve.bench.matrix import parse_sampler
 from fpsolve.initializers import Extrapolate
 from fpsolve.models import EmpiricalDenoiser, load_reference
+from fpsolve.solvers import QuasiNewton
+from fpsolve.solvers.newton import secant_pairs
 from fpsolve.stopping import RMS, StoppingRule, StoppingView, X0Change, X0Forecast
 
 CACHE = Path("/tmp/fpsolve-iterations-study")
@@ -48,6 +50,31 @@ CELLS = ("ddim-25", "ddim-50", "ddim-100", "ddpm-100", "dpm2m-25")
 def _x0(atol: float = 1e-2, tol: float = 2e-5) -> Any:
     """The ``x0`` rule; the study's first setting was atol 1e-2 (the default became 1.5e-2)."""
     return lambda steps: X0Change(atol=atol, tol=tol)
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class PooledNewton(QuasiNewton):
+    """Experiment (idea 5, a warm start from the neighbouring samples): ``newton`` whose secant
+    at each state is fitted to the pairs of every sample of the batch together,
+    ``sum_n <de_n, dx_n> / sum_n |dx_n|^2``, then blended with the prior as usual."""
+
+    name = "newton_pooled"
+
+    def step(self, view: Any, state: Any) -> Any:
+        first, states, outputs, pairs = secant_pairs(view, state)
+        gamma = state.gamma.clone()
+        if pairs is not None:
+            start, stop, d_states, d_outputs = pairs
+            squared = d_states.pow(2).sum(-1).sum(-1, keepdim=True)
+            inner = (d_outputs * d_states).sum(-1).sum(-1, keepdim=True)
+            secant = (inner / squared.clamp_min(torch.finfo(squared.dtype).tiny)).expand_as(gamma[start:stop])
+            slope = secant.clamp(-self.clamp, self.clamp)
+            if self.prior_weight and state.prior is not None:
+                slope = (1 - self.prior_weight) * slope + self.prior_weight * state.prior[start:stop]
+            gamma[start:stop] = torch.where(squared > 0, slope, gamma[start:stop])
+        correction = self._correction(view, gamma, state.state_coef, state.output_coef)
+        return view.states + correction, attrs.evolve(state, first=first, states=states, outputs=outputs,
+                                                      gamma=gamma)
 
 
 def _newton(prior: str, weight: float, **extra: Any) -> dict[str, Any]:
@@ -86,6 +113,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default-k5": dict(order=5),
     "default-k10": dict(order=10),
     "default-k20": dict(order=20),
+    "default-pooled": dict(solver=PooledNewton()),
     "default/long-row1e-6": dict(stopping=_x0(atol=2e-3, tol=1e-6)),
     "taa-m5": dict(solver="taa", history=5, stopping=lambda steps: RMS()),
     "fp/x0": dict(solver="fp", stopping=_x0()),
@@ -190,6 +218,8 @@ def run_cell(ref: Any, cell: str, config: dict[str, Any], samples: int, seed: in
     reference = _reference(ref, cell, samples, seed)
     options = _options(config, system.num_steps)
     rule = options.pop("stopping", None)
+    if rule is None and isinstance(options.get("solver"), QuasiNewton):
+        rule = options["solver"].default_stopping()
     if rule is None:
         solver = fpsolve.registry.resolve("solver", options.get("solver", "newton"),
                                           {k: v for k, v in options.items()
