@@ -15,6 +15,8 @@ Sequential references are cached under ``/tmp/fpsolve-iterations-study``. Run::
 
     python benchmarks/iterations_study.py default newton-secant/x0 taa/x0 fp/x0 --samples 2
     python benchmarks/iterations_study.py --list
+    python benchmarks/iterations_study.py default/long --model heldout --json runs.jsonl
+    python benchmarks/iterations_study.py --replay runs.jsonl   # stopping rules replayed offline
 
 Machine noted in the report: 2-core x86_64 CPU, shared with other jobs, torch 1 thread.
 """
@@ -37,15 +39,43 @@ import fpsolve
 from fpsolve.api import resolve_method, resolve_stopping
 from fpsolve.bench.matrix import parse_sampler
 from fpsolve.initializers import Extrapolate
-from fpsolve.models import load_reference
-from fpsolve.stopping import RMS, StoppingRule, StoppingView, X0Change
+from fpsolve.models import EmpiricalDenoiser, load_reference
+from fpsolve.solvers import QuasiNewton
+from fpsolve.solvers.newton import secant_pairs
+from fpsolve.stopping import RMS, StoppingRule, StoppingView, X0Change, X0Forecast
 
 CACHE = Path("/tmp/fpsolve-iterations-study")
+HELDOUT = Path(__file__).parent / "heldout"  # the held-out digits model (benchmarks/heldout/train_heldout.py)
 CELLS = ("ddim-25", "ddim-50", "ddim-100", "ddpm-100", "dpm2m-25")
 
 def _x0(atol: float = 1e-2, tol: float = 2e-5) -> Any:
     """The ``x0`` rule; the study's first setting was atol 1e-2 (the default became 1.5e-2)."""
     return lambda steps: X0Change(atol=atol, tol=tol)
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class PooledNewton(QuasiNewton):
+    """Experiment (idea 5, a warm start from the neighbouring samples): ``newton`` whose secant
+    at each state is fitted to the pairs of every sample of the batch together,
+    ``sum_n <de_n, dx_n> / sum_n |dx_n|^2``, then blended with the prior as usual."""
+
+    name = "newton_pooled"
+
+    def step(self, view: Any, state: Any) -> Any:
+        first, states, outputs, pairs = secant_pairs(view, state)
+        gamma = state.gamma.clone()
+        if pairs is not None:
+            start, stop, d_states, d_outputs = pairs
+            squared = d_states.pow(2).sum(-1).sum(-1, keepdim=True)
+            inner = (d_outputs * d_states).sum(-1).sum(-1, keepdim=True)
+            secant = (inner / squared.clamp_min(torch.finfo(squared.dtype).tiny)).expand_as(gamma[start:stop])
+            slope = secant.clamp(-self.clamp, self.clamp)
+            if self.prior_weight and state.prior is not None:
+                slope = (1 - self.prior_weight) * slope + self.prior_weight * state.prior[start:stop]
+            gamma[start:stop] = torch.where(squared > 0, slope, gamma[start:stop])
+        correction = self._correction(view, gamma, state.state_coef, state.output_coef)
+        return view.states + correction, attrs.evolve(state, first=first, states=states, outputs=outputs,
+                                                      gamma=gamma)
 
 
 def _newton(prior: str, weight: float, **extra: Any) -> dict[str, Any]:
@@ -60,13 +90,33 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # baselines at the rms rule's default 2e-4 (the defaults before issue 14)
     "fp": dict(solver="fp", stopping=lambda steps: RMS()),
     "taa": dict(solver="taa", stopping=lambda steps: RMS()),
-    "taa-m3": dict(solver="taa", history=3, stopping=lambda steps: RMS()),
     "newton-secant": _newton("zero", 0.0, stopping=lambda steps: RMS()),  # newton before issue 14
     # idea 1: the x0 rule
     "newton-secant/x0": _newton("zero", 0.0, stopping=_x0()),
     "newton-secant/x0-row2e-4": _newton("zero", 0.0, stopping=_x0(tol=2e-4)),
     "taa/x0": dict(solver="taa", stopping=_x0()),
     "taa-m3/x0": dict(solver="taa", history=3, stopping=_x0()),
+    "taa-m5/x0": dict(solver="taa", history=5, stopping=_x0()),
+    "taa-m3": dict(solver="taa", history=3, stopping=lambda steps: RMS()),
+    # idea 4b: TAA restarts (a sample's history is dropped when its residual norm grows by > r)
+    "taa-m3-r1/x0": dict(solver="taa", history=3, restart=1.0, stopping=_x0()),
+    "taa-m3-r2/x0": dict(solver="taa", history=3, restart=2.0, stopping=_x0()),
+    "taa-m5-r1/x0": dict(solver="taa", history=5, restart=1.0, stopping=_x0()),
+    "taa-m5-r2/x0": dict(solver="taa", history=5, restart=2.0, stopping=_x0()),
+    "taa-r1/x0": dict(solver="taa", restart=1.0, stopping=_x0()),
+    # idea 1b: the x0_forecast rule with the default newton; "long": the same iterates traced
+    # past every rule with atol >= 2e-3 (the x0 rule at atol 2e-3), to replay rules offline
+    "default/forecast": dict(stopping=lambda steps: X0Forecast()),
+    "default/x0": dict(stopping=_x0(atol=1.5e-2)),
+    "default/long": dict(stopping=_x0(atol=2e-3)),
+    "default/long-row5e-6": dict(stopping=_x0(atol=2e-3, tol=5e-6)),
+    # idea 5: the order of newton's correction (how far down a row's correction reaches)
+    "default-k5": dict(order=5),
+    "default-k10": dict(order=10),
+    "default-k20": dict(order=20),
+    "default-pooled": dict(solver=PooledNewton()),
+    "default/long-row1e-6": dict(stopping=_x0(atol=2e-3, tol=1e-6)),
+    "taa-m5": dict(solver="taa", history=5, stopping=lambda steps: RMS()),
     "fp/x0": dict(solver="fp", stopping=_x0()),
     # idea 2: ParaSolver's start (extrapolate); ex0 = steps 0, ex1 = steps 1
     "newton-secant+ex0": _newton("zero", 0.0, stopping=lambda steps: RMS(), initializer=Extrapolate(steps=0)),
@@ -97,17 +147,39 @@ class _Watch(StoppingRule):
 
     rule: StoppingRule
     outputs: list[torch.Tensor] = attrs.field(factory=list)
+    residuals: list[float] = attrs.field(factory=list)
     steps: int = 0
 
     def converged(self, view: StoppingView) -> torch.Tensor | None:
         if view.hi == self.steps:
             self.outputs.append((view.states[-1] + view.residual[-1]).detach().clone())
+            self.residuals.append(float(view.residual[-1].abs().max()))
         else:
             self.outputs.append(torch.full_like(view.states[-1], float("nan")))
+            self.residuals.append(float("nan"))
         return self.rule.converged(view)
 
     def stop(self, iteration: int) -> str | None:
         return self.rule.stop(iteration)
+
+
+def load_model(name: str) -> Any:
+    """A shipped reference (``digits``, ``digits-flow``, ``gmm``), ``heldout`` / ``heldout2``: the
+    held-out digits UNets of benchmarks/heldout (other seeds and widths; for checking only), or
+    ``memorise``: the exact (memorising) denoiser of the digits training set."""
+    from fpsolve.models import digits
+    from fpsolve.models.reference import ReferenceModel
+
+    if name == "memorise":  # the exact denoiser of the digits training set: it memorises
+        abar = digits.digits_alphas_cumprod()
+        model = EmpiricalDenoiser(digits.load_digits_dataset(), abar)
+        return ReferenceModel("memorise", model, abar, tuple(digits.DIGITS_SHAPE), digits.digits_to_images)
+    if name not in ("heldout", "heldout2"):
+        return load_reference(name)
+
+    unet = digits.load_digits_unet(weights_dir=HELDOUT if name == "heldout" else HELDOUT / "heldout2")
+    return ReferenceModel(name, digits.digits_denoiser(unet), digits.digits_alphas_cumprod(),
+                          tuple(digits.DIGITS_SHAPE), digits.digits_to_images, unet)
 
 
 def _px(ref: Any, sample: torch.Tensor, reference: torch.Tensor) -> float:
@@ -122,7 +194,7 @@ def _px(ref: Any, sample: torch.Tensor, reference: torch.Tensor) -> float:
 
 def _system(ref: Any, cell: str, samples: int, seed: int) -> fpsolve.TriangularSystem:
     return fpsolve.TriangularSystem(
-        sampler=parse_sampler(cell).build(ref.alphas_cumprod), denoiser=ref.denoiser, shape=ref.shape,
+        sampler=parse_sampler(cell).build(ref), denoiser=ref.denoiser, shape=ref.shape,
         batch=samples, generator=torch.Generator().manual_seed(seed))
 
 
@@ -157,30 +229,109 @@ def run_cell(ref: Any, cell: str, config: dict[str, Any], samples: int, seed: in
     solution = fpsolve.solve(system, stopping=watch, **options)
     wall = time.perf_counter() - started
     errors = [_px(ref, x, reference.reshape(x.shape)) for x in watch.outputs]
+    # model units: the max abs error of each output, and its max abs change since the previous one
+    abs_errors = [float((x - reference.reshape(x.shape)).abs().max()) for x in watch.outputs]
+    changes = [float("nan")] + [float((b - a).abs().max())
+                                for a, b in zip(watch.outputs, watch.outputs[1:], strict=False)]
     offset = solution.iterations - len(watch.outputs)  # rounds spent by the initializer
     oracle = next((offset + i + 1 for i, e in enumerate(errors) if e <= 1.0), None)
     return dict(cell=cell, it=solution.iterations, px=_px(ref, solution.sample, reference),
                 oracle=oracle, evals=solution.model_evals / samples, status=solution.status.name,
-                wall=round(wall, 2), trace=[None if e != e else e for e in errors])
+                wall=round(wall, 2), trace=[None if e != e else e for e in errors],
+                abs_error=_finite(abs_errors), change=_finite(changes),
+                last_residual=_finite(watch.residuals), offset=offset)
+
+
+def _finite(values: list[float]) -> list[float | None]:
+    return [None if v != v else v for v in values]
+
+
+#: Rules replayed offline by ``--replay``: name -> (atol, bound, trust); bound None: the x0 rule.
+REPLAY_RULES: dict[str, tuple[float, float | None, float]] = {
+    "x0 (atol 1.5e-2)": (1.5e-2, None, 0.0),
+    "x0 (atol 1e-2)": (1e-2, None, 0.0),
+    "x0 (atol 7.5e-3)": (7.5e-3, None, 0.0),
+    "forecast (default: 1.5e-2, 1.2e-2, 3e-2)": (1.5e-2, 1.2e-2, 3e-2),
+    "forecast (1.5e-2, 1e-2, 3e-2)": (1.5e-2, 1e-2, 3e-2),
+    "forecast (1e-2, 8e-3, 3e-2)": (1e-2, 8e-3, 3e-2),
+    "forecast (7.5e-3, 6e-3, 3e-2)": (7.5e-3, 6e-3, 3e-2),
+}
+
+
+#: The x0 rule's atol of the recorded configurations that ``--replay`` reads.
+RECORDED_ATOL = {"default/long": 2e-3, "default/long-row5e-6": 2e-3, "default/long-row1e-6": 2e-3,
+                 "default": 1.5e-2, "default/x0": 1.5e-2}
+
+
+def replay_stop(change: list[float | None], atol: float, bound: float | None, trust: float,
+                recorded_atol: float) -> int | None:
+    """The iteration (1-based) at which ``X0Change(atol)`` (``bound`` None) or ``X0Forecast(atol,
+    bound, trust)`` would stop on a run whose output changes were ``change``, recorded with
+    ``X0Change(recorded_atol)``. The rules only decide when to stop, not the iterates (rows are
+    judged by the same RMS rule), so this is exact; a rule that has not fired when the recorded
+    run ended stops there too if ``atol >= recorded_atol`` (the run ended by its rows, which
+    every such rule accepts as well), else the answer is unknown (None)."""
+    for k, c in enumerate(change):
+        if c is None:
+            continue
+        if c <= atol:
+            return k + 1
+        previous = change[k - 1] if k >= 1 else None
+        if bound is not None and previous is not None and c <= trust and c < previous:
+            ratio = c / previous
+            if c * ratio / (1 - ratio) <= bound:
+                return k + 1
+    return len(change) if atol >= recorded_atol else None
+
+
+def replay(paths: list[str]) -> int:
+    """Replay :data:`REPLAY_RULES` on recorded runs (``--json`` output of ``default/long``)."""
+    rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line]
+    for name, (atol, bound, trust) in REPLAY_RULES.items():
+        print(f"## {name}")
+        cells: dict[tuple[str, str], list[str]] = {}
+        worst, over_oracle, fails = 0.0, 0, 0
+        for row in rows:
+            stop = replay_stop(row["change"], atol, bound, trust, RECORDED_ATOL[row["config"]])
+            key = (row["model"], row["cell"])
+            if stop is None:
+                cells.setdefault(key, []).append("-")
+                continue
+            px = row["trace"][stop - 1]
+            stop += row["offset"]
+            worst = max(worst, px)
+            fails += px > 1
+            over_oracle = max(over_oracle, stop - (row["oracle"] or 10**6))
+            mark = "" if px <= 1 else f" **{px:.0f} px**"
+            cells.setdefault(key, []).append(f"{stop} ({row['oracle']}){mark}")
+        for (model, cell), entries in cells.items():
+            print(f"{model:12s} {cell:16s} " + ", ".join(entries))
+        print(f"worst {worst:.0f} px; cells above 1 px: {fails}; stop - oracle at most {over_oracle}\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", help=f"configurations: {', '.join(CONFIGS)}")
-    parser.add_argument("--model", default="digits", help="digits or gmm")
+    parser.add_argument("--model", default="digits",
+                        help="digits, digits-flow, gmm, heldout, heldout2 or memorise")
     parser.add_argument("--cells", default=",".join(CELLS))
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--json", help="append results as JSON lines to this file")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--trace", action="store_true", help="print the per-iteration px error")
+    parser.add_argument("--replay", nargs="+", metavar="JSONL",
+                        help="replay the stopping rules of REPLAY_RULES on recorded runs instead of solving")
     args = parser.parse_args(argv)
+    if args.replay:
+        return replay(args.replay)
     if args.list or not args.configs:
         for name, config in CONFIGS.items():
             print(f"{name:24s} {config}")
         return 0
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ref = load_reference(args.model)
+    ref = load_model(args.model)
     for name in args.configs:
         row = [f"{name:22s}"]
         for cell in args.cells.split(","):

@@ -477,11 +477,11 @@ def test_progressive_run_of_an_epsilon_and_a_flow_model_runs_each_on_its_own_sam
 def test_series_labels_state_the_x0_rules_own_bound():
     # The x0 rule stops on atol (the change of x_0); its tol is only the rows' rule: the label
     # must say both, not pass the rows' tolerance off as the rule's.
-    from fpsolve.stopping import X0Change
+    from fpsolve.stopping import X0Forecast
 
-    rule = X0Change()
+    rule = X0Forecast()  # newton's default: the x0 rule plus the forecast of x_0's remaining error
     label = plots.stopping_text(matrix.SOLVERS["newton-default"], 1e-3)
-    assert label == f"default: x0 {rule.atol:g} (rows rms {rule.tol:g})"
+    assert label == f"default: x0_forecast {rule.bound:g} (x0 {rule.atol:g}, rows rms {rule.tol:g})"
     assert plots.stopping_text(matrix.SOLVERS["taa-default"], 1e-3) == "default: rms 0.0002"
 
 

@@ -25,6 +25,7 @@ TIGHT_RULES = {
     fpsolve.stopping.RMS: fpsolve.stopping.RMS(tol1=1e-12, tol2=1e-12),
     fpsolve.stopping.Paradigms: fpsolve.stopping.Paradigms(tol=1e-9),
     fpsolve.stopping.X0Change: fpsolve.stopping.X0Change(atol=1e-12, tol=1e-12),
+    fpsolve.stopping.X0Forecast: fpsolve.stopping.X0Forecast(atol=1e-12, bound=1e-12, trust=1e-11, tol=1e-12),
 }
 
 

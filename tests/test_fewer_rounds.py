@@ -1,5 +1,6 @@
 """Issue 14's components: the ``x0`` stopping rule, the ``extrapolate`` initializer, the Jacobian
-prior of ``newton`` and the diagonal-secant solver ``newton_diag``.
+prior of ``newton``, the diagonal-secant solver ``newton_diag``, the ``x0_forecast`` rule
+and TAA's restarts.
 
 The exactness tests use a point-mass denoiser, ``eps(x, t) = (x - sqrt(abar_t) c) / sqrt(1 - abar_t)``:
 the exact eps of data concentrated at ``c``. Its predicted x_0 is ``c`` at every state, so the
@@ -8,15 +9,20 @@ frozen-x0 extrapolation is the exact trajectory and ``1 / sigma`` is its exact J
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fpsolve
 from fpsolve.errors import InvalidOptionError
 from fpsolve.initializers import Extrapolate
 from fpsolve.registry import get_registry, preset_for
-from fpsolve.solvers import DiagonalNewton, QuasiNewton
-from fpsolve.stopping import RMS, X0Change
+from fpsolve.solvers import TAA, DiagonalNewton, QuasiNewton
+from fpsolve.solvers.base import WindowView
+from fpsolve.stopping import RMS, StoppingView, X0Change, X0Forecast, geometric_tail
 from fpsolve.testing.problems import linear_alphas_cumprod, make_system
 
 ABAR = linear_alphas_cumprod()
@@ -176,8 +182,10 @@ def test_newton_variants_reach_the_sequential_sample(kind, options):
 def test_newton_defaults_are_the_measured_best_and_bring_the_x0_rule():
     solver = QuasiNewton()
     assert (solver.prior, solver.prior_weight) == ("x0", 0.5)
-    assert isinstance(preset_for(QuasiNewton).stopping, X0Change)  # newton's preset brings the x0 rule
+    assert isinstance(preset_for(QuasiNewton).stopping, X0Forecast)  # newton's preset brings x0_forecast
     assert (X0Change().atol, X0Change().tol) == (1.5e-2, 2e-5)
+    forecast = X0Forecast()
+    assert (forecast.atol, forecast.tol, forecast.bound, forecast.trust) == (1.5e-2, 5e-6, 1.2e-2, 3e-2)
     system = make_system("ddim", steps=12)
     solution = fpsolve.solve(system)  # the default solver is newton with its own rule
     assert isinstance(solution.solver, QuasiNewton)
@@ -219,3 +227,165 @@ def test_diagonal_secant_needs_the_whole_window():
 def test_diagonal_secant_refuses_bad_options(options):
     with pytest.raises(InvalidOptionError):
         DiagonalNewton(**options)
+
+
+# -- the x0_forecast rule ------------------------------------------------------------------------
+
+
+def _output_views(system: fpsolve.TriangularSystem, outputs: list[torch.Tensor]) -> list[StoppingView]:
+    """Views whose window is the last row alone, with ``x_0 + R^T_T`` equal to each given output and
+    a first-order residual far above any row tolerance (so only the output can accept the row)."""
+    steps = system.num_steps
+    views = []
+    for iteration, output in enumerate(outputs, start=1):
+        state = torch.zeros_like(output)[None]
+        views.append(StoppingView(iteration, steps, steps, state, torch.ones_like(state),
+                                  output[None].clone(), system.sigmas[steps:], system.step_variances[steps:],
+                                  system))
+    return views
+
+
+def _first_acceptance(rule: X0Change, views: list[StoppingView]) -> int | None:
+    return next((view.iteration for view in views if bool(rule.converged(view).all())), None)
+
+
+def test_geometric_tail_is_the_remaining_error_of_a_linear_contraction():
+    rho, size = torch.tensor(0.3, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
+    changes = [rho ** (k - 1) * (1 - rho) * size for k in (1, 2, 3)]  # |x_k - x_(k-1)| for x_k = rho^k v
+    torch.testing.assert_close(geometric_tail(changes[2], changes[1]), rho**3 * size)
+    assert geometric_tail(changes[1], changes[2]).isinf()  # growing: no forecast
+
+
+@settings(max_examples=40, deadline=None)
+@given(rho=st.floats(0.02, 0.9), scale=st.floats(1e-3, 10.0), bound=st.floats(1e-4, 1e-1),
+       seed=st.integers(0, 2**16))
+def test_x0_forecast_accepts_a_linear_contraction_only_once_its_error_is_within_the_bound(
+        rho, scale, bound, seed):
+    """Outputs ``x_k = x* + rho^k v``: the forecast is then the exact error, so the rule accepts at
+    the first ``k`` whose error is at most ``bound`` (never before), and never later than ``x0``."""
+    system = make_system("ddim", steps=4, shape=(3,), batch=2)
+    generator = torch.Generator().manual_seed(seed)
+    limit = torch.randn(2, 3, dtype=torch.float64, generator=generator)
+    direction = scale * torch.randn(2, 3, dtype=torch.float64, generator=generator)
+    size = float(direction.abs().max())
+    count = math.ceil(math.log(bound / (4 * size)) / math.log(rho)) + 3 if size > bound else 3
+    outputs = [limit + rho**k * direction for k in range(1, count + 1)]  # ends below bound / 4
+    errors = [float((x - limit).abs().max()) for x in outputs]
+    rule = X0Forecast(atol=1e-300, bound=bound, trust=1e300)
+    accepted = _first_acceptance(rule, _output_views(system, outputs))
+    assert accepted is not None
+    assert errors[accepted - 1] <= bound * (1 + 1e-9)
+    if accepted >= 4:  # the forecast needs two changes: from iteration 3 on it is exact
+        assert errors[accepted - 2] > bound * (1 - 1e-9)
+    for atol in (1e-6, 1e-3, 1e-1):
+        old = _first_acceptance(X0Change(atol=atol), _output_views(system, outputs))
+        new = _first_acceptance(X0Forecast(atol=atol, bound=bound), _output_views(system, outputs))
+        assert old is None or (new is not None and new <= old)  # None: never accepted
+
+
+def test_x0_forecast_does_not_trust_a_small_ratio_of_large_changes():
+    """A stall (changes 100, 1, then 0.9, 0.85, 0.8): the ratio 0.01 at iteration 3 forecasts an
+    error of 0.01 while the output still has far to go; the rule ignores it because the change (1)
+    is above ``trust``, and the slow contraction after it forecasts a large error."""
+    system = make_system("ddim", steps=4, shape=(1,), batch=1)
+    values = [0.0, 100.0, 101.0, 101.9, 102.75, 103.55]
+    outputs = [torch.full((1, 1), v, dtype=torch.float64) for v in values]
+    views = _output_views(system, outputs)
+    assert _first_acceptance(X0Forecast(atol=1e-6, bound=0.02, trust=0.5), views) is None
+    assert _first_acceptance(X0Forecast(atol=1e-6, bound=0.02, trust=2.0), views) == 3
+
+
+@pytest.mark.parametrize("solver", ["newton", "taa", "fp"])
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_x0_forecast_stops_no_later_than_the_x0_rule_and_reaches_the_sequential_sample(kind, solver):
+    system = make_system(kind, steps=12)
+    exact = _sequential(system)[-1]
+    for atol in (1e-2, 1e-4):
+        old = fpsolve.solve(system, solver, stopping=X0Change(atol=atol, tol=1e-6))
+        new = fpsolve.solve(system, solver,
+                            stopping=X0Forecast(atol=atol, bound=atol, trust=2 * atol, tol=1e-6))
+        assert new.iterations <= old.iterations
+    tight = fpsolve.solve(system, solver,
+                          stopping=X0Forecast(atol=1e-11, bound=1e-11, trust=1e-10, tol=1e-11))
+    assert float((tight.sample - exact).abs().max()) < 1e-9
+
+
+@pytest.mark.parametrize("options", [dict(bound=0.0), dict(trust=-1.0), dict(bound=float("inf"))])
+def test_x0_forecast_refuses_bad_bounds(options):
+    with pytest.raises(InvalidOptionError, match="bound|trust"):
+        X0Forecast(**options)
+
+
+# -- TAA restarts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpm_solver"])
+def test_taa_that_never_restarts_is_taa(kind):
+    """A restart factor no residual growth reaches keeps every column: the iterates are ParaTAA's."""
+    system = make_system(kind, steps=12)
+    for history in (2, 3):
+        plain = fpsolve.solve(system, TAA(history=history), tol=1e-8)
+        never = fpsolve.solve(system, TAA(history=history, restart=1e300), tol=1e-8)
+        assert never.iterations == plain.iterations
+        torch.testing.assert_close(never.trajectory, plain.trajectory, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpm_solver"])
+@pytest.mark.parametrize("history", [3, 5])
+def test_restarting_taa_reaches_the_sequential_sample_within_T(kind, history):
+    system = make_system(kind, steps=12)
+    solution = fpsolve.solve(system, TAA(history=history, restart=1.0), tol=1e-11)
+    assert solution.iterations <= system.num_steps  # the driver's safeguard still holds
+    torch.testing.assert_close(solution.sample, _sequential(system)[-1], rtol=0, atol=1e-9)
+    anchors = solution.residuals.anchors
+    assert all(b > a for a, b in zip(anchors, anchors[1:], strict=False))
+
+
+def test_a_restart_drops_the_history_of_the_sample_whose_residual_grew():
+    """Two samples; the second one's residual grows, so it takes the plain FP step (the right-hand
+    side) while the first keeps its Anderson correction."""
+    system = make_system("ddim", steps=6, batch=2)
+    solver = TAA(history=3, restart=1.5)
+    state = solver.init(system)
+    generator = torch.Generator().manual_seed(0)
+    width, trajectory = 6, torch.zeros(7, 2, 4, dtype=torch.float64)
+    outputs = torch.zeros(6, 2, 4, dtype=torch.float64)
+    proposals = []
+    for iteration, scale in enumerate(([1.0, 1.0], [0.5, 0.5], [0.25, 4.0]), start=1):
+        states = torch.randn(width, 2, 4, dtype=torch.float64, generator=generator)
+        residual = torch.randn(width, 2, 4, dtype=torch.float64, generator=generator)
+        residual = residual * torch.tensor(scale, dtype=torch.float64)[None, :, None]
+        view = WindowView(iteration, 1, 6, states, states + residual, residual, residual,
+                          torch.full((width,), iteration), trajectory, outputs)
+        proposal, state = solver.step(view, state)
+        proposals.append((proposal, view.rhs))
+    proposal, rhs = proposals[-1]
+    torch.testing.assert_close(proposal[:, 1], rhs[:, 1], rtol=0, atol=0)  # restarted: plain FP
+    assert not torch.allclose(proposal[:, 0], rhs[:, 0])  # kept its history: Anderson step
+
+
+@pytest.mark.parametrize("restart", [0.5, -1.0, float("inf"), "yes"])
+def test_taa_refuses_a_bad_restart_factor(restart):
+    with pytest.raises(InvalidOptionError, match="restart"):
+        TAA(restart=restart)
+
+
+# -- the default on the shipped digits model --------------------------------------------------------
+
+
+def test_the_default_reproduces_a_digits_ddim25_sample_within_one_grey_level_in_few_rounds():
+    """``fpsolve.solve(system)`` (newton, the ``x0_forecast`` rule) on the shipped digits UNet,
+    DDIM-25, 2 samples of seed 11. Measured (benchmarks/iterations_study.py, 2-core x86_64): 6
+    rounds, 1 grey level; 8 leaves room for another BLAS (float32 model)."""
+    pytest.importorskip("diffusers")
+    from fpsolve.bench.matrix import parse_sampler
+    from fpsolve.models import load_reference
+
+    ref = load_reference("digits")
+    system = fpsolve.TriangularSystem(sampler=parse_sampler("ddim-25").build(ref), denoiser=ref.denoiser,
+                                      shape=ref.shape, batch=2, generator=torch.Generator().manual_seed(11))
+    sequential = fpsolve.solve(system, "sequential").sample
+    solution = fpsolve.solve(system)
+    grey = ref.to_images(solution.sample).astype(int) - ref.to_images(sequential).astype(int)
+    assert solution.converged and solution.iterations <= 8
+    assert abs(grey).max() <= 1

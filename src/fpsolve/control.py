@@ -42,7 +42,7 @@ from .plugin_marks import hookimpl
 from .solvers import AA, QuasiNewton
 from .solvers.base import FixedPointSolver
 from .solvers.sequential import Sequential
-from .stopping import StoppingRule, X0Change
+from .stopping import StoppingRule, X0Forecast
 from .validators import as_int, check_flag, is_integer
 
 if TYPE_CHECKING:
@@ -210,12 +210,14 @@ class Preset:
 
 @hookimpl
 def fpsolve_register_presets() -> Sequence[Preset]:
-    """fpsolve's own presets: ``newton`` with the ``x0`` rule, ``aa`` unsafeguarded.
+    """fpsolve's own presets: ``newton`` with the ``x0_forecast`` rule, ``aa`` unsafeguarded.
 
-    (The policies the two solvers carried as members before issue 12, values unchanged.)"""
+    (The policies the two solvers carried as members before issue 12; newton's rule is issue 14's
+    ``x0_forecast``, which replaced the ``x0`` rule: docs/benchmarks/iterations.md.)"""
     return (
-        Preset(name="newton", solver=QuasiNewton, stopping=X0Change(),
-               description="quasi-Newton, stopped once the output x_0 has stopped moving (the x0 rule)"),
+        Preset(name="newton", solver=QuasiNewton, stopping=X0Forecast(),
+               description="quasi-Newton, stopped once the output x_0 has settled or its forecast "
+                           "remaining error is small (the x0_forecast rule)"),
         Preset(name="aa", solver=AA, controller=Controller(safeguard=False),
                description="standard Anderson acceleration, unsafeguarded as in the literature"),
     )

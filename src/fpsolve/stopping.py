@@ -12,7 +12,8 @@ Rules combine: ``rule_a & rule_b`` accepts a row only if both do (and stops when
 stops); ``rule_a | rule_b`` accepts a row if either does.
 
 Built-ins: ``rms`` (ParaTAA's rule), ``paradigms`` (ParaDiGMS' rule), ``x0`` (the RMS rule on
-rows plus a stop once the output ``x_0`` has stopped moving).
+rows plus a stop once the output ``x_0`` has stopped moving), ``x0_forecast`` (``x0`` that also
+stops once the forecast of the output's remaining error is small).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .validators import is_real
 if TYPE_CHECKING:
     from .system import TriangularSystem
 
-__all__ = ["StoppingView", "StoppingRule", "RMS", "Paradigms", "MaxIters", "X0Change", "AllOf", "AnyOf"]
+__all__ = ["StoppingView", "StoppingRule", "RMS", "Paradigms", "MaxIters", "X0Change", "AllOf", "AnyOf",
+           "X0Forecast", "geometric_tail"]
 
 
 @attrs.define(frozen=True, eq=False)
@@ -249,4 +251,74 @@ class AnyOf(AllOf):
 @hookimpl
 def fpsolve_register_stopping_rules() -> list[type[StoppingRule]]:
     """fpsolve's own stopping rules."""
-    return [RMS, Paradigms, X0Change]
+    return [RMS, Paradigms, X0Change, X0Forecast]
+
+
+def geometric_tail(change: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """The remaining error ``c rho / (1 - rho)`` of a contraction whose last two changes were
+    ``previous`` and ``change`` (``rho = change / previous``); ``inf`` where ``rho >= 1``.
+
+    For iterates ``x_k = x* + rho^k v`` (a linear contraction) the changes are
+    ``c_k = rho^(k-1) (1 - rho) |v|``, so this is exactly ``|x_k - x*| = rho^k |v|``: the sum of
+    all the changes still to come.
+    """
+    ratio = change / previous.clamp_min(torch.finfo(change.dtype).tiny)
+    tail = change * ratio / (1 - ratio).clamp_min(torch.finfo(change.dtype).tiny)
+    return torch.where(ratio < 1, tail, torch.full_like(tail, float("inf")))
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class X0Forecast(X0Change):
+    """:class:`X0Change` that also stops one round earlier when the output's contraction says
+    the remaining error is already small.
+
+    The ``x0`` rule waits for the output to move by at most ``atol``, so it stops one iteration
+    after the first good one: it needs to see the next change. This rule forecasts that change
+    from the last two: with ``c_k`` the largest absolute change of the output at iteration
+    ``k`` and ``rho = c_k / c_(k-1)`` the observed contraction, the output's remaining error is
+    ``c_k rho / (1 - rho)`` (:func:`geometric_tail`: the sum of the changes still to come if the
+    contraction keeps its rate; exact for a linear contraction). The solve stops when
+
+    * ``c_k <= atol`` (the ``x0`` rule: this rule never stops later than ``X0Change(atol)``), or
+    * ``c_k <= trust`` and the forecast remaining error is at most ``bound``.
+
+    ``trust`` keeps the forecast to the last iterations, where a Newton-type solve converges at
+    a steady or increasing rate; in the early iterations one small ratio says little (measured on
+    the digits UNet: the forecast there was up to 6x below the error).
+
+    Args:
+        atol: the ``x0`` rule's bound on the change (default 1.5e-2, as ``X0Change``).
+        bound: bound on the forecast remaining max-abs error of ``x_0`` (default 1.2e-2, 1.5 levels of
+            an 8-bit image on [-1, 1]).
+        trust: the largest change for which the forecast is used (default 3e-2: 2 * ``atol``).
+        tol: the RMS rule's tolerance for rows (default 5e-6, tighter than ``X0Change``'s 2e-5:
+            rows accepted at 2e-5 are never corrected again and their defects add up; on the
+            held-out digits model at DDPM-100 they left the solve on a floor 1.2 levels from the
+            sequential sample (2 px), at 5e-6 it reached 0.5 levels, and on the shipped models the
+            first iteration within 1 px was the same as at 2e-5 in every cell measured).
+    """
+
+    name = "x0_forecast"
+    aliases = {}
+
+    tol: float = attrs.field(default=5e-6, validator=_positive("tol"))
+    bound: float = attrs.field(default=1.2e-2, validator=_positive("bound"))
+    trust: float = attrs.field(default=3e-2, validator=_positive("trust"))
+
+    def converged(self, view: StoppingView) -> torch.Tensor:
+        """Rows passing the RMS rule; every row once ``x_0`` settled or its forecast error is small."""
+        memory = self._memory
+        fresh = view.iteration == 1 or memory.get("system") is not view.system
+        previous_change = None if fresh else memory.get("change")
+        previous_output = None if fresh else memory.get("output")
+        rows = super().converged(view)  # updates memory["output"] (and clears it when fresh)
+        output = memory.get("output")
+        if output is None or previous_output is None or previous_output.shape != output.shape:
+            memory.pop("change", None)
+            return rows
+        change = (output - previous_output).abs().amax()
+        memory["change"] = change
+        if previous_change is None:
+            return rows
+        forecast = geometric_tail(change, previous_change)
+        return rows | ((change <= self.trust) & (forecast <= self.bound))

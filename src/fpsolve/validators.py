@@ -39,6 +39,7 @@ __all__ = [
     "integer",
     "real",
     "check_int",
+    "restart_option",
     "check_real",
     "check_flag",
     "check_choice",
@@ -224,6 +225,12 @@ def ridge_option(instance: Any, attribute: Any, value: float) -> None:
     """``ridge`` (lambda), or another regularisation named by its field, is a finite number >= 0."""
     name = _field_name(None, attribute)
     as_real(name, value, minimum=0.0, hint=" (default 1e-3)" if name == "ridge" else "")
+
+
+restart_option = check_real(
+    minimum=1.0, optional=True,
+    hint=" (restart when a sample's residual norm grows by more than this factor in one iteration), or None")
+"""TAA's ``restart``: None (never restart) or a finite number >= 1."""
 
 
 # -- names ----------------------------------------------------------------------------------------------

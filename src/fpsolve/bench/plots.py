@@ -21,7 +21,7 @@ from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFor
 
 from ..api import resolve_method, resolve_stopping
 from ..cli_output import atomic_write
-from ..stopping import X0Change
+from ..stopping import X0Change, X0Forecast
 from .curves import CapCurve
 from .matrix import SolverSpec
 from .metrics import ToImages
@@ -59,7 +59,8 @@ def _legend_outside(fig: Figure, handles: Sequence[Any], labels: Sequence[str]) 
 
 def stopping_text(solver: SolverSpec, tol: float | None) -> str:
     """The stopping rule a series was drawn at, read from the code: ``rms 0.001``,
-    ``paradigms 0.1``, ``default: rms 0.0002``, ``default: x0 0.015 (rows rms 2e-05)``."""
+    ``paradigms 0.1``, ``default: rms 0.0002``, ``default: x0 0.015 (rows rms 2e-05)``,
+    ``default: x0_forecast 0.012 (x0 0.015, rows rms 5e-06)``."""
     rule = solver.stopping_rule(tol) if solver.stopping != "sequential" else None
     prefix = ""
     if rule is None:
@@ -69,6 +70,8 @@ def stopping_text(solver: SolverSpec, tol: float | None) -> str:
         preset = resolve_method(solver.solver)[1]
         rule = resolve_stopping(None, None, preset)  # the preset's, else rms
         prefix = "default: "
+    if isinstance(rule, X0Forecast):  # its bound is on the forecast error of x_0, with the x0 rule's atol
+        return f"{prefix}x0_forecast {rule.bound:g} (x0 {rule.atol:g}, rows rms {rule.tol:g})"
     if isinstance(rule, X0Change):  # its own bound is atol on x_0; tol is the rows' rule
         return f"{prefix}x0 {rule.atol:g} (rows rms {rule.tol:g})"
     rule_class: Any = type(rule)

@@ -23,11 +23,24 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ..validators import history_option, integer, order_option, real, ridge_option
+from ..validators import history_option, integer, order_option, real, restart_option, ridge_option
 from .base import FixedPointSolver, WindowView
 from .history import History, Snapshot, differences
 
-__all__ = ["AA", "TAA"]
+__all__ = ["AA", "TAA", "RestartingHistory"]
+
+
+def _optional_real(value: object) -> object:
+    return None if value is None else real(value)
+
+
+@attrs.define(frozen=True, eq=False)
+class RestartingHistory:
+    """TAA's state with restarts: the history and, per sample, how many of its snapshots (newest
+    first) are usable (``[N]``; older ones predate that sample's last restart)."""
+
+    history: History
+    usable: torch.Tensor | None = attrs.field(default=None, repr=False)
 
 
 def _solve_small(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -68,26 +81,64 @@ class TAA(_AndersonBase):
         order: k of the equations, 1..T, ``None`` = T (default).
         history: m, iterates kept (2 by default; 1 is exactly plain FP).
         ridge: lambda added to every Gram matrix (absolute, default 1e-3).
+        restart: ``None`` (default, ParaTAA) or a factor ``>= 1``: when a sample's order-k residual
+            norm over the window grows by more than this factor in one iteration, that sample's
+            history is dropped (it takes the plain FP step and fits only newer columns), the
+            classic Anderson restart. The driver's safeguard applies either way.
     """
 
     name = "taa"
     aliases = {"parataa": {}}
 
-    def step(self, view: WindowView, state: History) -> tuple[torch.Tensor, History]:
+    restart: float | None = attrs.field(default=None, converter=_optional_real, validator=restart_option)
+
+    def init(self, system: object) -> History | RestartingHistory:  # type: ignore[override]
+        """An empty history of capacity ``history`` (with restarts: and no usable snapshot yet)."""
+        history = History(self.history)
+        return history if self.restart is None else RestartingHistory(history)
+
+    def step(self, view: WindowView,
+             state: History | RestartingHistory) -> tuple[torch.Tensor, History | RestartingHistory]:
         """Per-row least squares on the noisier rows of the window; see the module docstring."""
+        if isinstance(state, RestartingHistory):
+            return self._restarting_step(view, state)
         state = self._record(view, state)
         if self.history == 1 or len(state.snapshots) < 2:
             return view.rhs, state
+        return self._update(view, state, None), state
+
+    def _restarting_step(self, view: WindowView,
+                         state: RestartingHistory) -> tuple[torch.Tensor, RestartingHistory]:
+        history = self._record(view, state.history)
+        samples = view.residual.shape[1]
+        usable = (torch.ones(samples, dtype=torch.long, device=view.residual.device) if state.usable is None
+                  else (state.usable + 1).clamp(max=self.history))
+        if len(history.snapshots) >= 2:
+            previous = history.snapshots[1]
+            rows = slice(view.lo - previous.lo, view.hi - previous.lo + 1)  # the window only slides down
+            now = view.residual.pow(2).sum((0, 2)).sqrt()
+            before = previous.residual[rows].pow(2).sum((0, 2)).sqrt()
+            grew = now > before * self.restart  # type: ignore[operator]
+            usable = torch.where(grew, torch.ones_like(usable), usable)
+        new_state = RestartingHistory(history, usable)
+        if self.history == 1 or len(history.snapshots) < 2:
+            return view.rhs, new_state
+        return self._update(view, history, usable), new_state
+
+    def _update(self, view: WindowView, state: History, usable: torch.Tensor | None) -> torch.Tensor:
         d_states, d_residuals, valid = differences(state, view.lo, view.hi)
         gram = torch.einsum("wndi,wndj->wnij", d_residuals, d_residuals).cumsum(0)
         rhs = torch.einsum("wndi,wnd->wni", d_residuals, view.residual).cumsum(0)
         # Row s may use column j only if it has that history itself; rows above s always do.
         mask = valid.to(gram.dtype)[:, None, :]  # [W, 1, q]
+        if usable is not None:  # column j differences snapshots j and j+1: both must postdate a restart
+            columns = torch.arange(valid.shape[1], device=usable.device)
+            mask = mask * (columns[None, :] + 1 < usable[:, None]).to(gram.dtype)[None]  # [W, N, q]
         gram = gram * mask.unsqueeze(-1) * mask.unsqueeze(-2) + torch.diag_embed(1 - mask)
         rhs = rhs * mask
         gamma = _solve_small(gram, rhs, self.ridge).to(view.rhs.dtype) * mask
         correction = torch.einsum("wndi,wni->wnd", d_states + d_residuals, gamma)
-        return view.rhs - correction, state
+        return view.rhs - correction
 
 
 @attrs.define(frozen=True, eq=False, kw_only=True)

@@ -71,8 +71,11 @@ class QuasiNewton(FixedPointSolver):
             prior alone, no secants).
 
     Its preset (``solve(system, "newton")``, or a ``QuasiNewton`` instance) stops with
-    :class:`~fpsolve.stopping.X0Change` unless ``stopping=`` / ``tol=`` is given: stop once the
-    output ``x_0`` moved by at most 1.5e-2 (see :mod:`fpsolve.control`).
+    :class:`~fpsolve.stopping.X0Forecast` unless ``stopping=`` / ``tol=`` is given: stop once the
+    output ``x_0`` moved by at most 1.5e-2, or once its contraction forecasts a remaining error of
+    at most 1.2e-2, rows judged at RMS 5e-6 (issue 14: one round fewer than the ``x0`` rule on
+    about a quarter of the benchmark cells, every one still <= 1 px;
+    docs/benchmarks/iterations.md; the preset is in :mod:`fpsolve.control`).
     """
 
     name = "newton"
