@@ -96,7 +96,7 @@ def solve(
             safeguarded ``aa``).
         tol: shortcut for the ``rms`` rule with ``tol1 = tol2 = tol``.
         stopping: a stopping rule (name, class or instance). Default: the preset's (``newton``:
-            the ``x0`` rule; the ``paradigms`` plugin: its own), else ``rms`` with tol 2e-4.
+            the ``x0_forecast`` rule; the ``paradigms`` plugin: its own), else ``rms`` with tol 2e-4.
         initializer: first guess (name, class or instance); default ``noise_copy``.
         max_iters: THE cap on parallel iterations (``None``: the preset's, else T); reaching
             it ends the solve with status ``MAX_ITERS``.
@@ -197,7 +197,7 @@ def resolve_method(spec: str | type[FixedPointSolver] | FixedPointSolver,
     A name is looked up among the presets first (a preset fixes its solver class and options),
     then among the solvers; a solver class or instance, and a solver name without a preset of its
     own, gets the preset registered for its class (:func:`fpsolve.registry.preset_for`: ``newton``
-    and its alias ``quasi_newton`` get the ``x0`` rule, ``QuasiNewton(clamp=20)`` too), or none.
+    and its alias ``quasi_newton`` get the ``x0_forecast`` rule, ``QuasiNewton(clamp=20)`` too), or none.
     """
     options = dict(options or {})
     preset = lookup_preset(spec) if isinstance(spec, str) else None
