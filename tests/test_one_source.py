@@ -3,25 +3,30 @@ coefficients' accessor and the shared validators, each checked against what it r
 
 from __future__ import annotations
 
+import tempfile
+
 import attrs
 import numpy as np
 import pytest
 import torch
+from fpsolve_paradigms.stopping import ParadigmsOriginal
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fpsolve
 from fpsolve import validators
 from fpsolve.adjoint import differentiable_solution
+from fpsolve.bench.matrix import CurvePlan, SamplerSpec, quick_plan
 from fpsolve.distributed import plan
 from fpsolve.errors import InvalidOptionError
 from fpsolve.evaluators import ChunkedEvaluator
 from fpsolve.gpu import CUDAGraphDenoiser, IterationModel, measure_latency, plan_window
 from fpsolve.initializers import Extrapolate
-from fpsolve.models import digits
+from fpsolve.models import digits, load_reference
 from fpsolve.samplers import DDIM, DPMSolver, FlowEuler
 from fpsolve.schedules import linear_alphas_cumprod, shifted_flow_sigmas, spaced_timesteps
-from fpsolve.solvers import TAA, QuasiNewton
+from fpsolve.solvers import TAA, DiagonalNewton, QuasiNewton
+from fpsolve.stopping import RMS
 from fpsolve.testing import problems
 
 from .conftest import make_sampler
@@ -119,6 +124,11 @@ def _identity(x, t):
     return x
 
 
+def _scratch_png():
+    """A throwaway path for save_digit_grid's cases (the ACCEPTS table has no tmp_path)."""
+    return tempfile.mkdtemp() + "/grid.png"
+
+
 ABAR = linear_alphas_cumprod()
 FLOW_SIGMAS = torch.linspace(1, 0, 5, dtype=torch.float64)
 
@@ -158,6 +168,26 @@ ACCEPTS = [
     (lambda v: QuasiNewton(prior_weight=v), np.float32(0.25),
      r"prior_weight must be a finite number in \[0, 1\]"),
     (lambda v: fpsolve.Controller(safeguard=v), np.bool_(False), "safeguard must be True or False"),
+    # moved onto fpsolve.validators after the redesign merged (issue 12's loose ends)
+    (lambda v: SamplerSpec("ddim", v), np.int64(50), r"sampler steps must be an int in 2\.\.1000"),
+    (lambda v: CurvePlan(["ddim-4"], ["taa-m2"], max_iters=v), np.int64(5),
+     "curve max_iters must be an int >= 1"),
+    (lambda v: attrs.evolve(quick_plan(["gmm"]), seeds=v), np.int64(2), "seeds must be an int >= 1"),
+    (lambda v: attrs.evolve(quick_plan(["gmm"]), samples=v), np.int32(3), "samples must be an int >= 1"),
+    (lambda v: attrs.evolve(quick_plan(["gmm"]), tolerances=[v]), np.float64(1e-3),
+     r"tolerances must be a finite number in \(0, 1\)"),
+    (lambda v: DiagonalNewton(damping=v), np.float32(0.5), r"damping must be a finite number in \[0, 1\)"),
+    (lambda v: RMS(tol1=v), np.float64(1e-3), "tol1 must be a finite number > 0"),
+    (lambda v: RMS(tol2=v), np.float64(0.0), "tol2 must be a finite number >= 0"),
+    (lambda v: ParadigmsOriginal(tol=v), np.float32(0.1),
+     r"tol must be a finite number > 0 \(ParaDiGMS' default is 0\.1\)"),
+    (lambda v: fpsolve.solve(_system(), "taa", differentiable=v), np.bool_(False),
+     "differentiable must be True or False"),
+    (lambda v: load_reference("gmm").sampler(v), np.int64(5), "num_steps must be an int"),
+    (lambda v: digits.save_digit_grid(np.zeros((1, 2, 2), np.uint8), _scratch_png(), nrow=v), np.int64(1),
+     "save_digit_grid: nrow must be an int >= 1"),
+    (lambda v: digits.save_digit_grid(np.zeros((1, 2, 2), np.uint8), _scratch_png(), scale=v), np.int64(1),
+     "save_digit_grid: scale must be an int >= 1"),
 ]
 
 
