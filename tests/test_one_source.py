@@ -24,7 +24,13 @@ from fpsolve.gpu import CUDAGraphDenoiser, IterationModel, measure_latency, plan
 from fpsolve.initializers import Extrapolate
 from fpsolve.models import digits, load_reference
 from fpsolve.samplers import DDIM, DPMSolver, FlowEuler
-from fpsolve.schedules import linear_alphas_cumprod, shifted_flow_sigmas, spaced_timesteps
+from fpsolve.schedules import (
+    flow_sigmas,
+    leading_timesteps,
+    linear_alphas_cumprod,
+    shifted_flow_sigmas,
+    spaced_timesteps,
+)
 from fpsolve.solvers import TAA, DiagonalNewton, QuasiNewton
 from fpsolve.stopping import RMS
 from fpsolve.testing import problems
@@ -69,7 +75,26 @@ def test_shifted_flow_sigmas_match_the_formula(steps, shift):
     assert torch.equal(shifted_flow_sigmas(steps, shift), shift * even / (1 + (shift - 1) * even))
 
 
+@given(st.integers(1, 1000).flatmap(lambda n: st.tuples(st.integers(1, n), st.just(n))))
+def test_leading_timesteps_match_the_digits_formula(case):
+    """The formula ddim_sample_digits (and the inversion page and benchmark) wrote out."""
+    steps, n = case
+    old = (torch.arange(steps) * (n // steps)).flip(0).tolist()
+    assert leading_timesteps(steps, n) == old
+    assert leading_timesteps(np.int64(steps), np.int32(n)) == old
+
+
+@pytest.mark.parametrize("steps", [1, 7, 25, 100, 1000])
+def test_flow_sigmas_match_the_digits_formula(steps):
+    """The formula fpsolve.models.digits.flow_sigmas wrote out, bit for bit."""
+    old = torch.cat([torch.linspace(1.0, 1.0 / 1000, steps, dtype=torch.float64),
+                     torch.zeros(1, dtype=torch.float64)])
+    assert torch.equal(flow_sigmas(steps), old)
+    assert torch.equal(flow_sigmas(steps, 1000), old)
+
+
 def test_every_public_home_is_the_one_implementation():
+    assert digits.flow_sigmas is flow_sigmas
     assert fpsolve.models.linear_alphas_cumprod is linear_alphas_cumprod
     assert fpsolve.models.spaced_timesteps is spaced_timesteps
     assert problems.linear_alphas_cumprod is linear_alphas_cumprod
@@ -87,6 +112,12 @@ def test_every_public_home_is_the_one_implementation():
     (lambda: linear_alphas_cumprod(10, 0.0), "beta_start"),
     (lambda: linear_alphas_cumprod(10, 0.02, 0.01), "beta_start <= beta_end"),
     (lambda: shifted_flow_sigmas(4, 0.0), "shift"),
+    (lambda: leading_timesteps(0), "num_steps"),
+    (lambda: leading_timesteps(1001), r"num_steps must be an int in 1\.\.1000"),
+    (lambda: leading_timesteps(5, 4), r"num_steps must be an int in 1\.\.4"),
+    (lambda: flow_sigmas(0), "steps"),
+    (lambda: flow_sigmas(2.0), "steps must be an int"),
+    (lambda: flow_sigmas(4, True), "num_train_steps"),
 ])
 def test_bad_schedule_arguments_name_the_argument(call, name):
     with pytest.raises(InvalidOptionError, match=name):

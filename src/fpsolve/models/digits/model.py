@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fpsolve.errors import InvalidOptionError, ShapeError
-from fpsolve.schedules import linear_alphas_cumprod
+from fpsolve.errors import ShapeError
+
+# flow_sigmas lives in fpsolve.schedules (its default of 1000 training levels is NUM_TRAIN_TIMESTEPS);
+# re-exported here, where the digits flow model's callers import it
+from fpsolve.schedules import flow_sigmas, linear_alphas_cumprod
 
 if TYPE_CHECKING:  # pragma: no cover - only for annotations
     from diffusers import UNet2DModel
@@ -128,19 +131,3 @@ def digits_denoiser(unet: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tens
         return eps.to(device=x.device, dtype=x.dtype)
 
     return denoiser
-
-
-def flow_sigmas(steps: int) -> torch.Tensor:
-    """The noise levels of a ``steps``-step flow Euler run on the flow model's training schedule.
-
-    Exactly the sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)``
-    with its default config (``shift=1``) after ``set_timesteps(steps)``: ``steps`` levels evenly
-    spaced from 1 down to ``1/1000`` (the smallest training level), then the final level 0.
-
-    Returns:
-        A descending float64 tensor ``[steps + 1]``.
-    """
-    if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
-        raise InvalidOptionError(f"flow_sigmas: steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {steps}.")
-    levels = torch.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, steps, dtype=torch.float64)
-    return torch.cat([levels, torch.zeros(1, dtype=torch.float64)])
