@@ -20,7 +20,8 @@ from fpsolve.bench.matrix import CurvePlan, SamplerSpec, quick_plan
 from fpsolve.distributed import plan
 from fpsolve.errors import InvalidOptionError
 from fpsolve.evaluators import ChunkedEvaluator
-from fpsolve.gpu import CUDAGraphDenoiser, IterationModel, measure_latency, plan_window
+from fpsolve.gpu import CUDAGraphDenoiser, IterationModel, LatencyTable, measure_latency, plan_window
+from fpsolve.gpu.planner import latency_curve
 from fpsolve.initializers import Extrapolate
 from fpsolve.models import digits, load_reference
 from fpsolve.samplers import DDIM, DPMSolver, FlowEuler
@@ -215,6 +216,13 @@ ACCEPTS = [
     (lambda v: fpsolve.solve(_system(), "taa", differentiable=v), np.bool_(False),
      "differentiable must be True or False"),
     (lambda v: load_reference("gmm").sampler(v), np.int64(5), "num_steps must be an int"),
+    (lambda v: LatencyTable({v: 1.0}), np.int64(4), "a latency point's batch must be an int >= 1"),
+    (lambda v: LatencyTable({4: v}), np.float32(0.5),
+     "the seconds of the latency point at batch 4 must be a finite number > 0"),
+    (lambda v: latency_curve({v: 1.0}), np.int32(2), "a latency point's batch must be an int >= 1"),
+    (lambda v: measure_latency(_identity, shape=(4,), dtype=torch.float32, device="cpu", batches=[v],
+                               timesteps=[0], repeats=1, warmup=0),
+     np.int64(2), "a batch size in batches must be an int >= 1"),
     (lambda v: digits.save_digit_grid(np.zeros((1, 2, 2), np.uint8), _scratch_png(), nrow=v), np.int64(1),
      "save_digit_grid: nrow must be an int >= 1"),
     (lambda v: digits.save_digit_grid(np.zeros((1, 2, 2), np.uint8), _scratch_png(), scale=v), np.int64(1),
@@ -229,6 +237,17 @@ def test_numpy_numbers_pass_and_bools_are_refused_by_name(build, value, refusal)
     refused = "yes" if isinstance(value, np.bool_) else True
     with pytest.raises(InvalidOptionError, match=refusal):
         build(refused)
+
+
+def test_latency_points_are_checked_not_truncated():
+    assert LatencyTable({"4": 2.0, 1: np.float64(1.0)}).seconds == {1: 1.0, 4: 2.0}  # JSON keys, sorted
+    assert LatencyTable.from_json(LatencyTable({8: 3.0}).to_json()).seconds == {8: 3.0}
+    with pytest.raises(InvalidOptionError, match="batch must be an int >= 1; got 2.5"):  # was int(2.5) = 2
+        LatencyTable({2.5: 1.0})
+    with pytest.raises(InvalidOptionError, match="batch 4 must be a finite number > 0; got inf"):
+        latency_curve({4: float("inf")})
+    with pytest.raises(InvalidOptionError, match="at least one"):
+        LatencyTable({})
 
 
 def test_checked_values_become_python_numbers():
