@@ -92,10 +92,10 @@ def test_flow_sigmas_match_the_digits_formula(steps):
                      torch.zeros(1, dtype=torch.float64)])
     assert torch.equal(flow_sigmas(steps), old)
     assert torch.equal(flow_sigmas(steps, 1000), old)
+    assert torch.equal(digits.flow_sigmas(steps), old)  # the digits flow model's: 1000 training levels
 
 
 def test_every_public_home_is_the_one_implementation():
-    assert digits.flow_sigmas is flow_sigmas
     assert fpsolve.models.linear_alphas_cumprod is linear_alphas_cumprod
     assert fpsolve.models.spaced_timesteps is spaced_timesteps
     assert problems.linear_alphas_cumprod is linear_alphas_cumprod

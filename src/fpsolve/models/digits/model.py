@@ -14,10 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fpsolve.errors import ShapeError
-
-# flow_sigmas lives in fpsolve.schedules (its default of 1000 training levels is NUM_TRAIN_TIMESTEPS);
-# re-exported here, where the digits flow model's callers import it
-from fpsolve.schedules import flow_sigmas, linear_alphas_cumprod
+from fpsolve.schedules import flow_sigmas as training_flow_sigmas
+from fpsolve.schedules import linear_alphas_cumprod
 
 if TYPE_CHECKING:  # pragma: no cover - only for annotations
     from diffusers import UNet2DModel
@@ -131,3 +129,11 @@ def digits_denoiser(unet: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tens
         return eps.to(device=x.device, dtype=x.dtype)
 
     return denoiser
+
+
+def flow_sigmas(steps: int) -> torch.Tensor:
+    """The noise levels of a ``steps``-step flow Euler run on the flow model's training schedule:
+    :func:`fpsolve.schedules.flow_sigmas` on its ``NUM_TRAIN_TIMESTEPS`` (1000) training levels,
+    the sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler`` (a descending float64
+    ``[steps + 1]``)."""
+    return training_flow_sigmas(steps, NUM_TRAIN_TIMESTEPS)
