@@ -163,25 +163,14 @@ class ModelBench:
 
     def sequential(self) -> dict[str, float]:
         """Sequential loops; returns their median wall times by label."""
-        spec, steps, baselines = self.spec, self.spec.steps, {}
+        baselines: dict[str, float] = {}
         for mode in self.settings.modes:
             graphs = mode == "cudagraph"
             system, timer = self.system(graphs), (self.graph if graphs else self.eager)
             reference = None
             if self.go(f"sequential solve ({mode})"):
                 stats = timed(partial(api.solve, system, "sequential"), timer, self.settings)
-                self.rows.append(
-                    row(
-                        spec,
-                        "sequential (fpsolve.solve)",
-                        mode,
-                        None,
-                        stats,
-                        samples=self.settings.samples,
-                        iterations=steps,
-                        iterations_source="T",
-                    )
-                )
+                self.add_sequential("sequential (fpsolve.solve)", mode, stats)
                 baselines[f"solve-{mode}"] = stats["median_s"]
                 reference = stats["result"].sample
                 if not stats["result"].converged:
@@ -192,19 +181,7 @@ class ModelBench:
                 if reference is not None:
                     same = torch.equal(stats["result"][-1], reference)
                     note = "same sample as fpsolve.solve" if same else "DIFFERENT sample from fpsolve.solve"
-                self.rows.append(
-                    row(
-                        spec,
-                        "sequential (tight loop, no host sync)",
-                        mode,
-                        None,
-                        stats,
-                        samples=self.settings.samples,
-                        iterations=steps,
-                        iterations_source="T",
-                        note=note,
-                    )
-                )
+                self.add_sequential("sequential (tight loop, no host sync)", mode, stats, note)
                 baselines[f"tight-{mode}"] = stats["median_s"]
         return baselines
 
@@ -294,6 +271,11 @@ class ModelBench:
             return
         stats = self.forced_iteration_cost(steps, graphs, solver="newton")
         self.add_estimate("newton", mode, steps, stats, *self.digits_iterations(steps, steps, "newton"))
+
+    def add_sequential(self, method: str, mode: str, stats: dict[str, Any], note: str = "") -> None:
+        """The row of a sequential baseline: T model calls, measured."""
+        self.rows.append(row(self.spec, method, mode, None, stats, samples=self.settings.samples,
+                             iterations=self.spec.steps, iterations_source="T", note=note))
 
     def add_estimate(self, solver: str, mode: str, window: int, stats: dict[str, Any], iterations: int,
                      source: str) -> None:
