@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 import fpsolve
 from fpsolve.bench.metrics import compare_samples, image_converter
+from fpsolve.bench.report import cpu_name
 from fpsolve.models import ReferenceModel, load_reference
 from fpsolve.stopping import RMS, StoppingRule, StoppingView
 
@@ -198,12 +198,7 @@ def main() -> None:
         ref = load_reference(name)
         for steps in args.steps:
             rows.append(measure(ref, steps, args.samples, args.seed))
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     meta = {
         "command": "python benchmarks/flow_vs_ddim.py" + (" --steps " + ",".join(map(str, args.steps))
                                                           if args.steps != [25, 50, 100] else ""),

@@ -35,6 +35,7 @@ import fpsolve
 from fpsolve.inversion import reconstruction_error
 from fpsolve.models import load_reference
 from fpsolve.models.digits import digits_to_images, load_digits_dataset, save_digit_grid
+from fpsolve.schedules import leading_timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # rms tolerance of every parallel solve here, in pixel units of [-1, 1]
@@ -48,9 +49,8 @@ def differentiable_denoiser(unet):
 
 
 def ddim(reference, steps: int) -> fpsolve.samplers.DDIM:
-    """DDIM with the digits model's own spacing (``ddim_sample_digits``): ``t_i = i * 1000 // T``."""
-    timesteps = (torch.arange(steps) * (1000 // steps)).flip(0)
-    return fpsolve.samplers.DDIM(alphas_cumprod=reference.alphas_cumprod, timesteps=timesteps)
+    """DDIM with the digits model's own spacing (``ddim_sample_digits``): ``t_i = i * (1000 // T)``."""
+    return fpsolve.samplers.DDIM(alphas_cumprod=reference.alphas_cumprod, timesteps=leading_timesteps(steps))
 
 
 def system_for(reference, denoiser, steps: int, noise: torch.Tensor) -> fpsolve.TriangularSystem:

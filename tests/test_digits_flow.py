@@ -21,6 +21,8 @@ import fpsolve
 from fpsolve.errors import InvalidOptionError, UnsupportedError
 from fpsolve.models import digits, load_reference, reference_prediction
 
+from ._diffusers_helpers import one_thread_per_module
+
 _MISSING = [
     name for name in ("diffusers", "safetensors", "sklearn") if importlib.util.find_spec(name) is None
 ]
@@ -29,13 +31,8 @@ pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"needs the models extra 
 FLOW_WEIGHTS, FLOW_CONFIG = digits.FILE_NAMES["flow"][:2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small model calls: on a shared or busy machine one thread is faster than contending ones.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# small model calls: on a shared or busy machine one thread is faster than contending ones
+_one_thread = one_thread_per_module()
 
 
 @pytest.fixture(scope="module")

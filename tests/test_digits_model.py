@@ -12,6 +12,8 @@ import torch
 from fpsolve.errors import ShapeError
 from fpsolve.models import digits
 
+from ._diffusers_helpers import one_thread_per_module
+
 # find_spec rather than importorskip: importing diffusers takes seconds, and the fixtures do it anyway.
 _MISSING = [
     name for name in ("diffusers", "safetensors", "sklearn") if importlib.util.find_spec(name) is None
@@ -19,13 +21,8 @@ _MISSING = [
 pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"needs the models extra (missing: {_MISSING})")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tests are small; on a shared or busy machine one thread is faster than contending ones.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# small model calls: on a shared or busy machine one thread is faster than contending ones
+_one_thread = one_thread_per_module()
 
 
 @pytest.fixture(scope="module")

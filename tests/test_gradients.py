@@ -10,6 +10,8 @@ agrees on a tiny case; (3) no VJP ever covers more states than the window; (4) m
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 import fpsolve
 from fpsolve.adjoint import AdjointSampler, denoiser_parameters, gradient_record
 from fpsolve.errors import InvalidOptionError
+from fpsolve.evaluators import ChunkedEvaluator, choose, kind_for
 from fpsolve.samplers import DPMSolver
 from fpsolve.testing.problems import problem_sampler
 
@@ -139,6 +142,55 @@ def test_gradients_with_a_sliding_window_never_differentiate_more_states_than_th
     got = torch.autograd.grad(loss_of(solution.trajectory, target), [x_T])[0]
     assert relative_error(got, want) <= 1e-6
     assert calls and max(calls) <= window * BATCH  # activations of at most one window at a time
+
+
+def test_the_adjoint_solve_takes_the_choosers_evaluator_chunked_on_cuda(monkeypatch):
+    """The adjoint's model calls (VJPs) go through fpsolve.evaluators.choose, as the forward
+    solve's do: on a CUDA device they are chunked. The chooser is asked with the adjoint system;
+    what it picks for a CUDA device is made to run on the CPU system, one position per chunk, and
+    the gradients equal the plain ones."""
+    steps = 12
+    sampler = make_sampler("ddim", steps)
+    denoiser, net, condition = make_denoiser(2)
+    noise = torch.randn(steps + 1, BATCH, DIM, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+    system = fpsolve.TriangularSystem(sampler=sampler, denoiser=denoiser, shape=(DIM,), noise=noise)
+
+    def gradient():
+        solution = fpsolve.solve(system, "taa", tol=1e-12, window=5, differentiable=True)
+        return torch.autograd.grad(solution.sample.pow(2).sum(), [noise, condition])
+
+    plain = gradient()
+    asked, rows = [], []
+
+    def chunked_as_on_cuda(target, *, distributed=None):
+        asked.append(target)
+        if not isinstance(target.sampler, AdjointSampler):
+            return choose(target, distributed=distributed)
+        assert kind_for(torch.device("cuda", 0), distributed) == "chunked"
+        on_cuda = copy.copy(target)
+        object.__setattr__(on_cuda, "device", torch.device("cuda", 0))
+        evaluator = choose(on_cuda, distributed=distributed)
+        assert isinstance(evaluator, ChunkedEvaluator)
+        evaluator.system = target  # chosen for CUDA, run on the CPU system it was asked for
+        evaluator.max_batch = target.num_samples  # one position per chunk: really split
+        return evaluator
+
+    denoise = fpsolve.TriangularSystem.denoise
+
+    def counting(self, x, t):
+        if isinstance(self.sampler, AdjointSampler):
+            rows.append(x.shape[0])
+        return denoise(self, x, t)
+
+    monkeypatch.setattr(fpsolve.TriangularSystem, "denoise", counting)
+    monkeypatch.setattr(fpsolve.adjoint, "choose_evaluator", chunked_as_on_cuda)
+    monkeypatch.setattr(fpsolve.api, "choose_evaluator", chunked_as_on_cuda)
+    chunked = gradient()
+    assert [type(t.sampler) for t in asked] == [type(sampler), AdjointSampler]  # forward, then adjoint
+    assert rows and set(rows) == {BATCH}  # every VJP call was one position of the window
+    for got, want in zip(chunked, plain, strict=True):
+        assert relative_error(got, want) <= 1e-12  # float64; row-wise model: chunks change nothing
 
 
 def test_the_adjoint_is_solved_in_parallel_in_fewer_rounds_than_steps():

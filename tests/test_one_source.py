@@ -3,25 +3,37 @@ coefficients' accessor and the shared validators, each checked against what it r
 
 from __future__ import annotations
 
+import tempfile
+
 import attrs
 import numpy as np
 import pytest
 import torch
+from fpsolve_paradigms.stopping import ParadigmsOriginal
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fpsolve
 from fpsolve import validators
 from fpsolve.adjoint import differentiable_solution
+from fpsolve.bench.matrix import CurvePlan, SamplerSpec, quick_plan
 from fpsolve.distributed import plan
 from fpsolve.errors import InvalidOptionError
 from fpsolve.evaluators import ChunkedEvaluator
-from fpsolve.gpu import CUDAGraphDenoiser, IterationModel, measure_latency, plan_window
+from fpsolve.gpu import CUDAGraphDenoiser, IterationModel, LatencyTable, measure_latency, plan_window
+from fpsolve.gpu.planner import latency_curve
 from fpsolve.initializers import Extrapolate
-from fpsolve.models import digits
+from fpsolve.models import digits, load_reference
 from fpsolve.samplers import DDIM, DPMSolver, FlowEuler
-from fpsolve.schedules import linear_alphas_cumprod, shifted_flow_sigmas, spaced_timesteps
-from fpsolve.solvers import TAA, QuasiNewton
+from fpsolve.schedules import (
+    flow_sigmas,
+    leading_timesteps,
+    linear_alphas_cumprod,
+    shifted_flow_sigmas,
+    spaced_timesteps,
+)
+from fpsolve.solvers import TAA, DiagonalNewton, QuasiNewton
+from fpsolve.stopping import RMS
 from fpsolve.testing import problems
 
 from .conftest import make_sampler
@@ -64,6 +76,25 @@ def test_shifted_flow_sigmas_match_the_formula(steps, shift):
     assert torch.equal(shifted_flow_sigmas(steps, shift), shift * even / (1 + (shift - 1) * even))
 
 
+@given(st.integers(1, 1000).flatmap(lambda n: st.tuples(st.integers(1, n), st.just(n))))
+def test_leading_timesteps_match_the_digits_formula(case):
+    """The formula ddim_sample_digits (and the inversion page and benchmark) wrote out."""
+    steps, n = case
+    old = (torch.arange(steps) * (n // steps)).flip(0).tolist()
+    assert leading_timesteps(steps, n) == old
+    assert leading_timesteps(np.int64(steps), np.int32(n)) == old
+
+
+@pytest.mark.parametrize("steps", [1, 7, 25, 100, 1000])
+def test_flow_sigmas_match_the_digits_formula(steps):
+    """The formula fpsolve.models.digits.flow_sigmas wrote out, bit for bit."""
+    old = torch.cat([torch.linspace(1.0, 1.0 / 1000, steps, dtype=torch.float64),
+                     torch.zeros(1, dtype=torch.float64)])
+    assert torch.equal(flow_sigmas(steps), old)
+    assert torch.equal(flow_sigmas(steps, 1000), old)
+    assert torch.equal(digits.flow_sigmas(steps), old)  # the digits flow model's: 1000 training levels
+
+
 def test_every_public_home_is_the_one_implementation():
     assert fpsolve.models.linear_alphas_cumprod is linear_alphas_cumprod
     assert fpsolve.models.spaced_timesteps is spaced_timesteps
@@ -82,6 +113,12 @@ def test_every_public_home_is_the_one_implementation():
     (lambda: linear_alphas_cumprod(10, 0.0), "beta_start"),
     (lambda: linear_alphas_cumprod(10, 0.02, 0.01), "beta_start <= beta_end"),
     (lambda: shifted_flow_sigmas(4, 0.0), "shift"),
+    (lambda: leading_timesteps(0), "num_steps"),
+    (lambda: leading_timesteps(1001), r"num_steps must be an int in 1\.\.1000"),
+    (lambda: leading_timesteps(5, 4), r"num_steps must be an int in 1\.\.4"),
+    (lambda: flow_sigmas(0), "steps"),
+    (lambda: flow_sigmas(2.0), "steps must be an int"),
+    (lambda: flow_sigmas(4, True), "num_train_steps"),
 ])
 def test_bad_schedule_arguments_name_the_argument(call, name):
     with pytest.raises(InvalidOptionError, match=name):
@@ -117,6 +154,11 @@ def _system():
 
 def _identity(x, t):
     return x
+
+
+def _scratch_png():
+    """A throwaway path for save_digit_grid's cases (the ACCEPTS table has no tmp_path)."""
+    return tempfile.mkdtemp() + "/grid.png"
 
 
 ABAR = linear_alphas_cumprod()
@@ -158,6 +200,33 @@ ACCEPTS = [
     (lambda v: QuasiNewton(prior_weight=v), np.float32(0.25),
      r"prior_weight must be a finite number in \[0, 1\]"),
     (lambda v: fpsolve.Controller(safeguard=v), np.bool_(False), "safeguard must be True or False"),
+    # moved onto fpsolve.validators after the redesign merged (issue 12's loose ends)
+    (lambda v: SamplerSpec("ddim", v), np.int64(50), r"sampler steps must be an int in 2\.\.1000"),
+    (lambda v: CurvePlan(["ddim-4"], ["taa-m2"], max_iters=v), np.int64(5),
+     "curve max_iters must be an int >= 1"),
+    (lambda v: attrs.evolve(quick_plan(["gmm"]), seeds=v), np.int64(2), "seeds must be an int >= 1"),
+    (lambda v: attrs.evolve(quick_plan(["gmm"]), samples=v), np.int32(3), "samples must be an int >= 1"),
+    (lambda v: attrs.evolve(quick_plan(["gmm"]), tolerances=[v]), np.float64(1e-3),
+     r"tolerances must be a finite number in \(0, 1\)"),
+    (lambda v: DiagonalNewton(damping=v), np.float32(0.5), r"damping must be a finite number in \[0, 1\)"),
+    (lambda v: RMS(tol1=v), np.float64(1e-3), "tol1 must be a finite number > 0"),
+    (lambda v: RMS(tol2=v), np.float64(0.0), "tol2 must be a finite number >= 0"),
+    (lambda v: ParadigmsOriginal(tol=v), np.float32(0.1),
+     r"tol must be a finite number > 0 \(ParaDiGMS' default is 0\.1\)"),
+    (lambda v: fpsolve.solve(_system(), "taa", differentiable=v), np.bool_(False),
+     "differentiable must be True or False"),
+    (lambda v: load_reference("gmm").sampler(v), np.int64(5), "num_steps must be an int"),
+    (lambda v: LatencyTable({v: 1.0}), np.int64(4), "a latency point's batch must be an int >= 1"),
+    (lambda v: LatencyTable({4: v}), np.float32(0.5),
+     "the seconds of the latency point at batch 4 must be a finite number > 0"),
+    (lambda v: latency_curve({v: 1.0}), np.int32(2), "a latency point's batch must be an int >= 1"),
+    (lambda v: measure_latency(_identity, shape=(4,), dtype=torch.float32, device="cpu", batches=[v],
+                               timesteps=[0], repeats=1, warmup=0),
+     np.int64(2), "a batch size in batches must be an int >= 1"),
+    (lambda v: digits.save_digit_grid(np.zeros((1, 2, 2), np.uint8), _scratch_png(), nrow=v), np.int64(1),
+     "save_digit_grid: nrow must be an int >= 1"),
+    (lambda v: digits.save_digit_grid(np.zeros((1, 2, 2), np.uint8), _scratch_png(), scale=v), np.int64(1),
+     "save_digit_grid: scale must be an int >= 1"),
 ]
 
 
@@ -168,6 +237,17 @@ def test_numpy_numbers_pass_and_bools_are_refused_by_name(build, value, refusal)
     refused = "yes" if isinstance(value, np.bool_) else True
     with pytest.raises(InvalidOptionError, match=refusal):
         build(refused)
+
+
+def test_latency_points_are_checked_not_truncated():
+    assert LatencyTable({"4": 2.0, 1: np.float64(1.0)}).seconds == {1: 1.0, 4: 2.0}  # JSON keys, sorted
+    assert LatencyTable.from_json(LatencyTable({8: 3.0}).to_json()).seconds == {8: 3.0}
+    with pytest.raises(InvalidOptionError, match="batch must be an int >= 1; got 2.5"):  # was int(2.5) = 2
+        LatencyTable({2.5: 1.0})
+    with pytest.raises(InvalidOptionError, match="batch 4 must be a finite number > 0; got inf"):
+        latency_curve({4: float("inf")})
+    with pytest.raises(InvalidOptionError, match="at least one"):
+        LatencyTable({})
 
 
 def test_checked_values_become_python_numbers():

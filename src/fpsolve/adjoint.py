@@ -51,6 +51,7 @@ import torch
 from .control import Controller
 from .driver import run
 from .errors import InvalidOptionError
+from .evaluators import choose as choose_evaluator
 from .initializers import NoiseCopy
 from .registry import iteration_hook
 from .samplers.base import AffineForm, SequentialSampler
@@ -343,8 +344,10 @@ class _Backward:
         scale = float(adjoint.flat_noise.pow(2).mean(-1).sqrt().max())
         tol = self.adjoint_tol * scale if scale > 0 else 1.0
         with torch.no_grad():
+            # evaluated as the forward solve is (chunked on CUDA, so a window's VJPs that do not
+            # fit in memory are split instead of failing): the one choice, fpsolve.evaluators.choose
             solved = run(adjoint, self.solver, RMS(tol1=tol, tol2=tol), NoiseCopy(),
-                         self.controller, [iteration_hook()])
+                         self.controller, [iteration_hook()], evaluate=choose_evaluator(adjoint))
         w = adjoint.flat_noise.new_zeros(self.states.shape)
         flat_adjoint = solved.trajectory.reshape(self.states.shape)
         w[:steps] = flat_adjoint.flip(0)[:steps]  # w_j for j = 0..T-1

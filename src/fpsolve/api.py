@@ -120,8 +120,7 @@ def solve(
         The :class:`Solution`.
     """
     system = make_system(system)
-    if not isinstance(differentiable, bool):
-        raise InvalidOptionError(f"differentiable must be True or False; got {differentiable!r}.")
+    differentiable = as_flag("differentiable", differentiable)
     if not differentiable and (params is not None or adjoint_tol is not None or vjp_chunk is not None):
         raise InvalidOptionError("params=, adjoint_tol= and vjp_chunk= are options of differentiable=True; "
                                  "pass differentiable=True or leave them unset.")

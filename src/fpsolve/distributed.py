@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .api import make_system, solve
-from .driver import DriverConfig
+from .control import Controller
 from .errors import InvalidOptionError
 from .evaluators.sharded import (
     DistributedError,
@@ -52,7 +52,7 @@ from .evaluators.sharded import (
     chunk_bounds,
     sharded_evaluator,
 )
-from .solution import ResidualTrace, Solution, Status
+from .solution import Solution
 from .system import TriangularSystem
 from .validators import as_int
 
@@ -160,22 +160,6 @@ def subset_system(system: TriangularSystem, start: int, stop: int) -> Triangular
                             model_dtype=system.model_dtype)
 
 
-def _merge_traces(traces: list[ResidualTrace], steps: int) -> ResidualTrace:
-    """One trace for the sample-sharded solve: per iteration, the worst rank still running."""
-    length = max(len(trace) for trace in traces)
-    rows, anchors, windows, evaluations = [], [], [], []
-    for i in range(length):
-        running = [trace for trace in traces if i < len(trace)]
-        stacked = torch.stack([trace.first_order[i] for trace in running])
-        worst = torch.where(stacked.isnan(), -math.inf, stacked).max(0).values
-        rows.append(torch.where(worst == -math.inf, math.nan, worst))
-        anchors.append(min(trace.anchors[i] for trace in running))
-        windows.append((min(t.windows[i][0] for t in running), max(t.windows[i][1] for t in running)))
-        evaluations.append(sum(trace.evaluations[i] for trace in running))
-    matrix = torch.stack(rows) if rows else torch.empty(0, steps + 1, dtype=torch.float64)
-    return ResidualTrace(matrix, tuple(anchors), tuple(windows), tuple(evaluations))
-
-
 def _solve_samples(system: TriangularSystem, solver: Any, group: _Group, chosen: ShardPlan,
                    options: dict[str, Any]) -> Solution:
     started = time.perf_counter()
@@ -201,26 +185,15 @@ def _solve_samples(system: TriangularSystem, solver: Any, group: _Group, chosen:
     send[:, :stop - start] = flat.to(comm)
     received = [torch.empty_like(send) for _ in range(group.size)]
     _collective("all_gather (trajectories)", group, dist.all_gather, received, send)
-    parts = [buf[:, :b - a] for buf, (a, b) in zip(received, chosen.sample_ranges, strict=True)]
-    trajectory = system.unflatten(torch.cat(parts, dim=1).to(flat_device))
-    converged = local.converged_samples
-    if converged is None:  # a Solution from a solver loop that does not say: all or nothing
-        converged = torch.full((stop - start,), local.converged, dtype=torch.bool)
-    summary = (local.iterations, local.model_evals, local.status.name, local.message, local.residuals,
-               converged.cpu())
     summaries: list[Any] = [None] * group.size
-    _collective("all_gather_object (statistics)", group, dist.all_gather_object, summaries, summary)
-    status, message = Status.CONVERGED, local.message
-    for rank, (_, _, name, text, _, _) in enumerate(summaries):
-        if Status[name] is not Status.CONVERGED:
-            status, message = Status[name], f"rank {rank} (samples {chosen.sample_ranges[rank]}): {text}"
-            break
-    return Solution(sample=trajectory[-1], trajectory=trajectory,
-                    iterations=max(s[0] for s in summaries), model_evals=sum(s[1] for s in summaries),
-                    status=status, message=message,
-                    residuals=_merge_traces([s[4] for s in summaries], system.num_steps),
-                    wall_time=time.perf_counter() - started, solver=local.solver, order=local.order,
-                    converged_samples=torch.cat([s[5] for s in summaries]))
+    _collective("all_gather_object (statistics)", group, dist.all_gather_object, summaries,
+                local.without_states())
+    parts = [local if rank == group.rank else
+             summary.with_trajectory(buf[:, :b - a].to(flat_device).reshape(steps, b - a, *system.shape))
+             for rank, (summary, buf, (a, b)) in enumerate(zip(summaries, received, chosen.sample_ranges,
+                                                               strict=True))]
+    labels = [f"rank {rank} (samples {bounds})" for rank, bounds in enumerate(chosen.sample_ranges)]
+    return Solution.concatenate(parts, wall_time=time.perf_counter() - started, labels=labels)
 
 
 def solve_distributed(system: TriangularSystem | Any, solver: Any = "taa", *, group: Any = True,
@@ -256,8 +229,8 @@ def solve_distributed(system: TriangularSystem | Any, solver: Any = "taa", *, gr
             "solve_distributed takes group=..., not distributed=...; it always distributes.")
     system = make_system(system)
     resolved = _resolve_group(group)
-    window = DriverConfig(window=options.get("window")).window or system.num_steps  # validates it
-    chosen = plan(system.num_samples, min(window, system.num_steps), resolved.size, shard=shard)
+    window = Controller(window=options.get("window")).window_for(system.num_steps)  # validates it
+    chosen = plan(system.num_samples, window, resolved.size, shard=shard)
     if chosen.mode == "window":
         return solve(system, solver, distributed=group, **options)
     return _solve_samples(system, solver, resolved, chosen, options)

@@ -18,7 +18,6 @@ stops once the forecast of the output's remaining error is small).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,7 +26,7 @@ import torch
 
 from .errors import InvalidOptionError
 from .plugin_marks import hookimpl
-from .validators import is_real
+from .validators import check_real
 
 if TYPE_CHECKING:
     from .system import TriangularSystem
@@ -69,12 +68,8 @@ def rms_per_row(residual: torch.Tensor) -> torch.Tensor:
 
 
 def _positive(name: str, allow_zero: bool = False):
-    def check(instance: Any, attribute: Any, value: float) -> None:
-        ok = is_real(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-        if not ok:
-            bound = ">= 0" if allow_zero else "> 0"
-            raise InvalidOptionError(f"{name} must be a finite number {bound}; got {value!r}.")
-    return check
+    """The attrs validator of a tolerance: a finite number > 0 (>= 0 with ``allow_zero``)."""
+    return check_real(name, minimum=0.0, strict=not allow_zero)
 
 
 class StoppingRule:

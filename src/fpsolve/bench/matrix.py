@@ -24,6 +24,7 @@ from ..registry import get_registry
 from ..samplers import FlowSampler, VPSampler
 from ..samplers.base import SequentialSampler
 from ..stopping import RMS, Paradigms, X0Change
+from ..validators import as_real, check_int, integer
 
 __all__ = [
     "SamplerSpec",
@@ -112,17 +113,12 @@ class SamplerSpec:
     """
 
     family: str = attrs.field()
-    steps: int = attrs.field()
+    steps: int = attrs.field(converter=integer, validator=check_int("sampler steps", minimum=2, maximum=1000))
 
     @family.validator
     def _check_family(self, attribute: Any, value: str) -> None:
         if value not in _FAMILIES:
             raise UnknownNameError("sampler family", value, _FAMILIES)
-
-    @steps.validator
-    def _check_steps(self, attribute: Any, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 1000:
-            raise InvalidOptionError(f"sampler steps must be an int in 2..1000; got {value!r}.")
 
     @property
     def key(self) -> str:
@@ -284,14 +280,6 @@ class Cell:
         return labels.get(self.solver.stopping, "-")
 
 
-def _positive_int(name: str):
-    def check(instance: Any, attribute: Any, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidOptionError(f"{name} must be an int >= 1; got {value!r}.")
-
-    return check
-
-
 @attrs.define(frozen=True)
 class CurvePlan:
     """The quality-versus-iterations curves: error to sequential after each of 1..``max_iters``
@@ -305,7 +293,8 @@ class CurvePlan:
 
     samplers: tuple[str, ...] = attrs.field(converter=_as_tuple)
     solvers: tuple[str, ...] = attrs.field(converter=_as_tuple)
-    max_iters: int = attrs.field(default=30, validator=_positive_int("curve max_iters"))
+    max_iters: int = attrs.field(default=30, converter=integer,
+                                 validator=check_int("curve max_iters", minimum=1))
     tiny: float = 1e-10
 
     @solvers.validator
@@ -339,8 +328,8 @@ class BenchPlan:
     samplers: tuple[SamplerSpec, ...] = attrs.field(converter=_as_tuple)
     solvers: tuple[SolverSpec, ...] = attrs.field(converter=_as_tuple)
     tolerances: tuple[float, ...] = attrs.field(converter=_as_tuple)
-    seeds: int = attrs.field(default=2, validator=_positive_int("seeds"))
-    samples: int = attrs.field(default=4, validator=_positive_int("samples"))
+    seeds: int = attrs.field(default=2, converter=integer, validator=check_int(minimum=1))
+    samples: int = attrs.field(default=4, converter=integer, validator=check_int(minimum=1))
     curve: CurvePlan | None = None
     heatmap: tuple[str, str] | None = None
     quick: bool = False
@@ -361,8 +350,7 @@ class BenchPlan:
         if any(s.uses_tolerance for s in self.solvers) and not self.tolerances:
             raise InvalidOptionError("solvers that use the RMS rule need at least one tolerance.")
         for tol in self.tolerances:
-            if not (isinstance(tol, float) and 0 < tol < 1):
-                raise InvalidOptionError(f"tolerances must be floats in (0, 1); got {tol!r}.")
+            as_real("tolerances", tol, minimum=0.0, strict=True, maximum=1.0, strict_maximum=True)
 
     def prediction_of(self, model: str) -> str:
         """What ``model`` predicts: from :attr:`predictions`, else the shipped reference's, else epsilon."""

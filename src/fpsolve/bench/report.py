@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "write_json",
     "write_markdown",
     "print_tables",
+    "cpu_name",
 ]
 
 #: Identifies the layout of ``bench.json``; bump it when fields change meaning.
@@ -43,6 +45,18 @@ COLUMNS = (
 )
 #: Columns that only image models fill.
 IMAGE_COLUMNS = ("max px err", "PSNR dB")
+
+
+def cpu_name() -> str:
+    """The processor's model name for a report's machine line (``/proc/cpuinfo``'s "model name"
+    where there is one, else what :mod:`platform` says)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return cpu
 
 
 def _iterations(result: CellResult) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from ..bench import runner  # called through the module: tests replace runner.prepare_model, run_plan
 from ..bench.matrix import SOLVERS, BenchPlan, CurvePlan, full_plan, parse_sampler, parse_solver, quick_plan
 from ..bench.progressive import run_progressively
-from ..bench.report import print_tables, write_json, write_markdown
+from ..bench.report import cpu_name, print_tables, write_json, write_markdown
 from ..bench.runner import Reporter
 from ..cli_output import check_output_dir
 from ..errors import FpsolveError, InvalidOptionError
@@ -170,13 +169,7 @@ def _models(requested: list[str] | None, device: torch.device) -> dict[str, Any]
 
 
 def _machine(device: torch.device, threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    where = f"{cpu}, {os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''}"
+    where = f"{cpu_name()}, {os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''}"
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name(device)} ({where})"
     return f"{where}, torch {torch.__version__}"

@@ -1,6 +1,7 @@
 """``fpsolve plugins``: every registered component with its plugin, distribution and version.
 
-One table per kind (samplers, solvers, stopping rules, initializers); aliases show the name they
+One table per kind (samplers, solvers, stopping rules, initializers, controllers), then the
+presets (a published method: solver + controller + stopping rule); aliases show the name they
 stand for and their preset options. Components of an installed plugin distribution show as
 ``[fpsolve-paradigms 0.1.0, plugin paradigms]``; a plugin registered by hand with
 :func:`fpsolve.register_plugin` has no distribution and shows its plugin name instead.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..registry import KINDS, RegistryEntry, get_registry
+from ..registry import KINDS, PresetEntry, RegistryEntry, get_registry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,16 +26,32 @@ def describe(entry: RegistryEntry) -> str:
     return f"alias of {entry.alias_of}{preset}"
 
 
+def describe_preset(entry: PresetEntry) -> str:
+    """What a preset runs: its solver (name and fixed options), controller and stopping rule."""
+    preset = entry.preset
+    options = f" {dict(preset.options)}" if preset.options else ""
+    stopping = repr(preset.stopping) if preset.stopping is not None else "rms (the default rule)"
+    text = f"solver {preset.solver.name}{options}, {preset.controller!r}, stopping {stopping}"
+    return f"{text}: {preset.description}" if preset.description else text
+
+
+def _table(title: str, rows: list[tuple[str, str, str, str, str]]) -> None:
+    """``title:`` then one line per (name, description, distribution, version, plugin), or (none)."""
+    print(f"{title}:")
+    if not rows:
+        print("  (none)")
+        return
+    width = max(len(row[0]) for row in rows)
+    for name, text, distribution, version, plugin in sorted(rows):
+        print(f"  {name:<{width}}  {text}  [{distribution} {version}, plugin {plugin}]")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print one table per kind."""
+    """Print one table per kind, then the presets."""
     registry = get_registry()
     for kind in KINDS:
-        entries = sorted(registry.entries[kind].values(), key=lambda e: e.name)
-        print(f"{kind}s:")
-        if not entries:
-            print("  (none)")
-            continue
-        width = max(len(e.name) for e in entries)
-        for e in entries:
-            print(f"  {e.name:<{width}}  {describe(e)}  [{e.distribution} {e.version}, plugin {e.plugin}]")
+        _table(f"{kind}s", [(e.name, describe(e), e.distribution, e.version, e.plugin)
+                            for e in registry.entries[kind].values()])
+    _table("presets", [(p.name, describe_preset(p), p.distribution, p.version, p.plugin)
+                       for p in registry.presets.values()])
     return 0

@@ -22,7 +22,7 @@ import torch
 
 from .._identity import PerDenoiser, denoiser_cache_key, input_key
 from ..errors import InvalidOptionError
-from ..validators import as_int
+from ..validators import as_int, as_real
 from .timing import DeviceTimer
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "remember_latency",
     "forget_latencies",
     "CACHE_ENV",
+    "latency_points",
 ]
 
 #: Environment variable naming a JSON file that keeps measured latencies between processes.
@@ -41,15 +42,18 @@ CACHE_ENV = "FPSOLVE_LATENCY_CACHE"
 _TABLES = PerDenoiser()
 
 
-def _seconds(value: Any) -> dict[int, float]:
-    points = {int(b): float(s) for b, s in dict(value).items()}
+def latency_points(value: Any) -> dict[int, float]:
+    """``{batch: seconds}`` checked and sorted by batch: every batch an int >= 1 (a decimal string
+    too, as :meth:`LatencyTable.to_json` writes the keys), every time a finite number > 0 of
+    seconds, and at least one point."""
+    points: dict[int, float] = {}
+    for batch, seconds in dict(value).items():
+        key = int(batch) if isinstance(batch, str) and batch.strip().isdigit() else batch
+        rows = as_int("a latency point's batch", key, minimum=1)
+        points[rows] = as_real(f"the seconds of the latency point at batch {rows}", seconds, minimum=0.0,
+                               strict=True)
     if not points:
         raise InvalidOptionError("a latency table needs at least one (batch, seconds) point.")
-    for batch, seconds in points.items():
-        if batch < 1 or not seconds > 0 or seconds == float("inf"):
-            raise InvalidOptionError(
-                f"latency points need batch >= 1 and finite seconds > 0; got {batch}: {seconds}."
-            )
     return dict(sorted(points.items()))
 
 
@@ -64,7 +68,7 @@ class LatencyTable:
         device: the device name it was measured on (e.g. ``"NVIDIA H200"`` or ``"cpu"``).
     """
 
-    seconds: dict[int, float] = attrs.field(converter=_seconds)
+    seconds: dict[int, float] = attrs.field(converter=latency_points)
     max_batch: int | None = None
     device: str = ""
 
@@ -125,9 +129,9 @@ def measure_latency(
         seed: seed of the random inputs (random, never zeros: zeros can run faster).
     """
     device = torch.device(device)
-    sizes = sorted({int(b) for b in batches})
-    if not sizes or sizes[0] < 1:
-        raise InvalidOptionError(f"batches must be positive ints; got {list(batches)!r}.")
+    sizes = sorted({as_int("a batch size in batches", b, minimum=1) for b in batches})
+    if not sizes:
+        raise InvalidOptionError("batches must list at least one batch size (an int >= 1); got none.")
     repeats = as_int("repeats", repeats, minimum=1)
     warmup = as_int("warmup", warmup, minimum=0)
     generator = torch.Generator().manual_seed(seed)
@@ -253,7 +257,7 @@ def latency_table(
         and disk_key in (stored := _read_disk(path))
     ):
         table = LatencyTable.from_json(stored[disk_key])
-    wanted = sorted({int(b) for b in batches})
+    wanted = sorted({as_int("a batch size in batches", b, minimum=1) for b in batches})
     limit = table.max_batch if table is not None and table.max_batch is not None else None
     if table is not None:  # sizes inside the table's range are interpolated, not measured
         low, high = min(table.seconds), max(table.seconds)

@@ -29,6 +29,7 @@ import attrs
 
 from ..errors import InvalidOptionError
 from ..validators import as_int, as_real
+from .latency import latency_points
 
 __all__ = ["Plan", "plan_window", "latency_curve", "candidate_windows", "predicted_parallel_seconds"]
 
@@ -69,14 +70,7 @@ class _Interpolated:
     """``t(B)`` from measured points (see the module docstring for the rules)."""
 
     def __init__(self, points: Mapping[int, float]):
-        items = sorted((int(b), float(s)) for b, s in points.items())
-        if not items:
-            raise InvalidOptionError("a latency table needs at least one (batch, seconds) point.")
-        for batch, seconds in items:
-            if batch < 1 or not (math.isfinite(seconds) and seconds > 0):
-                raise InvalidOptionError(
-                    f"latency points need batch >= 1 and finite seconds > 0; got {batch}: {seconds}."
-                )
+        items = list(latency_points(points).items())
         self.batches = [b for b, _ in items]
         self.seconds = [s for _, s in items]
 

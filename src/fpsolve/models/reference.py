@@ -17,6 +17,7 @@ import torch
 
 from .. import samplers
 from ..errors import InvalidOptionError, UnknownNameError, UnsupportedError
+from ..validators import as_int
 from . import digits
 from .analytic import GaussianMixtureDenoiser, spaced_timesteps
 
@@ -98,8 +99,7 @@ class ReferenceModel:
         Raises:
             InvalidOptionError: for a ``num_steps`` outside ``1..num_train_steps``.
         """
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int):
-            raise InvalidOptionError(f"num_steps must be an int; got {num_steps!r}.")
+        num_steps = as_int("num_steps", num_steps)
 
         if self.prediction == "velocity":
             assert self.flow_sigmas is not None  # checked at construction

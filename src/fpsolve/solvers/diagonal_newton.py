@@ -25,16 +25,11 @@ import attrs
 import torch
 
 from ..errors import InvalidOptionError
-from ..validators import order_option, prior_option, ridge_option
+from ..validators import check_real, order_option, prior_option, real, ridge_option
 from .base import FixedPointSolver, WindowView
 from .newton import NewtonState, prior_slopes, secant_pairs
 
 __all__ = ["DiagonalNewton"]
-
-
-def _unit_interval(instance: object, attribute: attrs.Attribute, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise InvalidOptionError(f"{attribute.name} must be a number in [0, 1); got {value!r}.")
 
 
 @attrs.define(frozen=True, eq=False, kw_only=True)
@@ -56,7 +51,8 @@ class DiagonalNewton(FixedPointSolver):
     order: int | None = attrs.field(default=None, validator=order_option)
     shrink: float = attrs.field(default=1.0, validator=ridge_option)
     clamp: float = attrs.field(default=50.0, validator=ridge_option)
-    damping: float = attrs.field(default=0.0, validator=_unit_interval)
+    damping: float = attrs.field(
+        default=0.0, converter=real, validator=check_real(minimum=0.0, maximum=1.0, strict_maximum=True))
     prior: str = attrs.field(default="x0", validator=prior_option)
 
     def init(self, system: object) -> NewtonState:

@@ -28,6 +28,15 @@ __all__ = ["SmoothDenoiser", "SmoothVelocity", "schedules", "timestep_lists", "f
            "registered_kinds", "samplers", "denoisers", "velocity_models", "systems"]
 
 
+def _random_layer(seed: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test models' fixed random layer, float64 on the CPU: ``W`` ``[dim, dim]`` (scaled by
+    ``1/sqrt(dim)``) and ``b`` ``[dim]``, drawn in that order from a generator seeded ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / dim**0.5
+    shift = torch.randn(dim, generator=generator, dtype=torch.float64)
+    return weight, shift
+
+
 @attrs.define(frozen=True, eq=False)
 class SmoothDenoiser:
     """A random smooth nonlinear eps-model: ``tanh(x W + b(t)) * sqrt(1 - abar) * gain + c x``.
@@ -42,10 +51,7 @@ class SmoothDenoiser:
     linear: float = 0.2
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed)
-        weight = torch.randn(self.dim, self.dim, generator=generator, dtype=torch.float64) / self.dim**0.5
-        shift = torch.randn(self.dim, generator=generator, dtype=torch.float64)
-        weight, shift = weight.to(x.device, x.dtype), shift.to(x.device, x.dtype)
+        weight, shift = (value.to(x.device, x.dtype) for value in _random_layer(self.seed, self.dim))
         flat = x.reshape(x.shape[0], -1)
         abar = self.alphas_cumprod.to(x.device)[t.long()].to(x.dtype)[:, None]
         phase = shift[None] * abar  # a time-dependent bias keeps the model non-autonomous
@@ -72,9 +78,7 @@ class SmoothVelocity:
     nonlinear: float = 0.2
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed)
-        weight = torch.randn(self.dim, self.dim, generator=generator, dtype=torch.float64) / self.dim**0.5
-        shift = torch.randn(self.dim, generator=generator, dtype=torch.float64)
+        weight, shift = _random_layer(self.seed, self.dim)
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
         sigma = torch.as_tensor(t).to(device=x.device, dtype=torch.float64).expand(x.shape[0])
         sigma = (sigma / self.num_train_timesteps).clamp(0, 1)[:, None]

@@ -19,14 +19,12 @@ it, and floors zero variances at 1e-20 instead of dividing by zero.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import attrs
 import torch
 
 from fpsolve.errors import InvalidOptionError
 from fpsolve.stopping import StoppingRule, StoppingView
+from fpsolve.validators import check_real
 
 __all__ = ["ParadigmsOriginal", "picard_update", "leaving_variances"]
 
@@ -54,13 +52,7 @@ def leaving_variances(step_variances: torch.Tensor, lo: int, hi: int) -> torch.T
     return leaving
 
 
-def _tolerance(instance: Any, attribute: Any, value: float) -> None:
-    if isinstance(value, bool) or not (
-        isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-    ):
-        raise InvalidOptionError(
-            f"tol must be a finite number > 0 (ParaDiGMS' default is 0.1); got {value!r}."
-        )
+_tolerance = check_real("tol", minimum=0.0, strict=True, hint=" (ParaDiGMS' default is 0.1)")
 
 
 @attrs.define(frozen=True, eq=False, kw_only=True)

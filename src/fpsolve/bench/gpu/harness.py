@@ -163,25 +163,14 @@ class ModelBench:
 
     def sequential(self) -> dict[str, float]:
         """Sequential loops; returns their median wall times by label."""
-        spec, steps, baselines = self.spec, self.spec.steps, {}
+        baselines: dict[str, float] = {}
         for mode in self.settings.modes:
             graphs = mode == "cudagraph"
             system, timer = self.system(graphs), (self.graph if graphs else self.eager)
             reference = None
             if self.go(f"sequential solve ({mode})"):
                 stats = timed(partial(api.solve, system, "sequential"), timer, self.settings)
-                self.rows.append(
-                    row(
-                        spec,
-                        "sequential (fpsolve.solve)",
-                        mode,
-                        None,
-                        stats,
-                        samples=self.settings.samples,
-                        iterations=steps,
-                        iterations_source="T",
-                    )
-                )
+                self.add_sequential("sequential (fpsolve.solve)", mode, stats)
                 baselines[f"solve-{mode}"] = stats["median_s"]
                 reference = stats["result"].sample
                 if not stats["result"].converged:
@@ -192,19 +181,7 @@ class ModelBench:
                 if reference is not None:
                     same = torch.equal(stats["result"][-1], reference)
                     note = "same sample as fpsolve.solve" if same else "DIFFERENT sample from fpsolve.solve"
-                self.rows.append(
-                    row(
-                        spec,
-                        "sequential (tight loop, no host sync)",
-                        mode,
-                        None,
-                        stats,
-                        samples=self.settings.samples,
-                        iterations=steps,
-                        iterations_source="T",
-                        note=note,
-                    )
-                )
+                self.add_sequential("sequential (tight loop, no host sync)", mode, stats, note)
                 baselines[f"tight-{mode}"] = stats["median_s"]
         return baselines
 
@@ -273,7 +250,7 @@ class ModelBench:
 
     def parallel_estimated(self) -> None:
         """Random weights: cost per iteration measured, iterations from the digits model."""
-        spec, steps = self.spec, self.spec.steps
+        steps = self.spec.steps
         costs: dict[tuple[str, int], float] = {}
         for mode in self.settings.modes:
             graphs = mode == "cudagraph"
@@ -282,40 +259,35 @@ class ModelBench:
                     continue
                 stats = self.forced_iteration_cost(window, graphs)
                 costs[(mode, window)] = stats["per_iteration_s"]
-                iterations, source = self.digits_iterations(steps, window)
-                estimate = dict(stats, median_s=iterations * stats["per_iteration_s"], min_s=None, max_s=None)
-                self.rows.append(
-                    row(
-                        spec,
-                        f"taa window={window} (estimate)",
-                        mode,
-                        window,
-                        estimate,
-                        samples=self.settings.samples,
-                        iterations=iterations,
-                        iterations_source=source,
-                        estimated=True,
-                        note="wall = iterations x measured cost of an iteration at this window",
-                    )
-                )
+                self.add_estimate("taa", mode, window, stats, *self.digits_iterations(steps, window))
             self.newton_estimated(mode, graphs)
         self.auto_estimated(costs)
 
     def newton_estimated(self, mode: str, graphs: bool) -> None:
         """newton (``fpsolve.solve``'s default solver) at the full window, next to taa: its cost
         per iteration measured here, its iterations on the digits model at the same T."""
-        spec, steps = self.spec, self.spec.steps
+        steps = self.spec.steps
         if not self.go(f"newton cost per iteration, window={steps} ({mode})"):
             return
         stats = self.forced_iteration_cost(steps, graphs, solver="newton")
-        iterations, source = self.digits_iterations(steps, steps, "newton")
+        self.add_estimate("newton", mode, steps, stats, *self.digits_iterations(steps, steps, "newton"))
+
+    def add_sequential(self, method: str, mode: str, stats: dict[str, Any], note: str = "") -> None:
+        """The row of a sequential baseline: T model calls, measured."""
+        self.rows.append(row(self.spec, method, mode, None, stats, samples=self.settings.samples,
+                             iterations=self.spec.steps, iterations_source="T", note=note))
+
+    def add_estimate(self, solver: str, mode: str, window: int, stats: dict[str, Any], iterations: int,
+                     source: str) -> None:
+        """The row of an estimated parallel solve: ``iterations`` (from ``source``) times the
+        measured cost of one iteration at ``window``."""
         estimate = dict(stats, median_s=iterations * stats["per_iteration_s"], min_s=None, max_s=None)
         self.rows.append(
             row(
-                spec,
-                f"newton window={steps} (estimate)",
+                self.spec,
+                f"{solver} window={window} (estimate)",
                 mode,
-                steps,
+                window,
                 estimate,
                 samples=self.settings.samples,
                 iterations=iterations,

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpsolve.errors import InvalidOptionError, ShapeError
+from fpsolve.errors import ShapeError
+from fpsolve.validators import as_int
 
 __all__ = ["digits_to_images", "save_digit_grid"]
 
@@ -51,8 +52,8 @@ def save_digit_grid(
     # matplotlib.image.imsave needs no pyplot, so the caller's matplotlib backend is untouched.
     from matplotlib.image import imsave
 
-    if nrow < 1 or scale < 1:
-        raise InvalidOptionError(f"save_digit_grid: nrow and scale must be >= 1, got {nrow} and {scale}.")
+    nrow = as_int("save_digit_grid: nrow", nrow, minimum=1)
+    scale = as_int("save_digit_grid: scale", scale, minimum=1)
     if isinstance(images, torch.Tensor):
         images = digits_to_images(images)
     if images.ndim != 3:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fpsolve.errors import InvalidOptionError, ShapeError
+from fpsolve.errors import ShapeError
+from fpsolve.schedules import flow_sigmas as training_flow_sigmas
 from fpsolve.schedules import linear_alphas_cumprod
 
 if TYPE_CHECKING:  # pragma: no cover - only for annotations
@@ -131,16 +132,8 @@ def digits_denoiser(unet: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tens
 
 
 def flow_sigmas(steps: int) -> torch.Tensor:
-    """The noise levels of a ``steps``-step flow Euler run on the flow model's training schedule.
-
-    Exactly the sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)``
-    with its default config (``shift=1``) after ``set_timesteps(steps)``: ``steps`` levels evenly
-    spaced from 1 down to ``1/1000`` (the smallest training level), then the final level 0.
-
-    Returns:
-        A descending float64 tensor ``[steps + 1]``.
-    """
-    if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
-        raise InvalidOptionError(f"flow_sigmas: steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {steps}.")
-    levels = torch.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, steps, dtype=torch.float64)
-    return torch.cat([levels, torch.zeros(1, dtype=torch.float64)])
+    """The noise levels of a ``steps``-step flow Euler run on the flow model's training schedule:
+    :func:`fpsolve.schedules.flow_sigmas` on its ``NUM_TRAIN_TIMESTEPS`` (1000) training levels,
+    the sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler`` (a descending float64
+    ``[steps + 1]``)."""
+    return training_flow_sigmas(steps, NUM_TRAIN_TIMESTEPS)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from fpsolve.errors import InvalidOptionError
 from fpsolve.samplers import DDIM, FlowEuler
+from fpsolve.schedules import leading_timesteps
 from fpsolve.system import TriangularSystem
+from fpsolve.validators import as_int
 
 from .model import DIGITS_SHAPE, NUM_TRAIN_TIMESTEPS, digits_alphas_cumprod, digits_denoiser, flow_sigmas
 
@@ -21,7 +22,8 @@ def ddim_sample_digits(
 ) -> torch.Tensor:
     """Plain sequential deterministic DDIM (eta = 0), the reference that the shipped assets use.
 
-    Timesteps are evenly spaced, ``t_i = i * 1000 // steps`` for ``i = steps-1, ..., 0``, and the
+    Timesteps are evenly spaced, ``t_i = i * (1000 // steps)`` for ``i = steps-1, ..., 0``
+    (:func:`fpsolve.schedules.leading_timesteps`), and the
     step from ``t = 0`` goes to ``alpha_bar = 1``. No clipping of the predicted ``x_0``.
 
     Args:
@@ -34,16 +36,13 @@ def ddim_sample_digits(
     Returns:
         Samples ``[n, *DIGITS_SHAPE]`` in ``dtype`` on the CPU, roughly in ``[-1, 1]``.
     """
-    if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
-        raise InvalidOptionError(
-            f"ddim_sample_digits: steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {steps}."
-        )
-    timesteps = (torch.arange(steps) * (NUM_TRAIN_TIMESTEPS // steps)).flip(0)
+    steps = as_int("ddim_sample_digits: steps", steps, minimum=1, maximum=NUM_TRAIN_TIMESTEPS)
+    timesteps = leading_timesteps(steps, NUM_TRAIN_TIMESTEPS)
     x_t = torch.randn((n, *DIGITS_SHAPE), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     noise = torch.zeros((steps + 1, n, *DIGITS_SHAPE), dtype=dtype)  # DDIM draws no step noise
     noise[0] = x_t.to(dtype)
     system = TriangularSystem(
-        sampler=DDIM(alphas_cumprod=digits_alphas_cumprod(), timesteps=timesteps.tolist(),
+        sampler=DDIM(alphas_cumprod=digits_alphas_cumprod(), timesteps=timesteps,
                      final_alpha_cumprod=1.0),
         denoiser=digits_denoiser(unet), shape=DIGITS_SHAPE, batch=n, noise=noise, dtype=dtype,
     )

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fpsolve.errors import InvalidOptionError
+from fpsolve.validators import as_int, as_real
 
 from .loading import FILE_NAMES, OBJECTIVES, load_digits_dataset
 from .model import (
@@ -130,13 +131,11 @@ def train_digits(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("threads", threads)):
-        if int(value) != value or value < 1:
-            raise InvalidOptionError(f"train_digits: {name} must be a positive integer, got {value!r}.")
-    if not lr > 0:
-        raise InvalidOptionError(f"train_digits: lr must be positive, got {lr!r}.")
-    if not 0.0 <= ema_decay < 1.0:
-        raise InvalidOptionError(f"train_digits: ema_decay must be in [0, 1), got {ema_decay!r}.")
+    steps = as_int("train_digits: steps", steps, minimum=1)
+    batch_size = as_int("train_digits: batch_size", batch_size, minimum=1)
+    threads = as_int("train_digits: threads", threads, minimum=1)
+    lr = as_real("train_digits: lr", lr, minimum=0.0, strict=True)
+    ema_decay = as_real("train_digits: ema_decay", ema_decay, minimum=0.0, maximum=1.0, strict_maximum=True)
     if objective not in OBJECTIVES:
         raise InvalidOptionError(
             f"train_digits: objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}."

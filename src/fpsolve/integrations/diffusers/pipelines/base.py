@@ -12,7 +12,7 @@ import torch
 
 from ....errors import InvalidOptionError, UnsupportedError
 from ....system import TriangularSystem
-from ....validators import close_matches, is_integer
+from ....validators import as_int, close_matches
 from ..sampler import SchedulerProgram
 
 __all__ = ["PreparedPipeline", "bind_call", "state_dtype", "SAMPLE_ARGUMENTS", "batch_rows", "sample_index",
@@ -79,11 +79,9 @@ def _check_common(pipeline: str, arguments: Mapping[str, Any]) -> None:
     """The arguments every pipeline reads before its loop, checked here rather than failing inside
     diffusers with a raw error (``ZeroDivisionError`` for 0 steps)."""
     steps = arguments.get("num_inference_steps")
-    if steps is not None and not (is_integer(steps) and steps >= 1):
-        raise InvalidOptionError(
-            f"{pipeline}(..., num_inference_steps={steps!r}): num_inference_steps must be an int >= 1 "
-            "(the number of denoising steps, e.g. 50)."
-        )
+    if steps is not None:
+        as_int(f"{pipeline}(..., num_inference_steps={steps!r}): num_inference_steps", steps, minimum=1,
+               hint=" (the number of denoising steps, e.g. 50)")
     generator = arguments.get("generator")
     generators = generator if isinstance(generator, list) else [generator]
     if not all(g is None or isinstance(g, torch.Generator) for g in generators):
