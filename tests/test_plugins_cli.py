@@ -59,7 +59,7 @@ def test_every_registered_name_is_listed_with_its_distribution(capsys):
         rule = repr(entry.preset.stopping) if entry.preset.stopping is not None else "rms (the default rule)"
         assert f"stopping {rule}" in line and entry.preset.description in line
     assert "safeguard=False" in next(line for line in tables["preset"] if line.split()[0] == "aa")
-    assert "X0Change(" in next(line for line in tables["preset"] if line.split()[0] == "newton")
+    assert "X0Forecast(" in next(line for line in tables["preset"] if line.split()[0] == "newton")
 
 
 @attrs.define(frozen=True, eq=False, kw_only=True)
