@@ -353,7 +353,7 @@ class _Backward:
         w[:steps] = flat_adjoint.flip(0)[:steps]  # w_j for j = 0..T-1
         jtw = torch.zeros_like(self.states)
         param_grads: list[torch.Tensor | None] = [None] * len(self.params)
-        chunk = self.chunk or self.controller.window or steps
+        chunk = self.chunk or self.controller.window_for(steps)
         for start in range(0, steps, chunk):
             rows = torch.arange(start, min(start + chunk, steps), device=system.device)
             part, grads = _vjp(system, self.states, rows, w[rows], self.params)

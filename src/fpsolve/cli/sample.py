@@ -27,6 +27,7 @@ import torch
 from .. import api, models, samplers
 from ..bench.metrics import image_converter
 from ..cli_output import atomic_write, check_output_dir
+from ..control import Controller
 from ..distributed import plan, solve_distributed
 from ..errors import FpsolveError, InvalidOptionError
 from ..models import digits
@@ -289,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--out {out}: the {ref.name} model's samples are not images; use .pt or .safetensors.")
         system = _system(args, ref, device)
         options: dict[str, Any] = dict(window=args.window, tol=args.tol, max_iters=args.max_iters)
-        width = min(args.window or args.steps, args.steps)
+        width = Controller(window=args.window).window_for(args.steps)  # the one clip (and check)
         chosen = plan(args.samples, width, world, shard=args.shard)
         times = []
         for _ in range(args.repeats):
