@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -237,11 +238,12 @@ def _output_views(system: fpsolve.TriangularSystem, outputs: list[torch.Tensor])
     a first-order residual far above any row tolerance (so only the output can accept the row)."""
     steps = system.num_steps
     views = []
+    memory: dict = {}  # one solve's record, shared by its views as the driver shares it
     for iteration, output in enumerate(outputs, start=1):
         state = torch.zeros_like(output)[None]
         views.append(StoppingView(iteration, steps, steps, state, torch.ones_like(state),
                                   output[None].clone(), system.sigmas[steps:], system.step_variances[steps:],
-                                  system))
+                                  system, memory))
     return views
 
 
@@ -389,3 +391,29 @@ def test_the_default_reproduces_a_digits_ddim25_sample_within_one_grey_level_in_
     grey = ref.to_images(solution.sample).astype(int) - ref.to_images(sequential).astype(int)
     assert solution.converged and solution.iterations <= 8
     assert abs(grey).max() <= 1
+
+
+def test_one_rule_instance_judges_interleaved_solves_as_it_judges_each_alone():
+    """The x0 rules keep their record in the solve's StoppingView.memory, not in the rule: one
+    instance shared by two solves whose iterations interleave (an observer of one solve runs the
+    other, one iteration before the first would stop) stops each exactly where a rule of its own
+    does. (A rule that kept the record itself lost the first solve's history there and stopped
+    it later.)"""
+    # Rows at 1e-13, so that the output rule, not the rows, ends each solve (checked below).
+    rule = X0Forecast(tol=1e-13, atol=1e-4, bound=1e-4, trust=1e-3)
+    first, second = make_system("ddim", steps=20, batch=2), make_system("ddpm", steps=20, batch=2)
+    alone = [fpsolve.solve(system, "newton", stopping=attrs.evolve(rule)) for system in (first, second)]
+    for system, own in zip((first, second), alone, strict=True):
+        rows_only = fpsolve.solve(system, "newton", stopping=RMS(tol1=1e-13, tol2=1e-13))
+        assert own.iterations < rows_only.iterations  # the output rule stopped it
+    inner: list[fpsolve.Solution] = []
+
+    def interleave(info):
+        if info.iteration == alone[0].iterations - 1 and not inner:  # just before the output rule stops
+            inner.append(fpsolve.solve(second, "newton", stopping=rule))
+
+    outer = fpsolve.solve(first, "newton", stopping=rule, observers=[interleave])
+    assert inner, "the observer did not run the second solve"
+    for shared, own in ((outer, alone[0]), (inner[0], alone[1])):
+        assert shared.iterations == own.iterations
+        assert torch.equal(shared.sample, own.sample)

@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import attrs
 import torch
 
 from .adjoint import differentiable_solution
@@ -37,8 +36,7 @@ _SOLVE_ARGUMENTS = {name: "an argument of solve()" for name in (
     "order", "history", "ridge", "window", "tol", "stopping", "initializer", "max_iters", "observers",
     "progress", "distributed", "differentiable", "params", "adjoint_tol", "vjp_chunk")}
 
-__all__ = ["solve", "make_system", "resolve_method", "resolve_controller", "resolve_stopping",
-           "fresh_rule"]
+__all__ = ["solve", "make_system", "resolve_method", "resolve_controller", "resolve_stopping"]
 
 
 def make_system(obj: Any, **options: Any) -> TriangularSystem:
@@ -220,7 +218,8 @@ def resolve_method(spec: str | type[FixedPointSolver] | FixedPointSolver,
 
 def resolve_stopping(tol: Any, stopping: Any, preset: Preset | None) -> StoppingRule:
     """The stopping rule of a solve: ``tol=`` (the ``rms`` rule), ``stopping=``, the preset's
-    rule (a fresh copy per solve: rules such as ``x0`` remember the previous iteration), or ``rms``."""
+    rule (rules keep no state: what the ``x0`` rules remember is the solve's
+    :attr:`~fpsolve.stopping.StoppingView.memory`), or ``rms``."""
     if tol is not None and stopping is not None:
         raise InvalidOptionError("give tol= (a shortcut for the rms rule) or stopping=, not both.")
     if tol is not None:
@@ -231,16 +230,8 @@ def resolve_stopping(tol: Any, stopping: Any, preset: Preset | None) -> Stopping
     if stopping is not None:
         return resolve("stopping rule", stopping)
     if preset is not None and preset.stopping is not None:
-        return fresh_rule(preset.stopping)
+        return preset.stopping  # rules keep no state: StoppingView.memory is the solve's
     return resolve("stopping rule", "rms")
-
-
-def fresh_rule(rule: StoppingRule) -> StoppingRule:
-    """A copy of a preset's rule for one solve (rules such as ``x0`` remember the previous
-    iteration; an attrs rule is rebuilt from its fields, anything else is used as is)."""
-    if attrs.has(type(rule)):
-        return attrs.evolve(rule)  # type: ignore[misc]  # StoppingRule subclasses are attrs classes
-    return rule
 
 
 def resolve_controller(window: Any, max_iters: Any, preset: Preset | None) -> Controller:

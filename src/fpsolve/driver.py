@@ -311,6 +311,7 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
     fresh = [False] * (steps + 1)  # outputs[j] was evaluated at the current states[j]
     age = torch.zeros(steps + 1, dtype=torch.long, device=system.device)
     solver_state = solver.init(system)
+    rule_memory: dict[Any, Any] = {}  # the stopping rules' record of this solve (StoppingView.memory)
     recorder = _Recorder(steps)
     iterations, model_evals, parallel = guess.iterations, guess.model_evals, 0
     status, message = Status.CONVERGED, Status.CONVERGED.value
@@ -331,7 +332,8 @@ def run(system: TriangularSystem, solver: FixedPointSolver, stopping: StoppingRu
         rhs = first_rhs if order == 1 else current + residual
         verdict = _check_verdict(stopping, stopping.converged(StoppingView(
             parallel, lo, hi, current, first_order, residual,
-            system.sigmas[lo:hi + 1], system.step_variances[lo:hi + 1], system)), hi - lo + 1, system.device)
+            system.sigmas[lo:hi + 1], system.step_variances[lo:hi + 1], system, rule_memory)),
+            hi - lo + 1, system.device)
         view = WindowView(parallel, lo, hi, current, rhs, residual, first_order, age[lo:hi + 1],
                           states, outputs)
         proposal, new_state = solver.step(view, state)

@@ -49,6 +49,12 @@ class StoppingView:
         step_variances: ``[W]`` DDPM posterior variance of the step producing each row.
         system: the :class:`~fpsolve.TriangularSystem` being solved, for rules that need more of
             its schedule than the window rows (e.g. the variance of the step *leaving* a row).
+        memory: the solve's record for rules that compare with earlier iterations (the ``x0``
+            rules keep the previous output there). The driver gives every view of one solve the
+            same dict, new for each solve; a rule keeps its entries under its own key
+            (``view.memory.setdefault(self, {})``), so a rule object holds no state and one
+            instance may serve many solves at once. A view built by hand gets an empty dict
+            (no history) unless it is given one.
     """
 
     iteration: int
@@ -60,6 +66,7 @@ class StoppingView:
     sigmas: torch.Tensor
     step_variances: torch.Tensor
     system: TriangularSystem | None = None
+    memory: dict[Any, Any] = attrs.field(factory=dict, repr=False)
 
 
 def rms_per_row(residual: torch.Tensor) -> torch.Tensor:
@@ -176,8 +183,8 @@ class X0Change(StoppingRule):
         tol: the RMS rule's tolerance for rows (default 2e-5, tighter than ``rms``'s 2e-4: rows
             it accepts are never corrected again, and the stop on ``x_0`` ends the solve anyway).
 
-    The rule remembers the previous output between calls of one solve (it starts afresh at
-    iteration 1), so one instance must not judge two solves at the same time.
+    The previous outputs are kept in the solve's :attr:`StoppingView.memory`, not in the rule:
+    one instance may judge any number of solves, at the same time too.
     """
 
     name = "x0"
@@ -185,25 +192,32 @@ class X0Change(StoppingRule):
 
     atol: float = attrs.field(default=1.5e-2, validator=_positive("atol"))
     tol: float = attrs.field(default=2e-5, validator=_positive("tol"))
-    _memory: dict[str, Any] = attrs.field(factory=dict, init=False, repr=False)
 
     def converged(self, view: StoppingView) -> torch.Tensor:
         """Rows passing the RMS rule; every row once ``x_0`` moved by at most ``atol``."""
         rows = RMS(tol1=self.tol, tol2=self.tol).converged(view)
-        memory = self._memory
-        if view.iteration == 1 or memory.get("system") is not view.system:
-            memory.clear()
-        steps = view.system.num_steps if view.system is not None else None
-        if steps is None or view.hi != steps:
-            memory.pop("output", None)
-            return rows
-        output = (view.states[-1] + view.residual[-1]).detach().clone()
-        previous = memory.get("output")
-        memory.update(system=view.system, output=output, iteration=view.iteration)
-        if previous is None or previous.shape != output.shape:
+        output, previous = self._outputs(view)
+        if output is None or previous is None:
             return rows
         settled = (output - previous).abs().amax() <= self.atol  # stays on the device: no host sync
         return rows | settled
+
+    def _outputs(self, view: StoppingView, back: int = 1) -> tuple[torch.Tensor | None, ...]:
+        """This iteration's output ``x_0 + R^k_T`` and those of the ``back`` iterations before it
+        (``None`` where an iteration's window did not reach ``x_0``), recorded in the solve's
+        ``view.memory`` by iteration number, so that the driver judging an iteration again (after
+        a sample failed) compares with the iteration before, not with itself."""
+        record: dict[int, torch.Tensor] = view.memory.setdefault(self, {})
+        steps = view.system.num_steps if view.system is not None else None
+        if steps is None or view.hi != steps:
+            record.pop(view.iteration, None)
+            return (None,) * (back + 1)
+        output = (view.states[-1] + view.residual[-1]).detach().clone()
+        record[view.iteration] = output
+        for old in [k for k in record if k < view.iteration - back]:
+            del record[old]
+        earlier = [record.get(view.iteration - k) for k in range(1, back + 1)]
+        return (output, *[x if x is not None and x.shape == output.shape else None for x in earlier])
 
 
 def _rules(value: Sequence[StoppingRule]) -> tuple[StoppingRule, ...]:
@@ -302,18 +316,13 @@ class X0Forecast(X0Change):
 
     def converged(self, view: StoppingView) -> torch.Tensor:
         """Rows passing the RMS rule; every row once ``x_0`` settled or its forecast error is small."""
-        memory = self._memory
-        fresh = view.iteration == 1 or memory.get("system") is not view.system
-        previous_change = None if fresh else memory.get("change")
-        previous_output = None if fresh else memory.get("output")
-        rows = super().converged(view)  # updates memory["output"] (and clears it when fresh)
-        output = memory.get("output")
-        if output is None or previous_output is None or previous_output.shape != output.shape:
-            memory.pop("change", None)
+        rows = RMS(tol1=self.tol, tol2=self.tol).converged(view)
+        output, previous, before = self._outputs(view, back=2)
+        if output is None or previous is None:
             return rows
-        change = (output - previous_output).abs().amax()
-        memory["change"] = change
-        if previous_change is None:
-            return rows
-        forecast = geometric_tail(change, previous_change)
-        return rows | ((change <= self.trust) & (forecast <= self.bound))
+        change = (output - previous).abs().amax()
+        settled = change <= self.atol  # the x0 rule
+        if before is None:
+            return rows | settled
+        forecast = geometric_tail(change, (previous - before).abs().amax())
+        return rows | settled | ((change <= self.trust) & (forecast <= self.bound))

@@ -29,7 +29,7 @@ from typing import Any, cast
 import attrs
 import torch
 
-from ..api import fresh_rule, solve
+from ..api import solve
 from ..control import Controller, runs_sequentially
 from ..errors import NotConvergedWarning
 from ..initializers import FromTrajectory, InitialGuess, Initializer
@@ -103,7 +103,7 @@ def tight_stopping(
     if solver is not None:
         preset = preset_for(type(solver))
         if preset is not None and preset.stopping is not None:
-            return fresh_rule(preset.stopping)
+            return preset.stopping
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     return RMS(tol1=tol, tol2=tol)
 
