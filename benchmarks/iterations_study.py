@@ -78,6 +78,43 @@ class PooledNewton(QuasiNewton):
                                                       gamma=gamma)
 
 
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class HistorySecantNewton(QuasiNewton):
+    """Experiment (round 3, idea 1, the scalar form): ``newton`` whose slope at each state is the
+    least-squares secant through the last ``pairs`` difference pairs at that state (a multi-secant
+    update of the scalar Jacobian), ``sum_p <de_p, dx_p> / sum_p |dx_p|^2``, blended with the
+    prior as usual. ``pairs=1`` is ``newton``."""
+
+    name = "newton_hsecant"
+    pairs: int = 2
+
+    def init(self, system: Any) -> Any:
+        return (super().init(system), ())
+
+    def step(self, view: Any, state: Any) -> Any:
+        newton, memory = state
+        first, states, outputs, pairs = secant_pairs(view, newton)
+        gamma = newton.gamma.clone()
+        if pairs is not None:
+            start, stop, d_states, d_outputs = pairs
+            memory = ((start, d_outputs.mul(d_states).sum(-1), d_states.pow(2).sum(-1)),) + memory
+            memory = memory[: self.pairs]
+            inner = torch.zeros_like(gamma[start:stop])
+            squared = torch.zeros_like(inner)
+            for begin, products, norms in memory:  # older pairs cover rows from `begin` on
+                lo = max(begin, start)
+                inner[lo - start:] += products[lo - begin: lo - begin + stop - lo]
+                squared[lo - start:] += norms[lo - begin: lo - begin + stop - lo]
+            secant = inner / squared.clamp_min(torch.finfo(squared.dtype).tiny)
+            slope = secant.clamp(-self.clamp, self.clamp)
+            if self.prior_weight and newton.prior is not None:
+                slope = (1 - self.prior_weight) * slope + self.prior_weight * newton.prior[start:stop]
+            gamma[start:stop] = torch.where(squared > 0, slope, gamma[start:stop])
+        correction = self._correction(view, gamma, newton.state_coef, newton.output_coef)
+        newton = attrs.evolve(newton, first=first, states=states, outputs=outputs, gamma=gamma)
+        return view.states + correction, (newton, memory)
+
+
 def _newton(prior: str, weight: float, **extra: Any) -> dict[str, Any]:
     return dict(solver="newton", prior=prior, prior_weight=weight, **extra)
 
@@ -138,6 +175,26 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "newton-px0-w.5/x0a": _newton("x0", 0.5, stopping=_x0(atol=1.5e-2)),
     "newton-px0-w.7/x0a": _newton("x0", 0.7, stopping=_x0(atol=1.5e-2)),
     "newton-px0-w1/x0a": _newton("x0", 1.0, stopping=_x0(atol=1.5e-2)),
+    # round 3, idea 1: multi-secant newton (newton_aa: Anderson mixing of newton's proposals),
+    # with the default's rule (x0_forecast) pinned; m iterates = m - 1 extra secant pairs
+    "naa-m2": dict(solver="newton_aa", history=2, stopping=lambda steps: X0Forecast()),
+    "naa-m3": dict(solver="newton_aa", history=3, stopping=lambda steps: X0Forecast()),
+    "naa-m4": dict(solver="newton_aa", history=4, stopping=lambda steps: X0Forecast()),
+    "naa-m3-stacked": dict(solver="newton_aa", history=3, mode="stacked",
+                           stopping=lambda steps: X0Forecast()),
+    "naa-m2-stacked": dict(solver="newton_aa", history=2, mode="stacked",
+                           stopping=lambda steps: X0Forecast()),
+    "naa-m3-r1e-1": dict(solver="newton_aa", history=3, ridge=0.1, stopping=lambda steps: X0Forecast()),
+    "naa-m3-r1e-6": dict(solver="newton_aa", history=3, ridge=1e-6, stopping=lambda steps: X0Forecast()),
+    "naa-m3-q1": dict(solver="newton_aa", history=3, max_ratio=1.0, stopping=lambda steps: X0Forecast()),
+    "naa-m3-q5": dict(solver="newton_aa", history=3, max_ratio=5.0, stopping=lambda steps: X0Forecast()),
+    "naa-m2-fr": dict(solver="newton_aa", history=2, fit="residual", stopping=lambda steps: X0Forecast()),
+    "naa-m3-fr": dict(solver="newton_aa", history=3, fit="residual", stopping=lambda steps: X0Forecast()),
+    "naa-m3-fr-q1": dict(solver="newton_aa", history=3, fit="residual", max_ratio=1.0,
+                         stopping=lambda steps: X0Forecast()),
+    "hsecant-2": dict(solver=HistorySecantNewton(pairs=2), stopping=lambda steps: X0Forecast()),
+    "hsecant-3": dict(solver=HistorySecantNewton(pairs=3), stopping=lambda steps: X0Forecast()),
+    "naa-m3-w0": dict(solver="newton_aa", history=3, prior_weight=0.0, stopping=lambda steps: X0Forecast()),
 }
 
 
