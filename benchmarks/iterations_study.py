@@ -40,8 +40,8 @@ from fpsolve.api import resolve_method, resolve_stopping
 from fpsolve.bench.matrix import parse_sampler
 from fpsolve.initializers import Extrapolate
 from fpsolve.models import EmpiricalDenoiser, load_reference
-from fpsolve.solvers import QuasiNewton
-from fpsolve.solvers.newton import secant_pairs
+from fpsolve.solvers import DiagonalNewton, QuasiNewton
+from fpsolve.solvers.newton import prior_slopes, secant_pairs
 from fpsolve.stopping import RMS, StoppingRule, StoppingView, X0Change, X0Forecast
 
 CACHE = Path("/tmp/fpsolve-iterations-study")
@@ -115,6 +115,57 @@ class HistorySecantNewton(QuasiNewton):
         return view.states + correction, (newton, memory)
 
 
+#: Model evaluations per solve spent outside the driver (the probes of HutchinsonNewton).
+EXTRA_EVALS = [0]
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class HutchinsonNewton(DiagonalNewton):
+    """Experiment (round 3, idea 2): Newton with the diagonal of the model's Jacobian at each
+    evaluated state estimated by Hutchinson probes, ``diag(J) ~ mean_p v_p * (J v_p)`` with
+    Rademacher ``v_p``, each ``J v_p`` a forward finite difference ``(eps(x + h v) - eps(x)) / h``
+    (ONE extra batched model call over the evaluated states per probe; counted in
+    :data:`EXTRA_EVALS`). ``scalar``: use the probe's trace estimate ``mean_e diag`` as one slope
+    per state instead (the exact counterpart of newton's scalar secant). The slope is blended
+    with the prior ``1 / sigma`` with weight ``blend`` (as newton's ``prior_weight``)."""
+
+    name = "newton_hutchinson"
+    probes: int = 1
+    blend: float = 0.0
+    scalar: bool = False
+    step_size: float = 1e-3
+
+    def init(self, system: Any) -> Any:
+        state = super().init(system)
+        prior = prior_slopes(system, self.clamp)[:, None, None]
+        return (state, system, prior, torch.Generator().manual_seed(0))
+
+    def step(self, view: Any, state: Any) -> Any:
+        newton, system, prior, generator = state
+        first, hi = view.lo - 1, view.hi
+        x, e = view.trajectory[first:hi], view.outputs[first:hi]
+        positions = list(range(first, hi))
+        diagonal = torch.zeros_like(x)
+        for _ in range(self.probes):
+            v = (torch.randint(0, 2, x.shape, generator=generator) * 2 - 1).to(x.dtype)
+            jv = (system.evaluate(x + self.step_size * v, positions) - e) / self.step_size
+            diagonal += v * jv / self.probes
+        EXTRA_EVALS[0] += self.probes * len(positions) * x.shape[1]
+        if self.scalar:
+            diagonal = diagonal.mean(-1, keepdim=True).expand_as(diagonal)
+        slope = diagonal.clamp(-self.clamp, self.clamp)
+        slope = (1 - self.blend) * slope + self.blend * prior[first:hi]
+        gamma = newton.gamma.clone()
+        gamma[first:hi] = slope
+        correction = self._scan(view, gamma, newton.state_coef, newton.output_coef)
+        return view.states + correction, (attrs.evolve(newton, gamma=gamma), system, prior, generator)
+
+
+def _forecast(steps: int) -> StoppingRule:
+    """The default's rule, ``x0_forecast`` at its defaults (pinned, whatever the preset is)."""
+    return X0Forecast()
+
+
 def _newton(prior: str, weight: float, **extra: Any) -> dict[str, Any]:
     return dict(solver="newton", prior=prior, prior_weight=weight, **extra)
 
@@ -177,24 +228,32 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "newton-px0-w1/x0a": _newton("x0", 1.0, stopping=_x0(atol=1.5e-2)),
     # round 3, idea 1: multi-secant newton (newton_aa: Anderson mixing of newton's proposals),
     # with the default's rule (x0_forecast) pinned; m iterates = m - 1 extra secant pairs
-    "naa-m2": dict(solver="newton_aa", history=2, stopping=lambda steps: X0Forecast()),
-    "naa-m3": dict(solver="newton_aa", history=3, stopping=lambda steps: X0Forecast()),
-    "naa-m4": dict(solver="newton_aa", history=4, stopping=lambda steps: X0Forecast()),
+    "naa-m2": dict(solver="newton_aa", history=2, stopping=_forecast),
+    "naa-m3": dict(solver="newton_aa", history=3, stopping=_forecast),
+    "naa-m4": dict(solver="newton_aa", history=4, stopping=_forecast),
     "naa-m3-stacked": dict(solver="newton_aa", history=3, mode="stacked",
-                           stopping=lambda steps: X0Forecast()),
+                           stopping=_forecast),
     "naa-m2-stacked": dict(solver="newton_aa", history=2, mode="stacked",
-                           stopping=lambda steps: X0Forecast()),
-    "naa-m3-r1e-1": dict(solver="newton_aa", history=3, ridge=0.1, stopping=lambda steps: X0Forecast()),
-    "naa-m3-r1e-6": dict(solver="newton_aa", history=3, ridge=1e-6, stopping=lambda steps: X0Forecast()),
-    "naa-m3-q1": dict(solver="newton_aa", history=3, max_ratio=1.0, stopping=lambda steps: X0Forecast()),
-    "naa-m3-q5": dict(solver="newton_aa", history=3, max_ratio=5.0, stopping=lambda steps: X0Forecast()),
-    "naa-m2-fr": dict(solver="newton_aa", history=2, fit="residual", stopping=lambda steps: X0Forecast()),
-    "naa-m3-fr": dict(solver="newton_aa", history=3, fit="residual", stopping=lambda steps: X0Forecast()),
+                           stopping=_forecast),
+    "naa-m3-r1e-1": dict(solver="newton_aa", history=3, ridge=0.1, stopping=_forecast),
+    "naa-m3-r1e-6": dict(solver="newton_aa", history=3, ridge=1e-6, stopping=_forecast),
+    "naa-m3-q1": dict(solver="newton_aa", history=3, max_ratio=1.0, stopping=_forecast),
+    "naa-m3-q5": dict(solver="newton_aa", history=3, max_ratio=5.0, stopping=_forecast),
+    "naa-m2-fr": dict(solver="newton_aa", history=2, fit="residual", stopping=_forecast),
+    "naa-m3-fr": dict(solver="newton_aa", history=3, fit="residual", stopping=_forecast),
     "naa-m3-fr-q1": dict(solver="newton_aa", history=3, fit="residual", max_ratio=1.0,
-                         stopping=lambda steps: X0Forecast()),
-    "hsecant-2": dict(solver=HistorySecantNewton(pairs=2), stopping=lambda steps: X0Forecast()),
-    "hsecant-3": dict(solver=HistorySecantNewton(pairs=3), stopping=lambda steps: X0Forecast()),
-    "naa-m3-w0": dict(solver="newton_aa", history=3, prior_weight=0.0, stopping=lambda steps: X0Forecast()),
+                         stopping=_forecast),
+    "hsecant-2": dict(solver=HistorySecantNewton(pairs=2), stopping=_forecast),
+    "hsecant-3": dict(solver=HistorySecantNewton(pairs=3), stopping=_forecast),
+    # round 3, idea 2: Hutchinson diagonal of the true Jacobian (p probes, finite-difference JVPs)
+    "hutch-p1": dict(solver=HutchinsonNewton(probes=1), stopping=_forecast),
+    "hutch-p4": dict(solver=HutchinsonNewton(probes=4), stopping=_forecast),
+    "hutch-p1-b.5": dict(solver=HutchinsonNewton(probes=1, blend=0.5), stopping=_forecast),
+    "hutch-p4-b.5": dict(solver=HutchinsonNewton(probes=4, blend=0.5), stopping=_forecast),
+    "hutch-trace-p1": dict(solver=HutchinsonNewton(probes=1, scalar=True), stopping=_forecast),
+    "hutch-trace-p1-b.5": dict(solver=HutchinsonNewton(probes=1, scalar=True, blend=0.5),
+                               stopping=_forecast),
+    "naa-m3-w0": dict(solver="newton_aa", history=3, prior_weight=0.0, stopping=_forecast),
 }
 
 
@@ -274,6 +333,7 @@ def run_cell(ref: Any, cell: str, config: dict[str, Any], samples: int, seed: in
     """Solve one cell with ``config``; iterations, error and the oracle iteration."""
     system = _system(ref, cell, samples, seed)
     reference = _reference(ref, cell, samples, seed)
+    EXTRA_EVALS[0] = 0
     options = _options(config, system.num_steps)
     rule = options.pop("stopping", None)
     if rule is None:
@@ -293,7 +353,8 @@ def run_cell(ref: Any, cell: str, config: dict[str, Any], samples: int, seed: in
     offset = solution.iterations - len(watch.outputs)  # rounds spent by the initializer
     oracle = next((offset + i + 1 for i, e in enumerate(errors) if e <= 1.0), None)
     return dict(cell=cell, it=solution.iterations, px=_px(ref, solution.sample, reference),
-                oracle=oracle, evals=solution.model_evals / samples, status=solution.status.name,
+                oracle=oracle, evals=(solution.model_evals + EXTRA_EVALS[0]) / samples,
+                status=solution.status.name,
                 wall=round(wall, 2), trace=[None if e != e else e for e in errors],
                 abs_error=_finite(abs_errors), change=_finite(changes),
                 last_residual=_finite(watch.residuals), offset=offset)
@@ -393,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         row = [f"{name:22s}"]
         for cell in args.cells.split(","):
             result = run_cell(ref, cell, CONFIGS[name], args.samples, args.seed)
-            row.append(f"{cell} {result['it']:>3} it {result['px']:>4.0f}px (o {result['oracle']})")
+            row.append(f"{cell} {result['it']:>3} it {result['px']:>4.0f}px (o {result['oracle']}) "
+                       f"{result['evals']:.0f} ev")
             if args.trace:
                 print(name, cell, result["trace"], file=sys.stderr)
             if args.json:
