@@ -161,6 +161,40 @@ class HutchinsonNewton(DiagonalNewton):
         return view.states + correction, (attrs.evolve(newton, gamma=gamma), system, prior, generator)
 
 
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class TraceNewton(QuasiNewton):
+    """Experiment (round 3, idea 2 against the prior): ``newton`` whose prior slope at each
+    evaluated state is the Hutchinson trace estimate ``mean_e v * (J v)`` of the model's Jacobian
+    there (one Rademacher probe, forward finite-difference JVP: one extra batched model call over
+    the evaluated states, counted in :data:`EXTRA_EVALS`) instead of ``1 / sigma``; blended with
+    the secant with ``prior_weight`` as usual. ``once``: probe at the first iteration only."""
+
+    name = "newton_trace"
+    once: bool = False
+    step_size: float = 1e-3
+
+    def init(self, system: Any) -> Any:
+        return (super().init(system), system, torch.Generator().manual_seed(0))
+
+    def step(self, view: Any, state: Any) -> Any:
+        newton, system, generator = state
+        if not self.once or view.iteration == 1:
+            first, hi = view.lo - 1, view.hi
+            x, e = view.trajectory[first:hi], view.outputs[first:hi]
+            v = (torch.randint(0, 2, x.shape, generator=generator) * 2 - 1).to(x.dtype)
+            jv = (system.evaluate(x + self.step_size * v, list(range(first, hi))) - e) / self.step_size
+            EXTRA_EVALS[0] += (hi - first) * x.shape[1]
+            trace = (v * jv).mean(-1).clamp(-self.clamp, self.clamp)  # [W, N]
+            prior = newton.prior.expand_as(newton.gamma).clone()
+            prior[first:hi] = trace
+            gamma = newton.gamma.clone()
+            if newton.states is None:  # no secant anywhere yet: the slope is the probe
+                gamma[first:hi] = trace
+            newton = attrs.evolve(newton, prior=prior, gamma=gamma)
+        proposal, newton = super().step(view, newton)
+        return proposal, (newton, system, generator)
+
+
 def _forecast(steps: int) -> StoppingRule:
     """The default's rule, ``x0_forecast`` at its defaults (pinned, whatever the preset is)."""
     return X0Forecast()
@@ -253,6 +287,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "hutch-trace-p1": dict(solver=HutchinsonNewton(probes=1, scalar=True), stopping=_forecast),
     "hutch-trace-p1-b.5": dict(solver=HutchinsonNewton(probes=1, scalar=True, blend=0.5),
                                stopping=_forecast),
+    "trace": dict(solver=TraceNewton(), stopping=_forecast),
+    "trace-once": dict(solver=TraceNewton(once=True), stopping=_forecast),
     "naa-m3-w0": dict(solver="newton_aa", history=3, prior_weight=0.0, stopping=_forecast),
 }
 
