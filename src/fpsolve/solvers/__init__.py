@@ -11,6 +11,7 @@ name            what it does
 ``taa``         triangular Anderson acceleration with the safeguard (ParaTAA)
 ``newton``      quasi-Newton: a per-state secant estimate of the model Jacobian
 ``newton_diag`` quasi-DEER: a per-element (diagonal) secant estimate of the Jacobian
+``newton_aa``   ``newton`` with its proposals Anderson-mixed over m iterates (multi-secant)
 ==============  =====================================================================
 """
 
@@ -18,16 +19,18 @@ from __future__ import annotations
 
 from ..plugin_marks import hookimpl
 from .anderson import AA, TAA
+from .anderson_newton import AndersonNewton
 from .base import FixedPointSolver, WindowView
 from .diagonal_newton import DiagonalNewton
 from .fp import FP
 from .newton import QuasiNewton
 from .sequential import Sequential
 
-__all__ = ["FixedPointSolver", "WindowView", "FP", "AA", "TAA", "QuasiNewton", "DiagonalNewton", "Sequential"]
+__all__ = ["FixedPointSolver", "WindowView", "FP", "AA", "TAA", "QuasiNewton", "DiagonalNewton",
+           "AndersonNewton", "Sequential"]
 
 
 @hookimpl
 def fpsolve_register_solvers() -> list[type[FixedPointSolver]]:
     """fpsolve's own solvers."""
-    return [Sequential, FP, AA, TAA, QuasiNewton, DiagonalNewton]
+    return [Sequential, FP, AA, TAA, QuasiNewton, DiagonalNewton, AndersonNewton]
