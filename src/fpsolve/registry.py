@@ -50,6 +50,7 @@ __all__ = [
     "PresetEntry",
     "lookup_preset",
     "preset_for",
+    "registered_classes",
 ]
 
 ENTRY_POINT_GROUP = "fpsolve"
