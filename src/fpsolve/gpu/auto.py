@@ -35,7 +35,7 @@ import attrs
 from .._identity import PerDenoiser
 from ..control import Controller, Prepared, runs_sequentially
 from ..errors import InvalidOptionError
-from ..evaluators import known_max_batch
+from ..evaluators import kind_for, known_max_batch
 from ..plugin_marks import hookimpl
 from ..solvers.base import FixedPointSolver
 from ..solvers.sequential import Sequential
@@ -159,7 +159,7 @@ def resolve_auto_window(
     Raises:
         InvalidOptionError: together with ``distributed=`` (the plan is for one device).
     """
-    if distributed is not None and distributed is not False:
+    if kind_for(system.device, distributed) == "sharded":  # the evaluators' one reading of distributed=
         raise InvalidOptionError("window='auto' plans for one device; give an int window with distributed=.")
     steps, samples = system.num_steps, system.num_samples
     table = latency_table(

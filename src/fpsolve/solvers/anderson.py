@@ -59,6 +59,35 @@ def _solve_small(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.T
         return (torch.linalg.pinv(system) @ rhs).squeeze(-1)
 
 
+def triangular_normal_equations(fitted: torch.Tensor,
+                                target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ParaTAA's per-row normal equations: row ``s`` of the window fits on the rows ``u <= s``.
+
+    ``fitted`` ``[W, N, D, q]`` (difference columns) and ``target`` ``[W, N, D]`` give
+    ``gram[s] = sum_{u <= s} fitted_u^T fitted_u`` ``[W, N, q, q]`` and
+    ``rhs[s] = sum_{u <= s} fitted_u^T target_u`` ``[W, N, q]``."""
+    gram = torch.einsum("wndi,wndj->wnij", fitted, fitted).cumsum(0)
+    rhs = torch.einsum("wndi,wnd->wni", fitted, target).cumsum(0)
+    return gram, rhs
+
+
+def masked_coefficients(gram: torch.Tensor, rhs: torch.Tensor, mask: torch.Tensor, ridge: float,
+                        dtype: torch.dtype, *, relative: bool = False) -> torch.Tensor:
+    """The least-squares coefficients on the columns ``mask`` keeps (1) and 0 on the others.
+
+    A dropped column's row and column of ``gram`` are zeroed and its diagonal set to 1, so the
+    system stays regular. ``ridge`` is absolute, or with ``relative`` a fraction of the kept Gram
+    matrix's mean diagonal (the fit then does not depend on the scale of the columns)."""
+    gram = gram * mask.unsqueeze(-1) * mask.unsqueeze(-2)
+    rhs = rhs * mask
+    if relative:
+        scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
+        gram = gram / scale[..., None]
+        rhs = rhs / scale
+    gram = gram + torch.diag_embed(1 - mask)
+    return _solve_small(gram, rhs, ridge).to(dtype) * mask
+
+
 @attrs.define(frozen=True, eq=False, kw_only=True)
 class _AndersonBase(FixedPointSolver):
     order: int | None = attrs.field(default=None, converter=integer, validator=order_option)
@@ -127,16 +156,13 @@ class TAA(_AndersonBase):
 
     def _update(self, view: WindowView, state: History, usable: torch.Tensor | None) -> torch.Tensor:
         d_states, d_residuals, valid = differences(state, view.lo, view.hi)
-        gram = torch.einsum("wndi,wndj->wnij", d_residuals, d_residuals).cumsum(0)
-        rhs = torch.einsum("wndi,wnd->wni", d_residuals, view.residual).cumsum(0)
+        gram, rhs = triangular_normal_equations(d_residuals, view.residual)
         # Row s may use column j only if it has that history itself; rows above s always do.
         mask = valid.to(gram.dtype)[:, None, :]  # [W, 1, q]
         if usable is not None:  # column j differences snapshots j and j+1: both must postdate a restart
             columns = torch.arange(valid.shape[1], device=usable.device)
             mask = mask * (columns[None, :] + 1 < usable[:, None]).to(gram.dtype)[None]  # [W, N, q]
-        gram = gram * mask.unsqueeze(-1) * mask.unsqueeze(-2) + torch.diag_embed(1 - mask)
-        rhs = rhs * mask
-        gamma = _solve_small(gram, rhs, self.ridge).to(view.rhs.dtype) * mask
+        gamma = masked_coefficients(gram, rhs, mask, self.ridge, view.rhs.dtype)
         correction = torch.einsum("wndi,wni->wnd", d_states + d_residuals, gamma)
         return view.rhs - correction
 

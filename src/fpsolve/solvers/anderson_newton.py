@@ -28,7 +28,7 @@ import attrs
 import torch
 
 from ..validators import check_choice, check_real, history_option, integer, real, ridge_option
-from .anderson import _solve_small
+from .anderson import masked_coefficients, triangular_normal_equations
 from .base import WindowView
 from .history import History, Snapshot, differences
 from .newton import NewtonState, QuasiNewton
@@ -100,19 +100,14 @@ class AndersonNewton(QuasiNewton):
         if residuals is not None:
             fitted, target = differences(residuals, view.lo, view.hi)[1], view.first_order
         if self.mode == "triangular":
-            gram = torch.einsum("wndi,wndj->wnij", fitted, fitted).cumsum(0)
-            rhs = torch.einsum("wndi,wnd->wni", fitted, target).cumsum(0)
+            gram, rhs = triangular_normal_equations(fitted, target)
             mask = valid.to(gram.dtype)[:, None, :]  # [W, 1, q]: row s uses column j only if it has it
         else:
             gram = torch.einsum("wndi,wndj->nij", fitted, fitted)
             rhs = torch.einsum("wndi,wnd->ni", fitted, target)
             mask = torch.ones_like(rhs)
-        gram = gram * mask.unsqueeze(-1) * mask.unsqueeze(-2)
-        # the ridge is relative to the Gram matrix's scale (its mean diagonal); masked columns get 1
-        scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
-        gram = gram / scale[..., None] + torch.diag_embed(1 - mask)
-        rhs = rhs * mask / scale
-        coefficients = _solve_small(gram, rhs, self.ridge).to(proposal.dtype) * mask
+        # the ridge is relative to the Gram matrix's scale (its mean diagonal)
+        coefficients = masked_coefficients(gram, rhs, mask, self.ridge, proposal.dtype, relative=True)
         if self.mode == "triangular":
             mixing = torch.einsum("wndi,wni->wnd", d_states + d_corrections, coefficients)
         else:
