@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import torch
 
 from .adjoint import differentiable_solution
@@ -247,8 +248,11 @@ def resolve_controller(window: Any, max_iters: Any, preset: Preset | None) -> Co
     if isinstance(window, str):
         if window.casefold() not in {name.casefold() for name in get_registry().names("controller")}:
             raise _bad_window(window)
-        policy = dict(max_iters=max_iters if max_iters is not None else base.max_iters,
-                      safeguard=base.safeguard, boundary=base.boundary, update_accepted=base.update_accepted)
+        # Every policy field of the preset's controller carries over; the named one plans the window.
+        policy = {field.name: getattr(base, field.name) for field in attrs.fields(Controller)
+                  if field.name not in ("window", "plan")}
+        if max_iters is not None:
+            policy["max_iters"] = max_iters
         return resolve("controller", window, policy)
     if is_integer(window):
         return base.override(window=int(window), max_iters=max_iters)  # numpy integers are integers
