@@ -43,7 +43,7 @@ from .solvers import AA, QuasiNewton
 from .solvers.base import FixedPointSolver
 from .solvers.sequential import Sequential
 from .stopping import StoppingRule, X0Forecast
-from .validators import as_int, check_flag, is_integer
+from .validators import check_flag, check_int, integer
 
 if TYPE_CHECKING:
     from .system import TriangularSystem
@@ -62,17 +62,6 @@ def runs_sequentially(solver: Any) -> bool:
     """Whether ``solver`` is the sequential reference, which runs as the system's own loop
     (:meth:`~fpsolve.TriangularSystem.sequential`) instead of the parallel driver."""
     return isinstance(solver, Sequential)
-
-
-def _optional_int(value: Any) -> Any:
-    return int(value) if is_integer(value) else value  # numpy ints are ints; bools stay refused
-
-
-def _optional_positive(name: str, meaning: str) -> Callable[[Any, Any, Any], None]:
-    def check(instance: Any, attribute: Any, value: Any) -> None:
-        if value is not None:
-            as_int(name, value, minimum=1, hint=f" ({meaning}) or None for T")
-    return check
 
 
 def _boundary_value(instance: Any, attribute: Any, value: Any) -> None:
@@ -115,11 +104,11 @@ class Controller:
     aliases: ClassVar[dict[str, dict[str, Any]]] = {}
 
     window: int | None = attrs.field(
-        default=None, converter=_optional_int,
-        validator=_optional_positive("window", "positions solved per iteration"))
+        default=None, converter=integer,
+        validator=check_int(minimum=1, optional=True, hint=" (positions solved per iteration) or None for T"))
     max_iters: int | None = attrs.field(
-        default=None, converter=_optional_int,
-        validator=_optional_positive("max_iters", "the cap on parallel iterations"))
+        default=None, converter=integer,
+        validator=check_int(minimum=1, optional=True, hint=" (the cap on parallel iterations) or None for T"))
     safeguard: bool = attrs.field(
         default=True, validator=check_flag("safeguard"))
     boundary: str = attrs.field(default="exact", validator=_boundary_value)

@@ -30,10 +30,6 @@ from .history import History, Snapshot, differences
 __all__ = ["AA", "TAA", "RestartingHistory"]
 
 
-def _optional_real(value: object) -> object:
-    return None if value is None else real(value)
-
-
 @attrs.define(frozen=True, eq=False)
 class RestartingHistory:
     """TAA's state with restarts: the history and, per sample, how many of its snapshots (newest
@@ -119,7 +115,7 @@ class TAA(_AndersonBase):
     name = "taa"
     aliases = {"parataa": {}}
 
-    restart: float | None = attrs.field(default=None, converter=_optional_real, validator=restart_option)
+    restart: float | None = attrs.field(default=None, converter=real, validator=restart_option)
 
     def init(self, system: object) -> History | RestartingHistory:  # type: ignore[override]
         """An empty history of capacity ``history`` (with restarts: and no usable snapshot yet)."""
