@@ -24,6 +24,7 @@ import torch
 from ..sampler import compile_scheduler
 from ..system import loop_system
 from .base import PreparedPipeline, bind_call, sample_index
+from .guidance import guide
 
 __all__ = ["prepare_dit"]
 
@@ -46,7 +47,7 @@ def _dit_model(pipe: Any, labels: torch.Tensor, guidance_scale: float):
         if guided:
             eps, rest = noise_pred[:, :channels], noise_pred[:, channels:]
             cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-            half_eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
+            half_eps = guide(uncond_eps, cond_eps, guidance_scale)
             noise_pred = torch.cat([half_eps, rest[: len(rest) // 2]], dim=1)
         if learned_sigma:
             return torch.split(noise_pred, channels, dim=1)[0]
