@@ -195,6 +195,182 @@ class TraceNewton(QuasiNewton):
         return proposal, (newton, system, generator)
 
 
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class BroydenNewton(QuasiNewton):
+    """Experiment (round 4): ``newton`` with a rank-1 Broyden Jacobian per state instead of the
+    scalar ``gamma_j I``: ``J_j = gamma_j I + beta w_j v_j^T`` with ``v_j = dx_j / |dx_j|^2`` and
+    ``w_j = de_j - gamma_j dx_j``, so ``J_j dx_j = de_j`` exactly along the last step (the full
+    secant vector, not only its Rayleigh quotient) and ``gamma_j`` elsewhere. ``complement``:
+    ``"blend"`` (gamma = newton's blended slope) or ``"prior"`` (gamma = 1/sigma). The
+    correction solves the window's linear recurrence exactly: ``delta = P r + G diag(s) w`` with
+    ``P`` the scalar propagator, ``G = P B``, and ``s_i = v_i . delta_i`` from a W x W triangular
+    system (``O(W^2 D)``, as TAA's)."""
+
+    name = "newton_broyden"
+    beta: float = 1.0
+    complement: str = "blend"
+    bound: float = 50.0
+    gate: float = float("inf")  # use the rank-1 part only where the step's RMS is at most this
+    # probe: measure J along the last step at the CURRENT state by a forward difference (one
+    # extra model evaluation per evaluated state, counted in EXTRA_EVALS) instead of the secant
+    probe: bool = False
+    step_size: float = 1e-2
+
+    def init(self, system: Any) -> Any:
+        newton = super().init(system)
+        zeros = torch.zeros(system.num_steps + 1, system.num_samples, system.state_size,
+                            dtype=system.dtype, device=system.device)
+        self_system = system if self.probe else None
+        return (newton, zeros, zeros.clone(), self_system)
+
+    def step(self, view: Any, state: Any) -> Any:
+        newton, v, w, system = state
+        first, states, outputs, pairs = secant_pairs(view, newton)
+        if pairs is not None and system is not None:  # the JVP along the last step at the current states
+            start, stop, d_states, _ = pairs
+            length = d_states.norm(dim=-1, keepdim=True)
+            unit = d_states / length.clamp_min(torch.finfo(length.dtype).tiny)
+            current = view.trajectory[start:stop]
+            moved = view.outputs[start:stop]
+            probed = system.evaluate(current + self.step_size * unit, list(range(start, stop)))
+            EXTRA_EVALS[0] += (stop - start) * current.shape[1]
+            pairs = (start, stop, d_states, (probed - moved) / self.step_size * length)
+        gamma = newton.gamma.clone()
+        v, w = v.clone(), w.clone()
+        if pairs is not None:
+            start, stop, d_states, d_outputs = pairs
+            squared = d_states.pow(2).sum(-1)
+            tiny = torch.finfo(squared.dtype).tiny
+            secant = (d_outputs * d_states).sum(-1) / squared.clamp_min(tiny)
+            moved = squared > 0
+            local = moved & (squared <= self.gate ** 2 * d_states.shape[-1])
+            slope = secant.clamp(-self.clamp, self.clamp)
+            prior = newton.prior[start:stop]
+            if self.prior_weight and newton.prior is not None:
+                slope = (1 - self.prior_weight) * slope + self.prior_weight * prior
+            gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
+            base = gamma[start:stop] if self.complement == "blend" else prior.expand_as(slope)
+            if self.complement == "prior":
+                gamma[start:stop] = torch.where(moved, base, gamma[start:stop])
+            rank_one = self.beta * (d_outputs - base[..., None] * d_states)
+            # bound the rank-1 part's norm |w| |v| = |w| / |dx| (a secant through nearly equal states)
+            norm = rank_one.norm(dim=-1) / squared.sqrt().clamp_min(tiny)
+            rank_one = rank_one * (self.bound / norm.clamp_min(self.bound)).unsqueeze(-1)
+            v[start:stop] = torch.where(local[..., None], d_states / squared.clamp_min(tiny)[..., None],
+                                        torch.where(moved[..., None], 0.0, v[start:stop]))
+            w[start:stop] = torch.where(local[..., None], rank_one,
+                                        torch.where(moved[..., None], 0.0, w[start:stop]))
+        correction = self._broyden(view, gamma, v, w, newton.state_coef, newton.output_coef)
+        newton = attrs.evolve(newton, first=first, states=states, outputs=outputs, gamma=gamma)
+        return view.states + correction, (newton, v, w, system)
+
+    def _broyden(self, view: Any, gamma: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                 state_coef: torch.Tensor, output_coef: torch.Tensor) -> torch.Tensor:
+        lo, hi, width = view.lo, view.hi, view.width
+        samples = view.first_order.shape[1]
+        lower = view.first_order.new_zeros(samples, width, width)
+        bmat = view.first_order.new_zeros(samples, width, width)
+        for lag in range(1, state_coef.shape[1] + 1):
+            if lag >= width:
+                break
+            rows = torch.arange(lag, width, device=lower.device)
+            out = output_coef[lo + lag:hi + 1, lag - 1, None]
+            lower[:, rows, rows - lag] = (state_coef[lo + lag:hi + 1, lag - 1, None]
+                                          + out * gamma[lo:hi + 1 - lag]).transpose(0, 1)
+            bmat[:, rows, rows - lag] = out.expand(-1, samples).transpose(0, 1)
+        eye = torch.eye(width, dtype=lower.dtype, device=lower.device)
+        propagator = torch.linalg.solve_triangular(eye - lower, eye.expand_as(lower), upper=False,
+                                                   unitriangular=True)
+        residual = view.first_order.transpose(0, 1)  # [N, W, D]
+        base = propagator @ residual
+        vs = v[lo:hi + 1].transpose(0, 1)  # [N, W, D]
+        ws = w[lo:hi + 1].transpose(0, 1)
+        gain = propagator @ bmat  # [N, W, W], strictly lower
+        coupling = gain * torch.einsum("nid,ncd->nic", vs, ws)
+        projected = (vs * base).sum(-1, keepdim=True)  # [N, W, 1]
+        s = torch.linalg.solve_triangular(eye - coupling, projected, upper=False, unitriangular=True)
+        solved = base + torch.einsum("nic,ncd->nid", gain * s.transpose(1, 2), ws)
+        return solved.transpose(0, 1)
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class SubspaceNewton(QuasiNewton):
+    """Experiment (round 4): ``newton`` with a locally Gaussian model of the denoiser's Jacobian.
+
+    Tweedie: for ``x = alpha x0 + sigma n`` the eps model's Jacobian is
+    ``J_j = (I - (alpha_j^2 / sigma_j^2) Cov[x0 | x_j]) / sigma_j``; with a Gaussian posterior of
+    covariance ``S`` shared by all states of a sample, ``J_j = sigma_j (alpha_j^2 S + sigma_j^2 I)^-1``:
+    the same eigenbasis at every state, eigenvalue ``sigma_j / (sigma_j^2 + alpha_j^2 lambda_a)``
+    (``lambda = 0``: newton's prior 1 / sigma). Each iteration fits ``S`` of rank ``rank`` to
+    the secant pairs of every state of the sample: its range from the top singular vectors of
+    ``z_j = sigma_j dx_j - sigma_j^2 de_j`` (``= alpha_j^2 S de_j`` under the model), then each
+    ``lambda_a`` by least squares over the pairs projected on ``u_a``. The correction is newton's
+    scalar scan once per eigen-direction (its own slope per state) plus once on the complement
+    (newton's blended slope of the complement's secants): exact for this J, ``O(W^2 (r + D))``."""
+
+    name = "newton_subspace"
+    rank: int = 8
+    memory: int = 1  # iterations of secant pairs the fit uses
+
+    def init(self, system: Any) -> Any:
+        sigma = system.sigmas
+        alpha = (1 - sigma.pow(2)).clamp_min(0).sqrt()
+        return (super().init(system), sigma, alpha, (), None)
+
+    def step(self, view: Any, state: Any) -> Any:
+        newton, sigma, alpha, history, basis = state
+        first, states, outputs, pairs = secant_pairs(view, newton)
+        gamma = newton.gamma.clone()
+        slopes = None
+        if pairs is not None:
+            history = ((pairs[0], pairs[2], pairs[3]),) + history[: self.memory - 1]
+            basis, lambdas = self._fit(history, sigma, alpha)  # [N, D, r], [N, r]
+            start, stop, d_states, d_outputs = pairs
+            # the complement's secant, blended with the prior as newton's
+            def off_basis(vectors: torch.Tensor) -> torch.Tensor:
+                coords = torch.einsum("ndr,pnd->pnr", basis, vectors)
+                return vectors - torch.einsum("ndr,pnr->pnd", basis, coords)
+
+            ps, po = off_basis(d_states), off_basis(d_outputs)
+            squared = ps.pow(2).sum(-1)
+            secant = (po * ps).sum(-1) / squared.clamp_min(torch.finfo(squared.dtype).tiny)
+            slope = secant.clamp(-self.clamp, self.clamp)
+            slope = (1 - self.prior_weight) * slope + self.prior_weight * newton.prior[start:stop]
+            gamma[start:stop] = torch.where(squared > 0, slope, gamma[start:stop])
+            s2 = sigma.pow(2)[:, None, None]
+            slopes = sigma[:, None, None] / (s2 + alpha.pow(2)[:, None, None] * lambdas[None])
+            slopes = slopes.clamp(max=self.clamp)
+        if slopes is None:
+            correction = self._correction(view, gamma, newton.state_coef, newton.output_coef)
+        else:
+            residual = view.first_order  # [W, N, D]
+            coords = torch.einsum("ndr,wnd->wnr", basis, residual)
+            rest = residual - torch.einsum("ndr,wnr->wnd", basis, coords)
+            correction = self._correction(attrs.evolve(view, first_order=rest), gamma,
+                                          newton.state_coef, newton.output_coef)
+            for a in range(coords.shape[-1]):  # one scalar scan per eigen-direction
+                part = self._correction(attrs.evolve(view, first_order=coords[..., a:a + 1]),
+                                        slopes[..., a], newton.state_coef, newton.output_coef)
+                correction = correction + part * basis[None, :, :, a]
+        newton = attrs.evolve(newton, first=first, states=states, outputs=outputs, gamma=gamma)
+        return view.states + correction, (newton, sigma, alpha, history, basis)
+
+    def _fit(self, history: Any, sigma: torch.Tensor,
+             alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = torch.cat([d for _, d, _ in history])  # [P, N, D]
+        es = torch.cat([e for _, _, e in history])
+        rows = torch.cat([torch.arange(b, b + d.shape[0]) for b, d, _ in history])
+        sg, al = sigma[rows][:, None, None], alpha[rows][:, None, None]
+        z = sg * xs - sg.pow(2) * es  # alpha^2 S de under the model
+        zt = z.permute(1, 2, 0)  # [N, D, P]
+        u, _, _ = torch.linalg.svd(zt, full_matrices=False)
+        basis = u[..., : self.rank]  # [N, D, r]
+        p = al.pow(2) * torch.einsum("ndr,pnd->pnr", basis, es)
+        q = torch.einsum("ndr,pnd->pnr", basis, z)
+        lambdas = ((p * q).sum(0) / p.pow(2).sum(0).clamp_min(torch.finfo(p.dtype).tiny)).clamp_min(0)
+        return basis, lambdas
+
+
 def _forecast(steps: int) -> StoppingRule:
     """The default's rule, ``x0_forecast`` at its defaults (pinned, whatever the preset is)."""
     return X0Forecast()
@@ -293,6 +469,25 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default-clamp20": dict(solver="newton", clamp=20.0, stopping=_forecast),
     "default-clamp10": dict(solver="newton", clamp=10.0, stopping=_forecast),
     "naa-m3-w0": dict(solver="newton_aa", history=3, prior_weight=0.0, stopping=_forecast),
+    # round 4: rank-1 Broyden Jacobian per state (the full secant vector), default rule pinned
+    "broyden": dict(solver=BroydenNewton(), stopping=_forecast),
+    "broyden-b.5": dict(solver=BroydenNewton(beta=0.5), stopping=_forecast),
+    "broyden-prior": dict(solver=BroydenNewton(complement="prior"), stopping=_forecast),
+    "broyden-w0": dict(solver=BroydenNewton(prior_weight=0.0), stopping=_forecast),
+    "broyden-g.3": dict(solver=BroydenNewton(gate=0.3), stopping=_forecast),
+    "broyden-g.1": dict(solver=BroydenNewton(gate=0.1), stopping=_forecast),
+    "broyden-g.03": dict(solver=BroydenNewton(gate=0.03), stopping=_forecast),
+    "broyden-g.01": dict(solver=BroydenNewton(gate=0.01), stopping=_forecast),
+    "probe": dict(solver=BroydenNewton(probe=True), stopping=_forecast),
+    "sub-r4": dict(solver=SubspaceNewton(rank=4), stopping=_forecast),
+    "sub-r8": dict(solver=SubspaceNewton(rank=8), stopping=_forecast),
+    "sub-r16": dict(solver=SubspaceNewton(rank=16), stopping=_forecast),
+    "sub-r32": dict(solver=SubspaceNewton(rank=32), stopping=_forecast),
+    "sub-r8-m2": dict(solver=SubspaceNewton(rank=8, memory=2), stopping=_forecast),
+    "sub-r16-m2": dict(solver=SubspaceNewton(rank=16, memory=2), stopping=_forecast),
+    "probe-g.3": dict(solver=BroydenNewton(probe=True, gate=0.3), stopping=_forecast),
+    "probe-g.1": dict(solver=BroydenNewton(probe=True, gate=0.1), stopping=_forecast),
+    "probe-g.03": dict(solver=BroydenNewton(probe=True, gate=0.03), stopping=_forecast),
 }
 
 

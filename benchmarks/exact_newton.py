@@ -1,0 +1,145 @@
+"""Exact Newton on the triangular system (issue 14, round 4): what a perfect Jacobian model buys.
+
+Every iteration evaluates eps at all states of the current iterate (one batched call, as the
+parallel solvers do), then takes the exact Newton step of the first-order equations: the
+correction ``delta`` solves, row by row from ``x_T`` down,
+
+    delta_i = r1_i + sum_l (A[i, l] delta_{i-l} + B[i, l] J_{i-l} delta_{i-l}),
+
+with ``J_j delta_j`` the model's true Jacobian-vector product at the iterate's state ``j``
+(a central finite difference of the float64 network, h = 1e-4 relative). That scan is
+sequential (T JVPs per iteration), so this is a diagnostic, not a solver: its iterations to
+<= 1 px are what Newton's method itself (DEER's full-Jacobian Newton) needs from the same start,
+the number a quasi-Newton solver approaches as its model of J becomes exact; ``newton``'s rounds
+minus it are what a better Jacobian model could gain. Modes: ``exact``; ``prior`` (J = 1/sigma,
+newton's prior alone); ``secant`` (newton's 50/50 blend of secant and prior, a simplified
+``newton`` with window T and no row acceptance); ``secantK`` (``secant`` for K iterations, then
+``exact``: how much an exact Jacobian near convergence alone would buy). The network and the
+sequential reference are float64, so these are not the float32 runs of iterations_study.py.
+
+Run: ``python benchmarks/exact_newton.py --cells ddim-25,ddim-100 --seed 11 --modes exact,secant3``
+(one JSON line per cell and mode: ``first_ok`` the first iteration at <= 1 px, ``px`` the error
+after each iteration, ``newton_it`` the default solver's rounds on the same float64 model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import numpy as np
+import torch
+
+import fpsolve
+from fpsolve.bench.matrix import parse_sampler
+from fpsolve.models import digits
+from fpsolve.models.reference import ReferenceModel
+from fpsolve.solvers.newton import prior_slopes
+
+
+def float64_model(name: str) -> ReferenceModel:
+    """The digits UNet (or a held-out one) with its network in float64, so finite-difference
+    JVPs are accurate; the sequential reference below uses the same float64 network."""
+    from pathlib import Path
+    heldout = Path(__file__).parent / "heldout"
+    weights = {"digits": None, "heldout": heldout, "heldout2": heldout / "heldout2"}[name]
+    unet = digits.load_digits_unet(weights_dir=weights) if weights else digits.load_digits_unet()
+    unet = copy.deepcopy(unet).double()
+    return ReferenceModel(name, digits.digits_denoiser(unet), digits.digits_alphas_cumprod(),
+                          tuple(digits.DIGITS_SHAPE), digits.digits_to_images, unet)
+
+
+def px(ref: ReferenceModel, a: torch.Tensor, b: torch.Tensor) -> float:
+    ia = ref.to_images(a.reshape(-1, *ref.shape)).astype(np.int64)
+    ib = ref.to_images(b.reshape(-1, *ref.shape)).astype(np.int64)
+    return float(np.abs(ia - ib).max())
+
+
+def jvp(system: fpsolve.TriangularSystem, state: torch.Tensor, position: int,
+        direction: torch.Tensor) -> torch.Tensor:
+    """``J_position(state) @ direction`` per sample, ``[N, D]``, by a central difference."""
+    scale = direction.norm(dim=-1, keepdim=True)
+    unit = direction / scale.clamp_min(1e-300)
+    h = 1e-4 * state.norm(dim=-1, keepdim=True).clamp_min(1.0)
+    both = torch.stack([state + h * unit, state - h * unit])  # [2, N, D]
+    out = system.evaluate(both, [position, position])
+    return (out[0] - out[1]) / (2 * h) * scale
+
+
+def newton_step(system: fpsolve.TriangularSystem, x: torch.Tensor, mode: str,
+                memory: dict) -> torch.Tensor:
+    """One Newton iteration from trajectory ``x`` ``[T+1, N, D]``; ``mode`` ``exact`` (true JVPs),
+    ``prior`` (J = 1/sigma I) or ``secant`` (newton's blend: (secant + 1/sigma) / 2, the default
+    solver with window T); ``memory`` keeps the previous evaluation for the secants."""
+    steps = system.num_steps
+    outputs = system.evaluate(x[:-1], list(range(steps)))  # eps at every state but x_0
+    slopes = prior_slopes(system, 50.0)[:, None].expand(-1, x.shape[1]).clone()
+    if "x" in memory:
+        dx, de = x[:-1] - memory["x"], outputs - memory["e"]
+        sq = dx.pow(2).sum(-1)
+        secant = ((de * dx).sum(-1) / sq.clamp_min(1e-300)).clamp(-50, 50)
+        slopes[:-1] = torch.where(sq > 0, 0.5 * secant + 0.5 * slopes[:-1], slopes[:-1])
+    memory.update(x=x[:-1].clone(), e=outputs.clone())
+    rhs = system.first_order_rhs(x, outputs, 1, steps)
+    residual = rhs - x[1:]
+    state_coef, output_coef, _ = system.coefficients()
+    prior = prior_slopes(system, 50.0)
+    delta = torch.zeros_like(x)
+    jd = torch.zeros_like(x)  # J_j delta_j
+    for i in range(1, steps + 1):
+        acc = residual[i - 1].clone()
+        for lag in range(1, state_coef.shape[1] + 1):
+            j = i - lag
+            if j < 0:
+                break
+            acc += state_coef[i, lag - 1] * delta[j] + output_coef[i, lag - 1] * jd[j]
+        delta[i] = acc
+        if i < steps:
+            if mode == "exact":
+                jd[i] = jvp(system, x[i], i, delta[i]) if delta[i].abs().max() > 0 else 0.0
+            elif mode == "secant":
+                jd[i] = slopes[i, :, None] * delta[i]
+            else:
+                jd[i] = prior[i] * delta[i]
+    return x + delta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--cells", default="ddim-25,ddim-100")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--iters", type=int, default=8)
+    parser.add_argument("--modes", default="exact,prior",
+                        help="comma list of exact, prior, secant, or secantK "
+                             "(secant for K iterations, then exact)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ref = float64_model(args.model)
+    for cell in args.cells.split(","):
+        system = fpsolve.TriangularSystem(
+            sampler=parse_sampler(cell).build(ref), denoiser=ref.denoiser, shape=ref.shape,
+            batch=args.samples, generator=torch.Generator().manual_seed(args.seed))
+        reference = fpsolve.solve(system, "sequential").sample
+        newton = fpsolve.solve(system, "newton")
+        for mode in args.modes.split(","):
+            x = system.flat_noise[:1].expand_as(system.flat_noise).clone()  # the noise copy
+            errors: list[float] = []
+            memory: dict = {}
+            for k in range(args.iters):
+                switch = int(mode[6:]) if mode.startswith("secant") and mode != "secant" else None
+                step_mode = mode if switch is None else ("secant" if k < switch else "exact")
+                x = newton_step(system, x, step_mode, memory)
+                errors.append(px(ref, x[-1], reference))
+                if errors[-1] == 0:
+                    break
+            first = next((k + 1 for k, e in enumerate(errors) if e <= 1), None)
+            print(json.dumps(dict(model=args.model, cell=cell, seed=args.seed, mode=mode, first_ok=first,
+                                  px=errors, newton_it=newton.iterations,
+                                  newton_px=px(ref, newton.sample, reference))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
