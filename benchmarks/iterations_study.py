@@ -294,6 +294,86 @@ class BroydenNewton(QuasiNewton):
 
 
 @attrs.define(frozen=True, eq=False, kw_only=True)
+class MultiBroydenNewton(BroydenNewton):
+    """Experiment (round 4): ``BroydenNewton`` of rank ``rank``: ``J_j = gamma_j I + W_j V_j^T``
+    with the last ``rank`` small steps at state j (``dX_j``, ``dE_j`` as columns),
+    ``W_j = dE_j - gamma_j dX_j`` and ``V_j = dX_j (dX_j^T dX_j)^-1``, so ``J_j`` reproduces every
+    kept secant pair exactly. A step larger than ``gate`` clears the state's pairs. The closed
+    form is the rank-1 one with ``s`` ``[W, rank]`` per sample (a ``W rank`` triangular system)."""
+
+    name = "newton_multibroyden"
+    rank: int = 2
+
+    def init(self, system: Any) -> Any:
+        newton = QuasiNewton.init(self, system)
+        zeros = torch.zeros(system.num_steps + 1, system.num_samples, system.state_size, self.rank,
+                            dtype=system.dtype, device=system.device)
+        return (newton, zeros, zeros.clone())
+
+    def step(self, view: Any, state: Any) -> Any:
+        newton, xs, es = state
+        first, states, outputs, pairs = secant_pairs(view, newton)
+        gamma = newton.gamma.clone()
+        xs, es = xs.clone(), es.clone()
+        if pairs is not None:
+            start, stop, d_states, d_outputs = pairs
+            squared = d_states.pow(2).sum(-1)
+            tiny = torch.finfo(squared.dtype).tiny
+            secant = (d_outputs * d_states).sum(-1) / squared.clamp_min(tiny)
+            moved = squared > 0
+            local = (moved & (squared <= self.gate ** 2 * d_states.shape[-1]))[..., None, None]
+            slope = secant.clamp(-self.clamp, self.clamp)
+            slope = (1 - self.prior_weight) * slope + self.prior_weight * newton.prior[start:stop]
+            gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
+            shifted_x = torch.cat([d_states[..., None], xs[start:stop, ..., :-1]], -1)
+            shifted_e = torch.cat([d_outputs[..., None], es[start:stop, ..., :-1]], -1)
+            keep = moved[..., None, None]
+            xs[start:stop] = torch.where(local, shifted_x, torch.where(keep, 0.0, xs[start:stop]))
+            es[start:stop] = torch.where(local, shifted_e, torch.where(keep, 0.0, es[start:stop]))
+        correction = self._multi(view, gamma, xs, es, newton.state_coef, newton.output_coef)
+        newton = attrs.evolve(newton, first=first, states=states, outputs=outputs, gamma=gamma)
+        return view.states + correction, (newton, xs, es)
+
+    def _multi(self, view: Any, gamma: torch.Tensor, xs: torch.Tensor, es: torch.Tensor,
+               state_coef: torch.Tensor, output_coef: torch.Tensor) -> torch.Tensor:
+        lo, hi, width, m = view.lo, view.hi, view.width, self.rank
+        samples = view.first_order.shape[1]
+        dx, de = xs[lo:hi + 1], es[lo:hi + 1]  # [W, N, D, m]
+        w = de - gamma[lo:hi + 1, :, None, None] * dx
+        gram = dx.transpose(-1, -2) @ dx  # [W, N, m, m]
+        ridge = 1e-10 * gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] + 1e-300
+        eye_m = torch.eye(m, dtype=gram.dtype, device=gram.device)
+        v = dx @ torch.linalg.inv(gram + ridge * eye_m)  # [W, N, D, m]
+        # bound each state's low-rank part: |W V^T| <= bound (Frobenius, a cheap upper bound)
+        norm = (w.pow(2).sum((-1, -2)) * v.pow(2).sum((-1, -2))).sqrt()
+        w = w * (self.bound / norm.clamp_min(self.bound))[..., None, None]
+        lower = view.first_order.new_zeros(samples, width, width)
+        bmat = view.first_order.new_zeros(samples, width, width)
+        for lag in range(1, state_coef.shape[1] + 1):
+            if lag >= width:
+                break
+            rows = torch.arange(lag, width, device=lower.device)
+            out = output_coef[lo + lag:hi + 1, lag - 1, None]
+            lower[:, rows, rows - lag] = (state_coef[lo + lag:hi + 1, lag - 1, None]
+                                          + out * gamma[lo:hi + 1 - lag]).transpose(0, 1)
+            bmat[:, rows, rows - lag] = out.expand(-1, samples).transpose(0, 1)
+        eye = torch.eye(width, dtype=lower.dtype, device=lower.device)
+        propagator = torch.linalg.solve_triangular(eye - lower, eye.expand_as(lower), upper=False,
+                                                   unitriangular=True)
+        base = propagator @ view.first_order.transpose(0, 1)  # [N, W, D]
+        gain = propagator @ bmat  # [N, W, W]
+        vs, ws = v.permute(1, 0, 2, 3), w.permute(1, 0, 2, 3)  # [N, W, D, m]
+        cross = torch.einsum("nida,ncdb->niacb", vs, ws)  # V_i[:, a] . W_c[:, b]
+        coupling = (gain[:, :, None, :, None] * cross).reshape(samples, width * m, width * m)
+        projected = torch.einsum("nida,nid->nia", vs, base).reshape(samples, width * m, 1)
+        eye_wm = torch.eye(width * m, dtype=lower.dtype, device=lower.device)
+        s = torch.linalg.solve_triangular(eye_wm - coupling, projected, upper=False, unitriangular=True)
+        s = s.reshape(samples, width, m)
+        solved = base + torch.einsum("nic,ncdb,ncb->nid", gain, ws, s)
+        return solved.transpose(0, 1)
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
 class SubspaceNewton(QuasiNewton):
     """Experiment (round 4): ``newton`` with a locally Gaussian model of the denoiser's Jacobian.
 
@@ -479,6 +559,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "broyden-g.03": dict(solver=BroydenNewton(gate=0.03), stopping=_forecast),
     "broyden-g.01": dict(solver=BroydenNewton(gate=0.01), stopping=_forecast),
     "probe": dict(solver=BroydenNewton(probe=True), stopping=_forecast),
+    "mb-r1-g.03": dict(solver=MultiBroydenNewton(rank=1, gate=0.03), stopping=_forecast),
+    "mb-r2-g.03": dict(solver=MultiBroydenNewton(rank=2, gate=0.03), stopping=_forecast),
+    "mb-r3-g.03": dict(solver=MultiBroydenNewton(rank=3, gate=0.03), stopping=_forecast),
+    "mb-r2-g.1": dict(solver=MultiBroydenNewton(rank=2, gate=0.1), stopping=_forecast),
+    "mb-r2-g.01": dict(solver=MultiBroydenNewton(rank=2, gate=0.01), stopping=_forecast),
     "sub-r4": dict(solver=SubspaceNewton(rank=4), stopping=_forecast),
     "sub-r8": dict(solver=SubspaceNewton(rank=8), stopping=_forecast),
     "sub-r16": dict(solver=SubspaceNewton(rank=16), stopping=_forecast),
