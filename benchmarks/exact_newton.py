@@ -96,12 +96,28 @@ def newton_step(system: fpsolve.TriangularSystem, x: torch.Tensor, mode: str,
             acc += state_coef[i, lag - 1] * delta[j] + output_coef[i, lag - 1] * jd[j]
         delta[i] = acc
         if i < steps:
-            if mode == "exact":
+            if mode.startswith("lastdir"):  # lastdir<a>: at states >= a% of T, J exact along the
+                # previous correction (a JVP whose direction is known before the round: parallel)
+                slope = slopes[i, :, None]
+                jd[i] = slope * delta[i]
+                previous = memory.get("delta")
+                if 100 * i >= int(mode[7:]) * steps and previous is not None and previous[i].abs().max() > 0:
+                    u = previous[i]
+                    ju = jvp(system, x[i], i, u)
+                    coef = (u * delta[i]).sum(-1, keepdim=True) / u.pow(2).sum(-1, keepdim=True)
+                    jd[i] = jd[i] + (ju - slope * u) * coef
+            elif mode.startswith("rows"):  # rows<a>-<b>: exact J at states a*T/100 <= i < b*T/100
+                lo_pct, hi_pct = (int(v) for v in mode[4:].split("-"))
+                inside = lo_pct * steps <= 100 * i < hi_pct * steps
+                jd[i] = (jvp(system, x[i], i, delta[i]) if inside and delta[i].abs().max() > 0
+                         else slopes[i, :, None] * delta[i])
+            elif mode == "exact":
                 jd[i] = jvp(system, x[i], i, delta[i]) if delta[i].abs().max() > 0 else 0.0
             elif mode == "secant":
                 jd[i] = slopes[i, :, None] * delta[i]
             else:
                 jd[i] = prior[i] * delta[i]
+    memory["delta"] = delta
     return x + delta
 
 
@@ -113,8 +129,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--modes", default="exact,prior",
-                        help="comma list of exact, prior, secant, or secantK "
-                             "(secant for K iterations, then exact)")
+                        help="comma list of exact, prior, secant, secantK (secant for K iterations, "
+                             "then exact), rowsA-B (exact at states A%%..B%% of T, secant elsewhere) or "
+                             "lastdirA (at states >= A%% of T, J exact along the previous correction)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ref = float64_model(args.model)
