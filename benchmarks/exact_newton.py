@@ -67,6 +67,32 @@ def jvp(system: fpsolve.TriangularSystem, state: torch.Tensor, position: int,
     return (out[0] - out[1]) / (2 * h) * scale
 
 
+def jvp_batch(system: fpsolve.TriangularSystem, state: torch.Tensor, position: int,
+              directions: torch.Tensor) -> torch.Tensor:
+    """``J_position(state) @ directions[..., k]`` for unit-scale directions ``[N, D, p]`` -> ``[N, D, p]``
+    (central differences, all 2p evaluations in one call)."""
+    h = 1e-4 * state.norm(dim=-1, keepdim=True).clamp_min(1.0)[..., None]  # [N, 1, 1]
+    plus = (state[..., None] + h * directions).permute(2, 0, 1)  # [p, N, D]
+    minus = (state[..., None] - h * directions).permute(2, 0, 1)
+    count = directions.shape[-1]
+    out = system.evaluate(torch.cat([plus, minus]), [position] * (2 * count))
+    return ((out[:count] - out[count:]) / (2 * h.squeeze(-1))).permute(1, 2, 0)
+
+
+def low_rank_part(system: fpsolve.TriangularSystem, state: torch.Tensor, position: int, rank: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q, B)`` with ``J - I / sigma ~ B Q^T`` at ``state``: ``Q`` ``[N, D, rank]`` an orthonormal
+    basis of the range of ``A = J - I / sigma`` (a randomised range finder, ``rank`` probes) and
+    ``B = A Q`` (``rank`` more JVPs). Exact when ``A`` is symmetric of rank <= ``rank``
+    (Tweedie: ``A = -(alpha / sigma^2) Cov[x0 | x]`` for the ideal denoiser)."""
+    inv_sigma = prior_slopes(system, 1e12)[position]
+    omega = torch.randn(*state.shape, rank, generator=generator, dtype=state.dtype)
+    sketch = jvp_batch(system, state, position, omega) - inv_sigma * omega
+    basis, _ = torch.linalg.qr(sketch)
+    image = jvp_batch(system, state, position, basis) - inv_sigma * basis
+    return basis, image
+
+
 def newton_step(system: fpsolve.TriangularSystem, x: torch.Tensor, mode: str,
                 memory: dict) -> torch.Tensor:
     """One Newton iteration from trajectory ``x`` ``[T+1, N, D]``; ``mode`` ``exact`` (true JVPs),
@@ -96,7 +122,17 @@ def newton_step(system: fpsolve.TriangularSystem, x: torch.Tensor, mode: str,
             acc += state_coef[i, lag - 1] * delta[j] + output_coef[i, lag - 1] * jd[j]
         delta[i] = acc
         if i < steps:
-            if mode.startswith("lastdir"):  # lastdir<a>: at states >= a% of T, J exact along the
+            if mode.startswith("lowrank"):  # lowrank<p>-<a>: at states >= a% of T, J ~ I/sigma + B Q^T
+                rank, first = (int(v) for v in mode[7:].split("-"))
+                if 100 * i >= first * steps and delta[i].abs().max() > 0:
+                    basis, image = low_rank_part(system, x[i], i, rank, memory.setdefault(
+                        "generator", torch.Generator().manual_seed(0)))
+                    coords = torch.einsum("ndr,nd->nr", basis, delta[i])
+                    inv_sigma = prior_slopes(system, 1e12)[i]  # the shift low_rank_part used
+                    jd[i] = inv_sigma * delta[i] + torch.einsum("ndr,nr->nd", image, coords)
+                else:
+                    jd[i] = slopes[i, :, None] * delta[i]
+            elif mode.startswith("lastdir"):  # lastdir<a>: at states >= a% of T, J exact along the
                 # previous correction (a JVP whose direction is known before the round: parallel)
                 slope = slopes[i, :, None]
                 jd[i] = slope * delta[i]
@@ -131,7 +167,8 @@ def main() -> None:
     parser.add_argument("--modes", default="exact,prior",
                         help="comma list of exact, prior, secant, secantK (secant for K iterations, "
                              "then exact), rowsA-B (exact at states A%%..B%% of T, secant elsewhere) or "
-                             "lastdirA (at states >= A%% of T, J exact along the previous correction)")
+                             "lastdirA (at states >= A%% of T, J exact along the previous correction) or "
+                             "lowrankP-A (at states >= A%% of T, J ~ I/sigma + rank-P part from probes)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ref = float64_model(args.model)
