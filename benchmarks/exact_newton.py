@@ -39,9 +39,17 @@ from fpsolve.solvers.newton import prior_slopes
 
 
 def float64_model(name: str) -> ReferenceModel:
-    """The digits UNet (or a held-out one) with its network in float64, so finite-difference
+    """The digits UNet (a held-out one, or the flow UNet) with its network in float64, so finite-difference
     JVPs are accurate; the sequential reference below uses the same float64 network."""
     from pathlib import Path
+
+    if name == "digits-flow":  # the shipped rectified-flow UNet, velocity prediction
+        import attrs
+
+        from fpsolve.models import load_reference
+        ref = load_reference(name)
+        unet = copy.deepcopy(ref.unet).double()
+        return attrs.evolve(ref, denoiser=digits.digits_denoiser(unet), unet=unet)
     heldout = Path(__file__).parent / "heldout"
     weights = {"digits": None, "heldout": heldout, "heldout2": heldout / "heldout2"}[name]
     unet = digits.load_digits_unet(weights_dir=weights) if weights else digits.load_digits_unet()
