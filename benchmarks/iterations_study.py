@@ -195,6 +195,29 @@ class TraceNewton(QuasiNewton):
         return proposal, (newton, system, generator)
 
 
+def window_operators(view: Any, gamma: torch.Tensor, state_coef: torch.Tensor,
+                     output_coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window's scalar-slope propagator ``P = (I - L_gamma)^-1`` and ``G = P B`` (``B`` the
+    output coefficients as a strictly lower ``W x W`` matrix), both ``[N, W, W]``: the pieces of
+    the low-rank Broyden corrections' closed form ``delta = P r + G diag(s) w``."""
+    lo, hi, width = view.lo, view.hi, view.width
+    samples = view.first_order.shape[1]
+    lower = view.first_order.new_zeros(samples, width, width)
+    bmat = view.first_order.new_zeros(samples, width, width)
+    for lag in range(1, state_coef.shape[1] + 1):
+        if lag >= width:
+            break
+        rows = torch.arange(lag, width, device=lower.device)
+        out = output_coef[lo + lag:hi + 1, lag - 1, None]
+        lower[:, rows, rows - lag] = (state_coef[lo + lag:hi + 1, lag - 1, None]
+                                      + out * gamma[lo:hi + 1 - lag]).transpose(0, 1)
+        bmat[:, rows, rows - lag] = out.expand(-1, samples).transpose(0, 1)
+    eye = torch.eye(width, dtype=lower.dtype, device=lower.device)
+    propagator = torch.linalg.solve_triangular(eye - lower, eye.expand_as(lower), upper=False,
+                                               unitriangular=True)
+    return propagator, propagator @ bmat
+
+
 @attrs.define(frozen=True, eq=False, kw_only=True)
 class BroydenNewton(QuasiNewton):
     """Experiment (round 4): ``newton`` with a rank-1 Broyden Jacobian per state instead of the
@@ -275,25 +298,11 @@ class BroydenNewton(QuasiNewton):
     def _broyden(self, view: Any, gamma: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
                  state_coef: torch.Tensor, output_coef: torch.Tensor) -> torch.Tensor:
         lo, hi, width = view.lo, view.hi, view.width
-        samples = view.first_order.shape[1]
-        lower = view.first_order.new_zeros(samples, width, width)
-        bmat = view.first_order.new_zeros(samples, width, width)
-        for lag in range(1, state_coef.shape[1] + 1):
-            if lag >= width:
-                break
-            rows = torch.arange(lag, width, device=lower.device)
-            out = output_coef[lo + lag:hi + 1, lag - 1, None]
-            lower[:, rows, rows - lag] = (state_coef[lo + lag:hi + 1, lag - 1, None]
-                                          + out * gamma[lo:hi + 1 - lag]).transpose(0, 1)
-            bmat[:, rows, rows - lag] = out.expand(-1, samples).transpose(0, 1)
-        eye = torch.eye(width, dtype=lower.dtype, device=lower.device)
-        propagator = torch.linalg.solve_triangular(eye - lower, eye.expand_as(lower), upper=False,
-                                                   unitriangular=True)
-        residual = view.first_order.transpose(0, 1)  # [N, W, D]
-        base = propagator @ residual
+        propagator, gain = window_operators(view, gamma, state_coef, output_coef)
+        eye = torch.eye(width, dtype=gain.dtype, device=gain.device)
+        base = propagator @ view.first_order.transpose(0, 1)  # [N, W, D]
         vs = v[lo:hi + 1].transpose(0, 1)  # [N, W, D]
         ws = w[lo:hi + 1].transpose(0, 1)
-        gain = propagator @ bmat  # [N, W, W], strictly lower
         coupling = gain * torch.einsum("nid,ncd->nic", vs, ws)
         projected = (vs * base).sum(-1, keepdim=True)  # [N, W, 1]
         s = torch.linalg.solve_triangular(eye - coupling, projected, upper=False, unitriangular=True)
@@ -355,26 +364,13 @@ class MultiBroydenNewton(BroydenNewton):
         # bound each state's low-rank part: |W V^T| <= bound (Frobenius, a cheap upper bound)
         norm = (w.pow(2).sum((-1, -2)) * v.pow(2).sum((-1, -2))).sqrt()
         w = w * (self.bound / norm.clamp_min(self.bound))[..., None, None]
-        lower = view.first_order.new_zeros(samples, width, width)
-        bmat = view.first_order.new_zeros(samples, width, width)
-        for lag in range(1, state_coef.shape[1] + 1):
-            if lag >= width:
-                break
-            rows = torch.arange(lag, width, device=lower.device)
-            out = output_coef[lo + lag:hi + 1, lag - 1, None]
-            lower[:, rows, rows - lag] = (state_coef[lo + lag:hi + 1, lag - 1, None]
-                                          + out * gamma[lo:hi + 1 - lag]).transpose(0, 1)
-            bmat[:, rows, rows - lag] = out.expand(-1, samples).transpose(0, 1)
-        eye = torch.eye(width, dtype=lower.dtype, device=lower.device)
-        propagator = torch.linalg.solve_triangular(eye - lower, eye.expand_as(lower), upper=False,
-                                                   unitriangular=True)
+        propagator, gain = window_operators(view, gamma, state_coef, output_coef)
         base = propagator @ view.first_order.transpose(0, 1)  # [N, W, D]
-        gain = propagator @ bmat  # [N, W, W]
         vs, ws = v.permute(1, 0, 2, 3), w.permute(1, 0, 2, 3)  # [N, W, D, m]
         cross = torch.einsum("nida,ncdb->niacb", vs, ws)  # V_i[:, a] . W_c[:, b]
         coupling = (gain[:, :, None, :, None] * cross).reshape(samples, width * m, width * m)
         projected = torch.einsum("nida,nid->nia", vs, base).reshape(samples, width * m, 1)
-        eye_wm = torch.eye(width * m, dtype=lower.dtype, device=lower.device)
+        eye_wm = torch.eye(width * m, dtype=gain.dtype, device=gain.device)
         s = torch.linalg.solve_triangular(eye_wm - coupling, projected, upper=False, unitriangular=True)
         s = s.reshape(samples, width, m)
         solved = base + torch.einsum("nic,ncdb,ncb->nid", gain, ws, s)
