@@ -687,6 +687,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "aitken-r.7": dict(solver=AitkenNewton(rho_max=0.7), stopping=_forecast),
     "aitken-l.3": dict(solver=AitkenNewton(late=0.3), stopping=_forecast),
     "aitken-l.3-r.7": dict(solver=AitkenNewton(late=0.3, rho_max=0.7), stopping=_forecast),
+    # the taa / fp target with the default's rule for both (round 1 compared them with the x0 rule)
+    "taa/forecast": dict(solver="taa", stopping=_forecast),
+    "fp/forecast": dict(solver="fp", stopping=_forecast),
     "band-1": dict(solver=BandNewton(bands=1), stopping=_forecast),
     "band-2": dict(solver=BandNewton(bands=2), stopping=_forecast),
     "band-4": dict(solver=BandNewton(bands=4), stopping=_forecast),
