@@ -14,7 +14,11 @@ the number a quasi-Newton solver approaches as its model of J becomes exact; ``n
 minus it are what a better Jacobian model could gain. Modes: ``exact``; ``prior`` (J = 1/sigma,
 newton's prior alone); ``secant`` (newton's 50/50 blend of secant and prior, a simplified
 ``newton`` with window T and no row acceptance); ``secantK`` (``secant`` for K iterations, then
-``exact``: how much an exact Jacobian near convergence alone would buy). The network and the
+``exact``: how much an exact Jacobian near convergence alone would buy); ``rowsA-B`` (the exact
+J only at the states from A % to B % of T: where it matters); ``lastdirA`` (from A % of T on, J
+exact along the previous correction only: a JVP a parallel solver could batch into its round);
+``lowrankP-A`` (from A % of T on, ``I / sigma`` plus a rank-P part from randomised probes). The
+network and the
 sequential reference are float64, so these are not the float32 runs of iterations_study.py.
 
 Run: ``python benchmarks/exact_newton.py --cells ddim-25,ddim-100 --seed 11 --modes exact,secant3``
