@@ -272,13 +272,9 @@ class BroydenNewton(QuasiNewton):
             start, stop, d_states, d_outputs = pairs
             squared = d_states.pow(2).sum(-1)
             tiny = torch.finfo(squared.dtype).tiny
-            secant = (d_outputs * d_states).sum(-1) / squared.clamp_min(tiny)
-            moved = squared > 0
-            local = moved & (squared <= self.gate ** 2 * d_states.shape[-1]) & late[:, None]
-            slope = secant.clamp(-self.clamp, self.clamp)
             prior = newton.prior[start:stop]
-            if self.prior_weight and newton.prior is not None:
-                slope = (1 - self.prior_weight) * slope + self.prior_weight * prior
+            slope, moved = self.secant_slopes(d_states, d_outputs, prior)
+            local = moved & (squared <= self.gate ** 2 * d_states.shape[-1]) & late[:, None]
             gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
             base = gamma[start:stop] if self.complement == "blend" else prior.expand_as(slope)
             if self.complement == "prior":
@@ -334,13 +330,9 @@ class MultiBroydenNewton(BroydenNewton):
         xs, es = xs.clone(), es.clone()
         if pairs is not None:
             start, stop, d_states, d_outputs = pairs
-            squared = d_states.pow(2).sum(-1)
-            tiny = torch.finfo(squared.dtype).tiny
-            secant = (d_outputs * d_states).sum(-1) / squared.clamp_min(tiny)
-            moved = squared > 0
-            local = (moved & (squared <= self.gate ** 2 * d_states.shape[-1]))[..., None, None]
-            slope = secant.clamp(-self.clamp, self.clamp)
-            slope = (1 - self.prior_weight) * slope + self.prior_weight * newton.prior[start:stop]
+            slope, moved = self.secant_slopes(d_states, d_outputs, newton.prior[start:stop])
+            small = d_states.pow(2).sum(-1) <= self.gate ** 2 * d_states.shape[-1]
+            local = (moved & small)[..., None, None]
             gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
             shifted_x = torch.cat([d_states[..., None], xs[start:stop, ..., :-1]], -1)
             shifted_e = torch.cat([d_outputs[..., None], es[start:stop, ..., :-1]], -1)
@@ -459,13 +451,10 @@ class BandNewton(QuasiNewton):
         if pairs is not None:
             start, stop, d_states, d_outputs = pairs
             for b, mask in enumerate(masks):
-                xb = self._project(d_states, mask, shape)
-                eb = self._project(d_outputs, mask, shape)
-                squared = xb.pow(2).sum(-1)
-                secant = (eb * xb).sum(-1) / squared.clamp_min(torch.finfo(squared.dtype).tiny)
-                slope = secant.clamp(-self.clamp, self.clamp)
-                slope = (1 - self.prior_weight) * slope + self.prior_weight * newton.prior[start:stop]
-                gamma[start:stop, :, b] = torch.where(squared > 0, slope, gamma[start:stop, :, b])
+                slope, moved = self.secant_slopes(self._project(d_states, mask, shape),
+                                                  self._project(d_outputs, mask, shape),
+                                                  newton.prior[start:stop])
+                gamma[start:stop, :, b] = torch.where(moved, slope, gamma[start:stop, :, b])
         correction = torch.zeros_like(view.first_order)
         for b, mask in enumerate(masks):
             part = attrs.evolve(view, first_order=self._project(view.first_order, mask, shape))
@@ -518,12 +507,9 @@ class SubspaceNewton(QuasiNewton):
                 coords = torch.einsum("ndr,pnd->pnr", basis, vectors)
                 return vectors - torch.einsum("ndr,pnr->pnd", basis, coords)
 
-            ps, po = off_basis(d_states), off_basis(d_outputs)
-            squared = ps.pow(2).sum(-1)
-            secant = (po * ps).sum(-1) / squared.clamp_min(torch.finfo(squared.dtype).tiny)
-            slope = secant.clamp(-self.clamp, self.clamp)
-            slope = (1 - self.prior_weight) * slope + self.prior_weight * newton.prior[start:stop]
-            gamma[start:stop] = torch.where(squared > 0, slope, gamma[start:stop])
+            slope, moved = self.secant_slopes(off_basis(d_states), off_basis(d_outputs),
+                                              newton.prior[start:stop])
+            gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
             s2 = sigma.pow(2)[:, None, None]
             slopes = sigma[:, None, None] / (s2 + alpha.pow(2)[:, None, None] * lambdas[None])
             slopes = slopes.clamp(max=self.clamp)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -74,6 +75,35 @@ def test_one_exact_newton_step_solves_a_linear_model(sampler: str) -> None:
     assert (prior - sequential).abs().max() > 1e-3
 
 
+def _window(system: fpsolve.TriangularSystem, lo: int,
+            generator: torch.Generator) -> tuple[torch.Tensor, WindowView]:
+    """Random first-order residuals on the window ``lo..T`` and the solver's view of them."""
+    steps, samples, size = system.num_steps, system.num_samples, system.state_size
+    residual = torch.randn(steps - lo + 1, samples, size, generator=generator, dtype=torch.float64)
+    view = WindowView(iteration=2, lo=lo, hi=steps, states=residual, rhs=residual, residual=residual,
+                      first_order=residual, age=torch.ones(steps - lo + 1, dtype=torch.long),
+                      trajectory=torch.zeros(steps + 1, samples, size, dtype=torch.float64))
+    return residual, view
+
+
+def _row_by_row(system: fpsolve.TriangularSystem, residual: torch.Tensor, lo: int,
+                jacobian: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The linearised recurrence solved one row at a time from the anchor ``lo - 1``:
+    ``delta_r = residual_r + sum_l A[lo+r, l] delta_(r-l) + B[lo+r, l] J_(lo+r-l) delta_(r-l)``."""
+    state_coef, output_coef, _ = system.coefficients()
+    delta = torch.zeros_like(residual)
+    for r in range(residual.shape[0]):
+        acc = residual[r].clone()
+        for lag in range(1, state_coef.shape[1] + 1):
+            c = r - lag
+            if c < 0:
+                break
+            acc += (state_coef[lo + r, lag - 1] * delta[c]
+                    + output_coef[lo + r, lag - 1] * jacobian(lo + c, delta[c]))
+        delta[r] = acc
+    return delta
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
 def test_broyden_correction_solves_the_rank_one_recurrence(sampler: str) -> None:
     """``delta = P r + G diag(s) w`` equals the row-by-row recurrence
@@ -86,26 +116,16 @@ def test_broyden_correction_solves_the_rank_one_recurrence(sampler: str) -> None
     gamma = torch.rand(steps + 1, samples, generator=generator, dtype=torch.float64) * 3
     v = torch.randn(steps + 1, samples, size, generator=generator, dtype=torch.float64)
     w = torch.randn(steps + 1, samples, size, generator=generator, dtype=torch.float64) * 0.3
-    lo, hi = 3, steps
-    residual = torch.randn(hi - lo + 1, samples, size, generator=generator, dtype=torch.float64)
-    view = WindowView(iteration=2, lo=lo, hi=hi, states=residual, rhs=residual, residual=residual,
-                      first_order=residual, age=torch.ones(hi - lo + 1, dtype=torch.long),
-                      trajectory=torch.zeros(steps + 1, samples, size, dtype=torch.float64))
+    lo = 3
+    residual, view = _window(system, lo, generator)
     state_coef, output_coef, _ = system.coefficients()
     solver = study.BroydenNewton()
     closed = solver._broyden(view, gamma, v, w, state_coef, output_coef)
 
-    delta = torch.zeros_like(residual)
-    for r in range(hi - lo + 1):
-        acc = residual[r].clone()
-        for lag in range(1, state_coef.shape[1] + 1):
-            c = r - lag
-            if c < 0:
-                break
-            j = lo + c  # the state row r reads
-            jacobian_delta = gamma[j, :, None] * delta[c] + w[j] * (v[j] * delta[c]).sum(-1, keepdim=True)
-            acc += state_coef[lo + r, lag - 1] * delta[c] + output_coef[lo + r, lag - 1] * jacobian_delta
-        delta[r] = acc
+    def jacobian(j: int, vector: torch.Tensor) -> torch.Tensor:  # gamma I + w v^T at state j
+        return gamma[j, :, None] * vector + w[j] * (v[j] * vector).sum(-1, keepdim=True)
+
+    delta = _row_by_row(system, residual, lo, jacobian)
     assert (closed - delta).abs().max() < 1e-10
     # the rank-1 part matters: without it the correction is newton's scalar one
     scalar = solver._correction(view, gamma, state_coef, output_coef)
@@ -124,11 +144,8 @@ def test_rank_two_broyden_reproduces_its_secant_pairs_in_the_recurrence() -> Non
     gamma = torch.rand(steps + 1, samples, generator=generator, dtype=torch.float64) * 3
     xs = torch.randn(steps + 1, samples, size, 2, generator=generator, dtype=torch.float64)
     es = torch.randn(steps + 1, samples, size, 2, generator=generator, dtype=torch.float64) * 0.3
-    lo, hi = 2, steps
-    residual = torch.randn(hi - lo + 1, samples, size, generator=generator, dtype=torch.float64)
-    view = WindowView(iteration=2, lo=lo, hi=hi, states=residual, rhs=residual, residual=residual,
-                      first_order=residual, age=torch.ones(hi - lo + 1, dtype=torch.long),
-                      trajectory=torch.zeros(steps + 1, samples, size, dtype=torch.float64))
+    lo = 2
+    residual, view = _window(system, lo, generator)
     state_coef, output_coef, _ = system.coefficients()
     closed = study.MultiBroydenNewton(rank=2, bound=1e12)._multi(view, gamma, xs, es, state_coef,
                                                                   output_coef)
@@ -140,16 +157,7 @@ def test_rank_two_broyden_reproduces_its_secant_pairs_in_the_recurrence() -> Non
         return gamma[j, :, None] * vector + (w @ (v.transpose(-1, -2) @ vector[..., None]))[..., 0]
 
     assert (jacobian(5, xs[5, ..., 0]) - es[5, ..., 0]).abs().max() < 1e-10
-    delta = torch.zeros_like(residual)
-    for r in range(hi - lo + 1):
-        acc = residual[r].clone()
-        for lag in range(1, state_coef.shape[1] + 1):
-            c = r - lag
-            if c < 0:
-                break
-            acc += (state_coef[lo + r, lag - 1] * delta[c]
-                    + output_coef[lo + r, lag - 1] * jacobian(lo + c, delta[c]))
-        delta[r] = acc
+    delta = _row_by_row(system, residual, lo, jacobian)
     assert (closed - delta).abs().max() < 1e-7
     rank_one = study.MultiBroydenNewton(rank=1, bound=1e12)._multi(view, gamma, xs[..., :1], es[..., :1],
                                                                    state_coef, output_coef)

@@ -104,16 +104,25 @@ class QuasiNewton(FixedPointSolver):
         gamma = state.gamma.clone()
         if pairs is not None:
             start, stop, d_states, d_outputs = pairs
-            squared = d_states.pow(2).sum(-1)
-            secant = (d_outputs * d_states).sum(-1) / squared.clamp_min(torch.finfo(squared.dtype).tiny)
-            moved = squared > 0
-            slope = secant.clamp(-self.clamp, self.clamp)
-            if self.prior_weight and state.prior is not None:
-                slope = (1 - self.prior_weight) * slope + self.prior_weight * state.prior[start:stop]
+            prior = None if state.prior is None else state.prior[start:stop]
+            slope, moved = self.secant_slopes(d_states, d_outputs, prior)
             gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
         correction = self._correction(view, gamma, state.state_coef, state.output_coef)
         return view.states + correction, attrs.evolve(state, first=first, states=states, outputs=outputs,
                                                       gamma=gamma)
+
+    def secant_slopes(self, d_states: torch.Tensor, d_outputs: torch.Tensor,
+                      prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each state's slope from its secant pair ``[..., D]``: ``<de, dx> / |dx|^2`` clamped to
+        ``[-clamp, clamp]``, blended with ``prior`` (``[...]``, or ``None``: no blend) by
+        ``prior_weight``. Returns ``(slope, moved)``, ``moved`` where ``dx`` is non-zero (elsewhere
+        the slope is meaningless and the caller keeps the old one)."""
+        squared = d_states.pow(2).sum(-1)
+        secant = (d_outputs * d_states).sum(-1) / squared.clamp_min(torch.finfo(squared.dtype).tiny)
+        slope = secant.clamp(-self.clamp, self.clamp)
+        if self.prior_weight and prior is not None:
+            slope = (1 - self.prior_weight) * slope + self.prior_weight * prior
+        return slope, squared > 0
 
     def _correction(self, view: WindowView, gamma: torch.Tensor, state_coef: torch.Tensor,
                     output_coef: torch.Tensor) -> torch.Tensor:
