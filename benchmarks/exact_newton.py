@@ -112,7 +112,8 @@ def newton_step(system: fpsolve.TriangularSystem, x: torch.Tensor, mode: str,
     solver with window T); ``memory`` keeps the previous evaluation for the secants."""
     steps = system.num_steps
     outputs = system.evaluate(x[:-1], list(range(steps)))  # eps at every state but x_0
-    slopes = prior_slopes(system, 50.0)[:, None].expand(-1, x.shape[1]).clone()
+    prior = prior_slopes(system, 50.0)
+    slopes = prior[:, None].expand(-1, x.shape[1]).clone()
     if "x" in memory:
         dx, de = x[:-1] - memory["x"], outputs - memory["e"]
         sq = dx.pow(2).sum(-1)
@@ -122,7 +123,6 @@ def newton_step(system: fpsolve.TriangularSystem, x: torch.Tensor, mode: str,
     rhs = system.first_order_rhs(x, outputs, 1, steps)
     residual = rhs - x[1:]
     state_coef, output_coef, _ = system.coefficients()
-    prior = prior_slopes(system, 50.0)
     delta = torch.zeros_like(x)
     jd = torch.zeros_like(x)  # J_j delta_j
     for i in range(1, steps + 1):
