@@ -17,7 +17,9 @@ newton's prior alone); ``secant`` (newton's 50/50 blend of secant and prior, a s
 ``exact``: how much an exact Jacobian near convergence alone would buy); ``rowsA-B`` (the exact
 J only at the states from A % to B % of T: where it matters); ``lastdirA`` (from A % of T on, J
 exact along the previous correction only: a JVP a parallel solver could batch into its round);
-``lowrankP-A`` (from A % of T on, ``I / sigma`` plus a rank-P part from randomised probes). The
+``lowrankP-A`` (from A % of T on, ``I / sigma`` plus a rank-P part from randomised probes);
+``nysP-A`` (from A % of T on, ``J_i = (I - P) / sigma_i`` with one passed-through subspace ``P``
+measured by P JVPs at the state nearest sigma 0.1 and shared by those states). The
 network and the
 sequential reference are float64, so these are not the float32 runs of iterations_study.py.
 
@@ -105,6 +107,26 @@ def low_rank_part(system: fpsolve.TriangularSystem, state: torch.Tensor, positio
     return basis, image
 
 
+def tangent_projection(system: fpsolve.TriangularSystem, x: torch.Tensor, probes: int,
+                       generator: torch.Generator,
+                       probe_sigma: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(V, lambda)`` with ``I - sigma_p J_p ~ V diag(lambda) V^T`` at the state ``p`` of ``x``
+    whose sigma is nearest ``probe_sigma``: a single-pass Nystrom estimate from ``probes`` exact
+    JVPs along random directions, eigenvalues clipped to [0, 1] (the passed-through subspace)."""
+    sigma = system.sigmas
+    position = int((sigma[:-1] - probe_sigma).abs().argmin())
+    state = x[position]
+    omega = torch.randn(*state.shape, probes, generator=generator, dtype=state.dtype)
+    omega = omega / omega.norm(dim=1, keepdim=True)
+    y = omega - float(sigma[position]) * jvp_batch(system, state, position, omega)  # [N, D, p]
+    core = omega.transpose(1, 2) @ y
+    evals, evecs = torch.linalg.eigh(0.5 * (core + core.transpose(1, 2)))
+    keep = evals > 1e-6 * evals[:, -1:].clamp_min(1e-30)
+    factor = (y @ evecs) * torch.where(keep, evals.clamp_min(1e-30).rsqrt(), 0.0)[:, None, :]
+    v, sv, _ = torch.linalg.svd(factor, full_matrices=False)
+    return v, sv.pow(2).clamp(0, 1)
+
+
 def newton_step(system: fpsolve.TriangularSystem, x: torch.Tensor, mode: str,
                 memory: dict) -> torch.Tensor:
     """One Newton iteration from trajectory ``x`` ``[T+1, N, D]``; ``mode`` ``exact`` (true JVPs),
@@ -134,7 +156,20 @@ def newton_step(system: fpsolve.TriangularSystem, x: torch.Tensor, mode: str,
             acc += state_coef[i, lag - 1] * delta[j] + output_coef[i, lag - 1] * jd[j]
         delta[i] = acc
         if i < steps:
-            if mode.startswith("lowrank"):  # lowrank<p>-<a>: at states >= a% of T, J ~ I/sigma + B Q^T
+            if mode.startswith("nys"):  # nys<p>-<a>: at states >= a% of T, J ~ (I - P) / sigma_i with
+                # P ~ I - sigma J measured by p random JVPs at the state nearest sigma 0.1 and shared
+                if 100 * i >= int(mode.split("-")[1]) * steps and delta[i].abs().max() > 0:
+                    if "nys" not in memory:
+                        memory["nys"] = tangent_projection(system, x, int(mode[3:].split("-")[0]),
+                                                           memory.setdefault("generator",
+                                                                             torch.Generator().manual_seed(0)))
+                    vecs, lams = memory["nys"]
+                    coords = torch.einsum("ndr,nd->nr", vecs, delta[i])
+                    projected = torch.einsum("ndr,nr->nd", vecs, lams * coords)
+                    jd[i] = prior[i] * (delta[i] - projected)
+                else:
+                    jd[i] = slopes[i, :, None] * delta[i]
+            elif mode.startswith("lowrank"):  # lowrank<p>-<a>: at states >= a% of T, J ~ I/sigma + B Q^T
                 rank, first = (int(v) for v in mode[7:].split("-"))
                 if 100 * i >= first * steps and delta[i].abs().max() > 0:
                     basis, image = low_rank_part(system, x[i], i, rank, memory.setdefault(
@@ -166,6 +201,7 @@ def newton_step(system: fpsolve.TriangularSystem, x: torch.Tensor, mode: str,
             else:
                 jd[i] = prior[i] * delta[i]
     memory["delta"] = delta
+    memory.pop("nys", None)  # measured afresh at the next iterate
     return x + delta
 
 
@@ -180,7 +216,8 @@ def main() -> None:
                         help="comma list of exact, prior, secant, secantK (secant for K iterations, "
                              "then exact), rowsA-B (exact at states A%%..B%% of T, secant elsewhere) or "
                              "lastdirA (at states >= A%% of T, J exact along the previous correction) or "
-                             "lowrankP-A (at states >= A%% of T, J ~ I/sigma + rank-P part from probes)")
+                             "lowrankP-A (at states >= A%% of T, J ~ I/sigma + rank-P part from probes) or "
+                             "nysP-A (at states >= A%% of T, J ~ (I - P)/sigma, P from P probes, one state)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ref = float64_model(args.model)

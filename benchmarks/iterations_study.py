@@ -218,6 +218,24 @@ def window_operators(view: Any, gamma: torch.Tensor, state_coef: torch.Tensor,
     return propagator, propagator @ bmat
 
 
+def subspace_correction(solver: QuasiNewton, view: Any, basis: torch.Tensor, slopes: torch.Tensor,
+                        gamma: torch.Tensor, state_coef: torch.Tensor,
+                        output_coef: torch.Tensor) -> torch.Tensor:
+    """The window's correction for ``J_j = sum_a slopes[j, n, a] u_a u_a^T + gamma[j, n] (I - U U^T)``
+    with ``U = basis[n]`` ``[N, D, r]`` orthonormal columns (zero columns are ignored) shared by
+    the states of a sample: the lag coefficients are scalars, so the recurrence separates into one
+    scalar scan per basis direction (slope ``slopes[..., a]``) and one on the complement (``gamma``)."""
+    residual = view.first_order  # [W, N, D]
+    coords = torch.einsum("ndr,wnd->wnr", basis, residual)
+    rest = residual - torch.einsum("ndr,wnr->wnd", basis, coords)
+    correction = solver._correction(attrs.evolve(view, first_order=rest), gamma, state_coef, output_coef)
+    for a in range(coords.shape[-1]):
+        part = solver._correction(attrs.evolve(view, first_order=coords[..., a:a + 1]), slopes[..., a],
+                                  state_coef, output_coef)
+        correction = correction + part * basis[None, :, :, a]
+    return correction
+
+
 @attrs.define(frozen=True, eq=False, kw_only=True)
 class BroydenNewton(QuasiNewton):
     """Experiment (round 4): ``newton`` with a rank-1 Broyden Jacobian per state instead of the
@@ -519,16 +537,9 @@ class SubspaceNewton(QuasiNewton):
                 gamma = torch.where(late, newton.prior.expand_as(gamma), gamma)
         if slopes is None:
             correction = self._correction(view, gamma, newton.state_coef, newton.output_coef)
-        else:
-            residual = view.first_order  # [W, N, D]
-            coords = torch.einsum("ndr,wnd->wnr", basis, residual)
-            rest = residual - torch.einsum("ndr,wnr->wnd", basis, coords)
-            correction = self._correction(attrs.evolve(view, first_order=rest), gamma,
-                                          newton.state_coef, newton.output_coef)
-            for a in range(coords.shape[-1]):  # one scalar scan per eigen-direction
-                part = self._correction(attrs.evolve(view, first_order=coords[..., a:a + 1]),
-                                        slopes[..., a], newton.state_coef, newton.output_coef)
-                correction = correction + part * basis[None, :, :, a]
+        else:  # one scalar scan per eigen-direction, one on the complement
+            correction = subspace_correction(self, view, basis, slopes, gamma, newton.state_coef,
+                                             newton.output_coef)
         newton = attrs.evolve(newton, first=first, states=states, outputs=outputs, gamma=gamma)
         return view.states + correction, (newton, sigma, alpha, history, basis)
 
@@ -549,6 +560,167 @@ class SubspaceNewton(QuasiNewton):
         q = torch.einsum("ndr,pnd->pnr", basis, z)
         lambdas = ((p * q).sum(0) / p.pow(2).sum(0).clamp_min(torch.finfo(p.dtype).tiny)).clamp_min(0)
         return basis, lambdas
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class TangentNewton(QuasiNewton):
+    """Experiment (round 5): ``newton`` with ``J ~ 0`` on the span of the latest changes of the
+    predicted x_0 at the low-noise states, and newton's slope on its complement.
+
+    At low noise the denoiser passes x through along the data's tangent directions (``J ~ 0``:
+    the predicted x_0 follows x) and holds x_0 fixed along the others (``J = 1 / sigma``); round 4
+    measured that structure at the last states and found the whole gap to exact Newton there.
+    To first order the change of the predicted x_0 between two iterates is that tangent part of
+    the step: ``dx0 = dx - sigma de = (I - sigma J) dx``, which vanishes along the normal
+    directions. So the span ``Q`` (per sample, rank at most ``rank``) of the x_0 changes at the
+    states with ``sigma < sigma_max`` over the last ``memory`` iterations is a free estimate of
+    where the tangent part of the remaining error lies. At those states the model is
+    ``J_j = g_j Q Q^T + gamma_j (I - Q Q^T)``: ``g_j`` 0 (``tangent="zero"``) or the secant
+    within ``Q`` blended with 0 (``"secant"``), ``gamma_j`` newton's blended slope of the
+    complement's secant; every other state keeps newton's slope. ``Q`` is shared by the states of a
+    sample and the lag coefficients are scalars, so the correction is exact with two scalar scans:
+    the residual's part in ``Q`` and its complement. No extra model evaluation."""
+
+    name = "newton_tangent"
+    rank: int = 8
+    memory: int = 1
+    sigma_max: float = 0.3
+    tangent: str = "zero"
+    rel_tol: float = 1e-2  # basis directions below this fraction of the top singular value are dropped
+
+    def init(self, system: Any) -> Any:
+        return (super().init(system), system.sigmas, ())
+
+    def step(self, view: Any, state: Any) -> Any:
+        newton, sigma, history = state
+        first, states, outputs, pairs = secant_pairs(view, newton)
+        gamma = newton.gamma.clone()
+        basis = None
+        if pairs is not None:
+            start, stop, d_states, d_outputs = pairs
+            prior = newton.prior[start:stop]
+            slope, moved = self.secant_slopes(d_states, d_outputs, prior)
+            gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
+            late = sigma[start:stop] < self.sigma_max
+            if bool(late.any()):
+                rows = late.nonzero().flatten()
+                changes = d_states[rows] - sigma[start:stop][rows, None, None] * d_outputs[rows]
+                history = (changes,) + history[: self.memory - 1]
+                basis = self._basis(torch.cat(history))  # [N, D, r]
+        if basis is None:
+            correction = self._correction(view, gamma, newton.state_coef, newton.output_coef)
+        else:
+            def inside(vectors: torch.Tensor) -> torch.Tensor:
+                return torch.einsum("ndr,...nr->...nd", basis,
+                                    torch.einsum("ndr,...nd->...nr", basis, vectors))
+
+            late_rows = sigma[start:stop] < self.sigma_max
+            d_in, e_in = inside(d_states), inside(d_outputs)
+            perp, _ = self.secant_slopes(d_states - d_in, d_outputs - e_in, prior)
+            if self.tangent == "zero":
+                g = torch.zeros_like(perp)
+            else:
+                g, _ = self.secant_slopes(d_in, e_in, torch.zeros_like(perp))
+            mask = (late_rows[:, None] & moved)
+            g_all, perp_all = gamma.clone(), gamma.clone()
+            g_all[start:stop] = torch.where(mask, g, gamma[start:stop])
+            perp_all[start:stop] = torch.where(mask, perp, gamma[start:stop])
+            slopes = g_all[..., None].expand(-1, -1, basis.shape[-1])
+            correction = subspace_correction(self, view, basis, slopes, perp_all, newton.state_coef,
+                                             newton.output_coef)
+        newton = attrs.evolve(newton, first=first, states=states, outputs=outputs, gamma=gamma)
+        return view.states + correction, (newton, sigma, history)
+
+    def _basis(self, changes: torch.Tensor) -> torch.Tensor:
+        """``[N, D, r]``: the top left singular vectors of the changes ``[P, N, D]`` per sample,
+        those below ``rel_tol`` of the largest singular value zeroed."""
+        u, s, _ = torch.linalg.svd(changes.permute(1, 2, 0), full_matrices=False)
+        keep = s[:, : self.rank] > self.rel_tol * s[:, :1]
+        return u[..., : self.rank] * keep[:, None, :]
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class ProbedTangentNewton(QuasiNewton):
+    """Experiment (round 5): ``newton`` with the denoiser's passed-through subspace measured by
+    ``probes`` random JVPs at ONE low-noise state per round and shared by all low-noise states.
+
+    At low noise ``J_j ~ (I - P) / sigma_j`` with ``P`` (about) the projection on the data's
+    tangent directions at the image, nearly the same for the last states (their predicted x_0 is
+    one image). So ``P ~ -sigma_p A_p`` (``A = J - I / sigma``) at one probed state ``p`` (the
+    state whose sigma is nearest ``probe_sigma``) serves every state with ``sigma < sigma_max``:
+    ``J_j = (I - P) / sigma_j``. ``P`` is a single-pass Nystrom estimate from ``Y = P Omega``
+    (forward differences of the model at the CURRENT state along ``probes`` random unit
+    directions: they depend only on the iterate, so they can share the round's batched call; they
+    are counted in ``evals``), eigenvalues clipped to [0, 1]. The correction is newton's scalar scan
+    once per eigen-direction of ``P`` (slope ``(1 - lambda) / sigma_j`` at those states) and once
+    on the complement (newton's blended slope of the complement's secants)."""
+
+    name = "newton_probed_tangent"
+    probes: int = 16
+    probe_sigma: float = 0.1
+    sigma_max: float = 0.3
+    step_size: float = 0.05
+    complement: str = "blend"  # or "prior": 1 / sigma off the subspace at the low-noise states
+
+    def init(self, system: Any) -> Any:
+        return (super().init(system), system, torch.Generator().manual_seed(0))
+
+    def step(self, view: Any, state: Any) -> Any:
+        newton, system, generator = state
+        sigma = system.sigmas
+        first, states, outputs, pairs = secant_pairs(view, newton)
+        gamma = newton.gamma.clone()
+        if pairs is not None:
+            start, stop, d_states, d_outputs = pairs
+            slope, moved = self.secant_slopes(d_states, d_outputs, newton.prior[start:stop])
+            gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
+        probe = int((sigma[:-1] - self.probe_sigma).abs().argmin())
+        late = sigma < self.sigma_max  # [T+1]
+        if not (view.lo - 1 <= probe <= view.hi - 1):  # the probed state is not evaluated this round
+            correction = self._correction(view, gamma, newton.state_coef, newton.output_coef)
+        else:
+            basis, lambdas = self._tangent(system, view, probe, generator)  # [N, D, r], [N, r]
+            if pairs is not None:  # the complement's secant at the late states
+                def off(vectors: torch.Tensor) -> torch.Tensor:
+                    coords = torch.einsum("ndr,pnd->pnr", basis, vectors)
+                    return vectors - torch.einsum("ndr,pnr->pnd", basis, coords)
+
+                perp, moved = self.secant_slopes(off(d_states), off(d_outputs), newton.prior[start:stop])
+                rows = late[start:stop, None] & moved
+                gamma_perp = gamma.clone()
+                gamma_perp[start:stop] = torch.where(rows, perp, gamma[start:stop])
+            else:
+                gamma_perp = gamma
+            if self.complement == "prior":
+                gamma_perp = torch.where(late[:, None], newton.prior.expand_as(gamma), gamma_perp)
+            inv_sigma = newton.prior  # [T+1, 1], 1 / sigma clamped
+            slopes = torch.where(late[:, None, None], (1 - lambdas[None]) * inv_sigma[..., None],
+                                 gamma[..., None])  # [T+1, N, r]
+            correction = subspace_correction(self, view, basis, slopes, gamma_perp, newton.state_coef,
+                                             newton.output_coef)
+        newton = attrs.evolve(newton, first=first, states=states, outputs=outputs, gamma=gamma)
+        return view.states + correction, (newton, system, generator)
+
+    def _tangent(self, system: Any, view: Any, probe: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P ~ V diag(lambda) V^T`` at state ``probe`` by single-pass Nystrom from ``probes`` JVPs."""
+        x = view.trajectory[probe]  # [N, D]
+        samples, size = x.shape
+        omega = torch.randn(self.probes, samples, size, generator=generator, dtype=x.dtype)
+        omega = omega / omega.norm(dim=-1, keepdim=True)
+        out = system.evaluate(x[None] + self.step_size * omega, [probe] * self.probes)
+        EXTRA_EVALS[0] += self.probes * samples
+        jvps = (out - view.outputs[probe][None]) / self.step_size  # J omega, [p, N, D]
+        sig = float(system.sigmas[probe])
+        y = (omega - sig * jvps).permute(1, 2, 0)  # P omega = (I - sigma J) omega, [N, D, p]
+        om = omega.permute(1, 2, 0)
+        core = om.transpose(1, 2) @ y
+        core = 0.5 * (core + core.transpose(1, 2))
+        evals, evecs = torch.linalg.eigh(core)
+        keep = evals > 1e-6 * evals[:, -1:].clamp_min(1e-30)
+        factor = (y @ evecs) * torch.where(keep, evals.clamp_min(1e-30).rsqrt(), 0.0)[:, None, :]
+        v, sv, _ = torch.linalg.svd(factor, full_matrices=False)
+        return v, sv.pow(2).clamp(0, 1)
 
 
 def _forecast(steps: int) -> StoppingRule:
@@ -648,6 +820,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # the measured trace lies below 1/sigma near x_0 (benchmarks/jacobian_diagonal.py): a lower clamp
     "default-clamp20": dict(solver="newton", clamp=20.0, stopping=_forecast),
     "default-clamp10": dict(solver="newton", clamp=10.0, stopping=_forecast),
+    "default-clamp200": dict(solver="newton", clamp=200.0, stopping=_forecast),
+    "default-clamp1e3": dict(solver="newton", clamp=1e3, stopping=_forecast),
     "naa-m3-w0": dict(solver="newton_aa", history=3, prior_weight=0.0, stopping=_forecast),
     # round 4: rank-1 Broyden Jacobian per state (the full secant vector), default rule pinned
     "broyden": dict(solver=BroydenNewton(), stopping=_forecast),
@@ -696,6 +870,31 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "probe-g.3": dict(solver=BroydenNewton(probe=True, gate=0.3), stopping=_forecast),
     "probe-g.1": dict(solver=BroydenNewton(probe=True, gate=0.1), stopping=_forecast),
     "probe-g.03": dict(solver=BroydenNewton(probe=True, gate=0.03), stopping=_forecast),
+    "ptan-p8": dict(solver=ProbedTangentNewton(probes=8), stopping=_forecast),
+    "ptan-p8-prior": dict(solver=ProbedTangentNewton(probes=8, complement="prior"), stopping=_forecast),
+    "ptan-p16": dict(solver=ProbedTangentNewton(probes=16), stopping=_forecast),
+    "ptan-p16-prior": dict(solver=ProbedTangentNewton(probes=16, complement="prior"), stopping=_forecast),
+    "ptan-p32": dict(solver=ProbedTangentNewton(probes=32), stopping=_forecast),
+    "ptan-p32-prior": dict(solver=ProbedTangentNewton(probes=32, complement="prior"), stopping=_forecast),
+    "ptan-p64": dict(solver=ProbedTangentNewton(probes=64), stopping=_forecast),
+    "ptan-p64-prior": dict(solver=ProbedTangentNewton(probes=64, complement="prior"), stopping=_forecast),
+    "ptan-p32-ps.2": dict(solver=ProbedTangentNewton(probes=32, probe_sigma=0.2), stopping=_forecast),
+    "ptan-p32-ps.05": dict(solver=ProbedTangentNewton(probes=32, probe_sigma=0.05), stopping=_forecast),
+    "ptan-p32-s.5": dict(solver=ProbedTangentNewton(probes=32, sigma_max=0.5), stopping=_forecast),
+    "tan-r4": dict(solver=TangentNewton(rank=4), stopping=_forecast),
+    "tan-r4-m2": dict(solver=TangentNewton(rank=4, memory=2), stopping=_forecast),
+    "tan-r4-sec": dict(solver=TangentNewton(rank=4, tangent="secant"), stopping=_forecast),
+    "tan-r8": dict(solver=TangentNewton(rank=8), stopping=_forecast),
+    "tan-r8-m2": dict(solver=TangentNewton(rank=8, memory=2), stopping=_forecast),
+    "tan-r8-sec": dict(solver=TangentNewton(rank=8, tangent="secant"), stopping=_forecast),
+    "tan-r16": dict(solver=TangentNewton(rank=16), stopping=_forecast),
+    "tan-r16-m2": dict(solver=TangentNewton(rank=16, memory=2), stopping=_forecast),
+    "tan-r16-sec": dict(solver=TangentNewton(rank=16, tangent="secant"), stopping=_forecast),
+    "tan-r32": dict(solver=TangentNewton(rank=32), stopping=_forecast),
+    "tan-r32-m2": dict(solver=TangentNewton(rank=32, memory=2), stopping=_forecast),
+    "tan-r32-sec": dict(solver=TangentNewton(rank=32, tangent="secant"), stopping=_forecast),
+    "tan-r8-s.5": dict(solver=TangentNewton(rank=8, sigma_max=.5), stopping=_forecast),
+    "tan-r8-s.15": dict(solver=TangentNewton(rank=8, sigma_max=.15), stopping=_forecast),
 }
 
 

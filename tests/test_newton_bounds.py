@@ -1,4 +1,4 @@
-"""Issue 14, round 4: the exact-Newton diagnostic and the rank-1 Broyden experiment are right.
+"""Issue 14, rounds 4-5: the exact-Newton diagnostic and the Jacobian-model experiments are right.
 
 ``benchmarks/exact_newton.py`` claims a lower bound on the rounds of any quasi-Newton solver:
 exact Newton steps on the first-order equations with the model's true Jacobian-vector products.
@@ -6,7 +6,7 @@ On a Gaussian data distribution the exact eps is linear in x, so one exact Newto
 start lands on the sequential trajectory; a scalar slope (newton's prior) cannot, because the
 data are anisotropic. ``BroydenNewton`` (benchmarks/iterations_study.py) solves the window's
 linear recurrence with a rank-1 Jacobian per state in closed form; it must equal the row by
-row recurrence.
+row recurrence, and so must the shared-basis scans of the subspace models (round 5).
 """
 
 from __future__ import annotations
@@ -162,3 +162,35 @@ def test_rank_two_broyden_reproduces_its_secant_pairs_in_the_recurrence() -> Non
     rank_one = study.MultiBroydenNewton(rank=1, bound=1e12)._multi(view, gamma, xs[..., :1], es[..., :1],
                                                                    state_coef, output_coef)
     assert (rank_one - delta).abs().max() > 1e-3  # the second pair matters
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
+def test_subspace_correction_solves_the_shared_basis_recurrence(sampler: str) -> None:
+    """Round 5's tangent models (``TangentNewton``, ``ProbedTangentNewton``) and round 4's
+    ``SubspaceNewton`` use ``J_j = sum_a s_ja u_a u_a^T + gamma_j (I - U U^T)`` with one
+    orthonormal ``U`` per sample; their correction, one scalar scan per direction and one on the
+    complement, equals the row-by-row recurrence with that J (float64; rounding only, bound 1e-10),
+    and differs from newton's scalar scan with ``gamma`` alone (the subspace's slopes matter)."""
+    study = _load("iterations_study")
+    system = _system(sampler)
+    steps, samples, size = system.num_steps, system.num_samples, system.state_size
+    generator = torch.Generator().manual_seed(2)
+    gamma = torch.rand(steps + 1, samples, generator=generator, dtype=torch.float64) * 3
+    basis, _ = torch.linalg.qr(torch.randn(samples, size, 3, generator=generator, dtype=torch.float64))
+    slopes = torch.rand(steps + 1, samples, 3, generator=generator, dtype=torch.float64) * 3 - 1
+    lo = 2
+    residual, view = _window(system, lo, generator)
+    state_coef, output_coef, _ = system.coefficients()
+    solver = study.TangentNewton()
+    split = study.subspace_correction(solver, view, basis, slopes, gamma, state_coef, output_coef)
+
+    def jacobian(j: int, vector: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, D]
+        coords = torch.einsum("ndr,nd->nr", basis, vector)
+        inside = torch.einsum("ndr,nr->nd", basis, coords)
+        return (gamma[j, :, None] * (vector - inside)
+                + torch.einsum("ndr,nr->nd", basis, slopes[j] * coords))
+
+    delta = _row_by_row(system, residual, lo, jacobian)
+    assert (split - delta).abs().max() < 1e-10
+    scalar = solver._correction(view, gamma, state_coef, output_coef)
+    assert (scalar - delta).abs().max() > 1e-3
