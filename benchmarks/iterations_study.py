@@ -870,32 +870,26 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "probe-g.3": dict(solver=BroydenNewton(probe=True, gate=0.3), stopping=_forecast),
     "probe-g.1": dict(solver=BroydenNewton(probe=True, gate=0.1), stopping=_forecast),
     "probe-g.03": dict(solver=BroydenNewton(probe=True, gate=0.03), stopping=_forecast),
-    "ptan-p8": dict(solver=ProbedTangentNewton(probes=8), stopping=_forecast),
-    "ptan-p8-prior": dict(solver=ProbedTangentNewton(probes=8, complement="prior"), stopping=_forecast),
-    "ptan-p16": dict(solver=ProbedTangentNewton(probes=16), stopping=_forecast),
-    "ptan-p16-prior": dict(solver=ProbedTangentNewton(probes=16, complement="prior"), stopping=_forecast),
-    "ptan-p32": dict(solver=ProbedTangentNewton(probes=32), stopping=_forecast),
-    "ptan-p32-prior": dict(solver=ProbedTangentNewton(probes=32, complement="prior"), stopping=_forecast),
-    "ptan-p64": dict(solver=ProbedTangentNewton(probes=64), stopping=_forecast),
-    "ptan-p64-prior": dict(solver=ProbedTangentNewton(probes=64, complement="prior"), stopping=_forecast),
     "ptan-p32-ps.2": dict(solver=ProbedTangentNewton(probes=32, probe_sigma=0.2), stopping=_forecast),
     "ptan-p32-ps.05": dict(solver=ProbedTangentNewton(probes=32, probe_sigma=0.05), stopping=_forecast),
     "ptan-p32-s.5": dict(solver=ProbedTangentNewton(probes=32, sigma_max=0.5), stopping=_forecast),
-    "tan-r4": dict(solver=TangentNewton(rank=4), stopping=_forecast),
-    "tan-r4-m2": dict(solver=TangentNewton(rank=4, memory=2), stopping=_forecast),
-    "tan-r4-sec": dict(solver=TangentNewton(rank=4, tangent="secant"), stopping=_forecast),
-    "tan-r8": dict(solver=TangentNewton(rank=8), stopping=_forecast),
-    "tan-r8-m2": dict(solver=TangentNewton(rank=8, memory=2), stopping=_forecast),
-    "tan-r8-sec": dict(solver=TangentNewton(rank=8, tangent="secant"), stopping=_forecast),
-    "tan-r16": dict(solver=TangentNewton(rank=16), stopping=_forecast),
-    "tan-r16-m2": dict(solver=TangentNewton(rank=16, memory=2), stopping=_forecast),
-    "tan-r16-sec": dict(solver=TangentNewton(rank=16, tangent="secant"), stopping=_forecast),
-    "tan-r32": dict(solver=TangentNewton(rank=32), stopping=_forecast),
-    "tan-r32-m2": dict(solver=TangentNewton(rank=32, memory=2), stopping=_forecast),
-    "tan-r32-sec": dict(solver=TangentNewton(rank=32, tangent="secant"), stopping=_forecast),
+    # round 5 (the ranks and probe counts are generated below the table)
     "tan-r8-s.5": dict(solver=TangentNewton(rank=8, sigma_max=.5), stopping=_forecast),
     "tan-r8-s.15": dict(solver=TangentNewton(rank=8, sigma_max=.15), stopping=_forecast),
 }
+
+
+# round 5: TangentNewton of rank r (-m2: two rounds of x_0 changes; -sec: the secant inside Q),
+# ProbedTangentNewton with p probes (-prior: 1/sigma off the probed subspace)
+for _rank in (4, 8, 16, 32):
+    CONFIGS[f"tan-r{_rank}"] = dict(solver=TangentNewton(rank=_rank), stopping=_forecast)
+    CONFIGS[f"tan-r{_rank}-m2"] = dict(solver=TangentNewton(rank=_rank, memory=2), stopping=_forecast)
+    CONFIGS[f"tan-r{_rank}-sec"] = dict(solver=TangentNewton(rank=_rank, tangent="secant"),
+                                        stopping=_forecast)
+for _probes in (8, 16, 32, 64):
+    CONFIGS[f"ptan-p{_probes}"] = dict(solver=ProbedTangentNewton(probes=_probes), stopping=_forecast)
+    CONFIGS[f"ptan-p{_probes}-prior"] = dict(solver=ProbedTangentNewton(probes=_probes, complement="prior"),
+                                             stopping=_forecast)
 
 
 @attrs.define(eq=False)
