@@ -38,42 +38,51 @@ def main() -> None:
     started = time.perf_counter()
     for steps in (25, 50, 100):
         for eta in (0.0, 1.0):
-            sampler = fpsolve.samplers.DDIM(alphas_cumprod=ref.alphas_cumprod, timesteps=spaced_timesteps(steps),
-                                            eta=eta)
+            sampler = fpsolve.samplers.DDIM(alphas_cumprod=ref.alphas_cumprod,
+                                            timesteps=spaced_timesteps(steps), eta=eta)
             cells = {}
             for label, (name, options) in SOLVERS.items():
                 options = {k: (steps // 5 if v == "T/5" else v) for k, v in options.items()}
                 iterations, errors, converged = [], [], []
                 for seed in SEEDS:
-                    system = fpsolve.TriangularSystem(sampler=sampler, denoiser=ref.denoiser, shape=ref.shape,
+                    system = fpsolve.TriangularSystem(sampler=sampler, denoiser=ref.denoiser,
+                                                      shape=ref.shape,
                                                       generator=torch.Generator().manual_seed(seed))
                     reference = fpsolve.solve(system, "sequential")
-                    solution = fpsolve.solve(system, name, tol=1e-3, window=steps, max_iters=2 * steps, **options)
+                    solution = fpsolve.solve(system, name, tol=1e-3, window=steps, max_iters=2 * steps,
+                                             **options)
                     iterations.append(solution.iterations)
                     errors.append((solution.sample - reference.sample).abs().max().item())
                     converged.append(solution.converged)
-                cells[label] = {"median_iterations": statistics.median(iterations), "iterations": iterations,
-                                "max_error": max(errors), "all_converged": all(converged)}
+                cells[label] = {"median_iterations": statistics.median(iterations),
+                                "iterations": iterations, "max_error": max(errors),
+                                "all_converged": all(converged)}
             rows.append({"steps": steps, "eta": eta, "cells": cells})
             print(steps, eta, {k: v["median_iterations"] for k, v in cells.items()}, flush=True)
     out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'}), torch {torch.__version__}",
+    machine = f"{platform.machine()} CPU ({platform.processor() or 'unknown'}), torch {torch.__version__}"
+    meta = {"machine": machine,
             "seconds": round(time.perf_counter() - started, 1), "tol": 1e-3, "seeds": list(SEEDS)}
     (out / "core_gmm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     header = "| T, eta | " + " | ".join(SOLVERS) + " |"
     lines = ["# Core solvers on the Gaussian-mixture toy", "",
-             "Iterations to tol 1e-3 (rms rule), window = T, median of 5 seeds; in brackets the worst max abs",
-             "error to the sequential sample over the seeds; `*` marks a cell where some seed hit the cap (2T).",
+             "Iterations to tol 1e-3 (rms rule), window = T, median of 5 seeds; in brackets the worst "
+             "max abs",
+             "error to the sequential sample over the seeds; `*` marks a cell where some seed hit the cap "
+             "(2T).",
              f"Regenerate: `python benchmarks/core_gmm.py` ({meta['machine']}, {meta['seconds']} s).", "",
              header, "|" + "---|" * (len(SOLVERS) + 1)]
     for row in rows:
         cells = [f"{c['median_iterations']:g}{'' if c['all_converged'] else '*'} ({c['max_error']:.0e})"
                  for c in row["cells"].values()]
         lines.append(f"| {row['steps']}, {row['eta']:g} | " + " | ".join(cells) + " |")
-    taa, fp = rows[4]["cells"]["taa m=2"]["median_iterations"], rows[4]["cells"]["fp k=T"]["median_iterations"]
+    def median(row: int, solver: str) -> float:
+        return rows[row]["cells"][solver]["median_iterations"]
+
+    taa, fp = median(4, "taa m=2"), median(4, "fp k=T")
     lines += ["", f"At T = 100, eta 0: taa (m=2) needs {taa / fp:.2f}x the iterations of fp k=T "
-              f"({taa:g} vs {fp:g}); eta 1: {rows[5]['cells']['taa m=2']['median_iterations'] / rows[5]['cells']['fp k=T']['median_iterations']:.2f}x."]
+              f"({taa:g} vs {fp:g}); eta 1: {median(5, 'taa m=2') / median(5, 'fp k=T'):.2f}x."]
     (out / "core_gmm.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
