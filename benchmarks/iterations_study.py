@@ -793,6 +793,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "taa-m3": dict(solver="taa", history=3, stopping=lambda steps: RMS()),
     # idea 4b: TAA restarts (a sample's history is dropped when its residual norm grows by > r)
     "taa-m3-r1/x0": dict(solver="taa", history=3, restart=1.0, stopping=_x0()),
+    # round 5: the stall guard of the x0 rules (TAA m = 3 stalls on the memorising denoiser)
+    "taa-m3/x0-stall30": dict(solver="taa", history=3,
+                              stopping=lambda steps: X0Change(atol=1e-2, stall=30.0)),
+    "taa-m3/forecast": dict(solver="taa", history=3, stopping=_forecast),
+    "taa-m3/forecast-stall30": dict(solver="taa", history=3, stopping=lambda steps: X0Forecast(stall=30.0)),
+    "default/stall30": dict(stopping=lambda steps: X0Forecast(stall=30.0)),
     "taa-m3-r2/x0": dict(solver="taa", history=3, restart=2.0, stopping=_x0()),
     "taa-m5-r1/x0": dict(solver="taa", history=5, restart=1.0, stopping=_x0()),
     "taa-m5-r2/x0": dict(solver="taa", history=5, restart=2.0, stopping=_x0()),
@@ -1050,15 +1056,20 @@ def _finite(values: list[float]) -> list[float | None]:
     return [None if v != v else v for v in values]
 
 
-#: Rules replayed offline by ``--replay``: name -> (atol, bound, trust); bound None: the x0 rule.
-REPLAY_RULES: dict[str, tuple[float, float | None, float]] = {
-    "x0 (atol 1.5e-2)": (1.5e-2, None, 0.0),
-    "x0 (atol 1e-2)": (1e-2, None, 0.0),
-    "x0 (atol 7.5e-3)": (7.5e-3, None, 0.0),
-    "forecast (default: 1.5e-2, 1.2e-2, 3e-2)": (1.5e-2, 1.2e-2, 3e-2),
-    "forecast (1.5e-2, 1e-2, 3e-2)": (1.5e-2, 1e-2, 3e-2),
-    "forecast (1e-2, 8e-3, 3e-2)": (1e-2, 8e-3, 3e-2),
-    "forecast (7.5e-3, 6e-3, 3e-2)": (7.5e-3, 6e-3, 3e-2),
+#: Rules replayed offline by ``--replay``: name -> (atol, bound, trust, stall); bound None: the
+#: x0 rule; stall None: no stall guard.
+REPLAY_RULES: dict[str, tuple[float, float | None, float, float | None]] = {
+    "x0 (atol 1.5e-2)": (1.5e-2, None, 0.0, None),
+    "x0 (atol 1e-2)": (1e-2, None, 0.0, None),
+    "x0 (atol 7.5e-3)": (7.5e-3, None, 0.0, None),
+    "forecast (default: 1.5e-2, 1.2e-2, 3e-2)": (1.5e-2, 1.2e-2, 3e-2, None),
+    "forecast (1.5e-2, 1e-2, 3e-2)": (1.5e-2, 1e-2, 3e-2, None),
+    "forecast (1e-2, 8e-3, 3e-2)": (1e-2, 8e-3, 3e-2, None),
+    "forecast (7.5e-3, 6e-3, 3e-2)": (7.5e-3, 6e-3, 3e-2, None),
+    "forecast (default), stall guard 10": (1.5e-2, 1.2e-2, 3e-2, 10.0),
+    "forecast (default), stall guard 20": (1.5e-2, 1.2e-2, 3e-2, 20.0),
+    "forecast (default), stall guard 30": (1.5e-2, 1.2e-2, 3e-2, 30.0),
+    "x0 (atol 1e-2), stall guard 30": (1e-2, None, 0.0, 30.0),
 }
 
 
@@ -1068,16 +1079,21 @@ RECORDED_ATOL = {"default/long": 2e-3, "default/long-row5e-6": 2e-3, "default/lo
 
 
 def replay_stop(change: list[float | None], atol: float, bound: float | None, trust: float,
-                recorded_atol: float) -> int | None:
+                recorded_atol: float, stall: float | None = None,
+                residual: list[float | None] | None = None) -> int | None:
     """The iteration (1-based) at which ``X0Change(atol)`` (``bound`` None) or ``X0Forecast(atol,
     bound, trust)`` would stop on a run whose output changes were ``change``, recorded with
     ``X0Change(recorded_atol)``. The rules only decide when to stop, not the iterates (rows are
     judged by the same RMS rule), so this is exact; a rule that has not fired when the recorded
     run ended stops there too if ``atol >= recorded_atol`` (the run ended by its rows, which
-    every such rule accepts as well), else the answer is unknown (None)."""
+    every such rule accepts as well), else the answer is unknown (None). ``stall``: the rules'
+    stall guard on the recorded last-row residuals ``residual`` (a blocked stop is not taken)."""
     for k, c in enumerate(change):
         if c is None:
             continue
+        r = residual[k] if residual is not None else None
+        if stall is not None and r is not None and r > atol and r > stall * c:
+            continue  # the stall guard blocks this stop
         if c <= atol:
             return k + 1
         previous = change[k - 1] if k >= 1 else None
@@ -1091,12 +1107,13 @@ def replay_stop(change: list[float | None], atol: float, bound: float | None, tr
 def replay(paths: list[str]) -> int:
     """Replay :data:`REPLAY_RULES` on recorded runs (``--json`` output of ``default/long``)."""
     rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line]
-    for name, (atol, bound, trust) in REPLAY_RULES.items():
+    for name, (atol, bound, trust, stall) in REPLAY_RULES.items():
         print(f"## {name}")
         cells: dict[tuple[str, str], list[str]] = {}
         worst, over_oracle, fails = 0.0, 0, 0
         for row in rows:
-            stop = replay_stop(row["change"], atol, bound, trust, RECORDED_ATOL[row["config"]])
+            stop = replay_stop(row["change"], atol, bound, trust, RECORDED_ATOL[row["config"]], stall,
+                               row.get("last_residual"))
             key = (row["model"], row["cell"])
             if stop is None:
                 cells.setdefault(key, []).append("-")
