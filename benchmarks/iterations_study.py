@@ -219,6 +219,12 @@ def window_operators(view: Any, gamma: torch.Tensor, state_coef: torch.Tensor,
     return propagator, propagator @ bmat
 
 
+def in_basis(basis: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``U U^T v`` per sample: the part of ``vectors`` ``[..., N, D]`` in the span of the columns of
+    ``basis`` ``[N, D, r]`` (orthonormal, or zero)."""
+    return torch.einsum("ndr,...nr->...nd", basis, torch.einsum("ndr,...nd->...nr", basis, vectors))
+
+
 def subspace_correction(solver: QuasiNewton, view: Any, basis: torch.Tensor, slopes: torch.Tensor,
                         gamma: torch.Tensor, state_coef: torch.Tensor,
                         output_coef: torch.Tensor) -> torch.Tensor:
@@ -228,7 +234,7 @@ def subspace_correction(solver: QuasiNewton, view: Any, basis: torch.Tensor, slo
     scalar scan per basis direction (slope ``slopes[..., a]``) and one on the complement (``gamma``)."""
     residual = view.first_order  # [W, N, D]
     coords = torch.einsum("ndr,wnd->wnr", basis, residual)
-    rest = residual - torch.einsum("ndr,wnr->wnd", basis, coords)
+    rest = residual - torch.einsum("ndr,wnr->wnd", basis, coords)  # the coordinates are needed below
     correction = solver._correction(attrs.evolve(view, first_order=rest), gamma, state_coef, output_coef)
     for a in range(coords.shape[-1]):
         part = solver._correction(attrs.evolve(view, first_order=coords[..., a:a + 1]), slopes[..., a],
@@ -522,11 +528,8 @@ class SubspaceNewton(QuasiNewton):
             basis, lambdas = self._fit(history, sigma, alpha)  # [N, D, r], [N, r]
             start, stop, d_states, d_outputs = pairs
             # the complement's secant, blended with the prior as newton's
-            def off_basis(vectors: torch.Tensor) -> torch.Tensor:
-                coords = torch.einsum("ndr,pnd->pnr", basis, vectors)
-                return vectors - torch.einsum("ndr,pnr->pnd", basis, coords)
-
-            slope, moved = self.secant_slopes(off_basis(d_states), off_basis(d_outputs),
+            slope, moved = self.secant_slopes(d_states - in_basis(basis, d_states),
+                                              d_outputs - in_basis(basis, d_outputs),
                                               newton.prior[start:stop])
             gamma[start:stop] = torch.where(moved, slope, gamma[start:stop])
             s2 = sigma.pow(2)[:, None, None]
@@ -611,18 +614,13 @@ class TangentNewton(QuasiNewton):
         if basis is None:
             correction = self._correction(view, gamma, newton.state_coef, newton.output_coef)
         else:
-            def inside(vectors: torch.Tensor) -> torch.Tensor:
-                return torch.einsum("ndr,...nr->...nd", basis,
-                                    torch.einsum("ndr,...nd->...nr", basis, vectors))
-
-            late_rows = sigma[start:stop] < self.sigma_max
-            d_in, e_in = inside(d_states), inside(d_outputs)
+            d_in, e_in = in_basis(basis, d_states), in_basis(basis, d_outputs)
             perp, _ = self.secant_slopes(d_states - d_in, d_outputs - e_in, prior)
             if self.tangent == "zero":
                 g = torch.zeros_like(perp)
             else:
                 g, _ = self.secant_slopes(d_in, e_in, torch.zeros_like(perp))
-            mask = (late_rows[:, None] & moved)
+            mask = late[:, None] & moved
             g_all, perp_all = gamma.clone(), gamma.clone()
             g_all[start:stop] = torch.where(mask, g, gamma[start:stop])
             perp_all[start:stop] = torch.where(mask, perp, gamma[start:stop])
@@ -682,11 +680,9 @@ class ProbedTangentNewton(QuasiNewton):
         else:
             basis, lambdas = self._tangent(system, view, probe, generator)  # [N, D, r], [N, r]
             if pairs is not None:  # the complement's secant at the late states
-                def off(vectors: torch.Tensor) -> torch.Tensor:
-                    coords = torch.einsum("ndr,pnd->pnr", basis, vectors)
-                    return vectors - torch.einsum("ndr,pnr->pnd", basis, coords)
-
-                perp, moved = self.secant_slopes(off(d_states), off(d_outputs), newton.prior[start:stop])
+                perp, moved = self.secant_slopes(d_states - in_basis(basis, d_states),
+                                                 d_outputs - in_basis(basis, d_outputs),
+                                                 newton.prior[start:stop])
                 rows = late[start:stop, None] & moved
                 gamma_perp = gamma.clone()
                 gamma_perp[start:stop] = torch.where(rows, perp, gamma[start:stop])
@@ -930,7 +926,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-# round 5: TangentNewton of rank r (-m2: two rounds of x_0 changes; -sec: the secant inside Q),
+# round 5: GatedPriorNewton by gate (-w.25: prior weight 0.25 below it), LatePriorNewton by sigma
+# and scale, TangentNewton of rank r (-m2: two rounds of x_0 changes; -sec: the secant inside Q),
 # ProbedTangentNewton with p probes (-prior: 1/sigma off the probed subspace)
 for _gate in (0.03, 0.01, 0.003, 0.001):
     CONFIGS[f"gprior-g{_gate:g}"] = dict(solver=GatedPriorNewton(gate=_gate), stopping=_forecast)

@@ -211,39 +211,37 @@ class X0Change(StoppingRule):
         output, previous = self._outputs(view)
         if output is None or previous is None:
             return rows
-        change = (output - previous).abs().amax()
-        settled = change <= self.atol  # stays on the device: no host sync
+        settled = (output - previous).abs().amax() <= self.atol  # stays on the device: no host sync
         return rows | (settled & ~self._stalled(view))
 
     def _stalled(self, view: StoppingView) -> torch.Tensor:
         """The stall guard (see ``stall``): a 0-d bool tensor, False when the guard is off or the
-        previous iteration had no output (its residual is recorded by :meth:`_outputs`)."""
-        residuals: dict[int, torch.Tensor] = view.memory[(self, "residual")]
-        residual, previous = residuals[view.iteration], residuals.get(view.iteration - 1)
-        if self.stall is None or previous is None:
-            return torch.zeros((), dtype=torch.bool, device=residual.device)
+        previous iteration had no output (the residuals are recorded by :meth:`_outputs`)."""
+        record: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = view.memory[self]
+        residual = record[view.iteration][1]
+        previous = record.get(view.iteration - 1, (None, None))[1]
+        if self.stall is None or residual is None or previous is None:
+            return torch.zeros((), dtype=torch.bool, device=view.residual.device)
         return (residual > self.atol) & (residual > self.stall * previous)
 
     def _outputs(self, view: StoppingView, back: int = 1) -> tuple[torch.Tensor | None, ...]:
         """This iteration's output ``x_0 + R^k_T`` and those of the ``back`` iterations before it
         (``None`` where an iteration's window did not reach ``x_0``), recorded in the solve's
         ``view.memory`` by iteration number, so that the driver judging an iteration again (after
-        a sample failed) compares with the iteration before, not with itself."""
-        record: dict[int, torch.Tensor] = view.memory.setdefault(self, {})
-        residuals: dict[int, torch.Tensor] = view.memory.setdefault((self, "residual"), {})
+        a sample failed) compares with the iteration before, not with itself. With each output the
+        record keeps the max-abs of the last row's residual ``R^k_T`` for the stall guard (``None``
+        while the guard is off)."""
+        record: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = view.memory.setdefault(self, {})
         steps = view.system.num_steps if view.system is not None else None
         if steps is None or view.hi != steps:
             record.pop(view.iteration, None)
-            residuals.pop(view.iteration, None)
             return (None,) * (back + 1)
         output = (view.states[-1] + view.residual[-1]).detach().clone()
-        record[view.iteration] = output
-        residuals[view.iteration] = view.residual[-1].abs().amax()  # the stall guard's
+        residual = None if self.stall is None else view.residual[-1].abs().amax()
+        record[view.iteration] = (output, residual)
         for old in [k for k in record if k < view.iteration - back]:
             del record[old]
-        for old in [k for k in residuals if k < view.iteration - 1]:
-            del residuals[old]
-        earlier = [record.get(view.iteration - k) for k in range(1, back + 1)]
+        earlier = [record.get(view.iteration - k, (None, None))[0] for k in range(1, back + 1)]
         return (output, *[x if x is not None and x.shape == output.shape else None for x in earlier])
 
 
