@@ -119,6 +119,16 @@ def tangent_projection(system: fpsolve.TriangularSystem, x: torch.Tensor, probes
     omega = torch.randn(*state.shape, probes, generator=generator, dtype=state.dtype)
     omega = omega / omega.norm(dim=1, keepdim=True)
     y = omega - float(sigma[position]) * jvp_batch(system, state, position, omega)  # [N, D, p]
+    return nystrom_eigen(omega, y)
+
+
+def nystrom_eigen(omega: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(V, lambda)`` with ``P ~ V diag(lambda) V^T`` from ``y = P omega`` (both ``[N, D, p]``, one
+    symmetric PSD ``P`` per sample): the single-pass Nystrom approximation
+    ``(P omega)(omega^T P omega)^+ (P omega)^T``, eigenvalues clipped to [0, 1]. Exact when ``P`` has
+    rank at most ``p`` and ``omega`` spans its range. The core is symmetrised because ``y`` comes
+    from JVPs of a Jacobian that is only nearly symmetric; directions whose core eigenvalue is below
+    1e-6 of the largest are dropped (the pseudo-inverse), not inverted into noise."""
     core = omega.transpose(1, 2) @ y
     evals, evecs = torch.linalg.eigh(0.5 * (core + core.transpose(1, 2)))
     keep = evals > 1e-6 * evals[:, -1:].clamp_min(1e-30)

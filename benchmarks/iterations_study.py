@@ -44,6 +44,11 @@ from fpsolve.solvers import DiagonalNewton, QuasiNewton
 from fpsolve.solvers.newton import prior_slopes, secant_pairs
 from fpsolve.stopping import RMS, StoppingRule, StoppingView, X0Change, X0Forecast
 
+# The sibling script holds the Nystrom core both studies use; the scripts are run by path (and the
+# tests load them by path), so their folder is put on the import path rather than made a package.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exact_newton import nystrom_eigen  # noqa: E402
+
 CACHE = Path("/tmp/fpsolve-iterations-study")
 HELDOUT = Path(__file__).parent / "heldout"  # the held-out digits model (benchmarks/heldout/train_heldout.py)
 CELLS = ("ddim-25", "ddim-50", "ddim-100", "ddpm-100", "dpm2m-25")
@@ -710,14 +715,7 @@ class ProbedTangentNewton(QuasiNewton):
         jvps = (out - view.outputs[probe][None]) / self.step_size  # J omega, [p, N, D]
         sig = float(system.sigmas[probe])
         y = (omega - sig * jvps).permute(1, 2, 0)  # P omega = (I - sigma J) omega, [N, D, p]
-        om = omega.permute(1, 2, 0)
-        core = om.transpose(1, 2) @ y
-        core = 0.5 * (core + core.transpose(1, 2))
-        evals, evecs = torch.linalg.eigh(core)
-        keep = evals > 1e-6 * evals[:, -1:].clamp_min(1e-30)
-        factor = (y @ evecs) * torch.where(keep, evals.clamp_min(1e-30).rsqrt(), 0.0)[:, None, :]
-        v, sv, _ = torch.linalg.svd(factor, full_matrices=False)
-        return v, sv.pow(2).clamp(0, 1)
+        return nystrom_eigen(omega.permute(1, 2, 0), y)
 
 
 @attrs.define(frozen=True, eq=False, kw_only=True)

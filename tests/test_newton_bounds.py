@@ -194,3 +194,28 @@ def test_subspace_correction_solves_the_shared_basis_recurrence(sampler: str) ->
     assert (split - delta).abs().max() < 1e-10
     scalar = solver._correction(view, gamma, state_coef, output_coef)
     assert (scalar - delta).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("rank", [2, 5, 9])
+def test_nystrom_eigen_is_exact_within_its_probes_and_never_above_p(rank: int) -> None:
+    """``nystrom_eigen`` (the core of ``exact_newton.tangent_projection`` and the study's
+    ``ProbedTangentNewton``) approximates a symmetric PSD ``P`` from ``y = P omega``: with ``p = 5``
+    random probes it reproduces ``P`` when ``rank(P) <= p`` (float64; rounding of the
+    pseudo-inverse only, bound 1e-8), and otherwise gives ``P_nys <= P`` in the Loewner order
+    (``P - P_nys`` PSD, the defining property of the Nystrom approximation; bound -1e-10 on the
+    smallest eigenvalue) with a real gap, so neither the exact case nor the bound holds by accident."""
+    exact_newton = _load("exact_newton")
+    generator = torch.Generator().manual_seed(rank)
+    samples, size, probes = 2, 12, 5
+    basis, _ = torch.linalg.qr(torch.randn(samples, size, rank, generator=generator, dtype=torch.float64))
+    spectrum = 0.1 + 0.9 * torch.rand(samples, rank, generator=generator, dtype=torch.float64)
+    target = basis @ torch.diag_embed(spectrum) @ basis.transpose(1, 2)  # eigenvalues in [0.1, 1]
+    omega = torch.randn(samples, size, probes, generator=generator, dtype=torch.float64)
+    vectors, values = exact_newton.nystrom_eigen(omega, target @ omega)
+    approx = vectors @ torch.diag_embed(values) @ vectors.transpose(1, 2)
+    gap = (target - approx).abs().max()
+    if rank <= probes:
+        assert gap < 1e-8
+    else:
+        assert torch.linalg.eigvalsh(target - approx).min() > -1e-10
+        assert gap > 1e-2
