@@ -1,11 +1,20 @@
-"""Presets carry the loop policy that solvers carried as members before issue 12, bit for bit.
+"""Presets carry the loop policy that solvers carried as members before issue 12.
 
 ``tests/data/presets_reference.json`` holds, for every solver name registered on main before the
 change (commit 399f89a, the ParaDiGMS plugin installed) and two toy problems (float64 DDIM-12
 and DDPM-12, two samples), the iterations, model evaluations, status, window and the final
 sample (as float hex) of ``solve(toy, name)`` with and without explicit window / tol /
 stopping / max_iters, plus solver instances, classes, a safeguarded ``aa`` and the MaxIters
-rule as a cap. Every one of them must come out identical through the presets and controllers.
+rule as a cap. Through the presets and controllers every one of them must give the same
+iterations, evaluations, status and window exactly, and the same sample within the float64
+rounding of the machine (``SAMPLE_RTOL``).
+
+Why not bit for bit: the reference holds one machine's bits, and float64 sums round differently
+on other CPUs. On 2026-12-02, on another x86_64 CPU, 154 of the 158 samples differed from the
+reference in their last bits: at most 1.1e-13 absolute and 1.5e-14 relative (samples of size
+1-6). Every integer still matched. A change to the loop policy moves these samples far more. In
+the reference, the ``tol=1e-6`` run of each solver differs from its default run by 2e-7 to
+1.7e-4 relative, wherever the two differ at all (``test_the_sample_tolerance_tells_policies_apart``).
 
 When a default VALUE changes on purpose (e.g. issue 14 retunes newton), re-record with
 ``python -m tests.test_presets`` from the repository root and say so in the commit; never to
@@ -15,6 +24,7 @@ make a failing test pass.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -26,6 +36,9 @@ from fpsolve.registry import get_registry
 from fpsolve.solvers import AA, QuasiNewton
 from fpsolve.stopping import RMS
 from fpsolve.testing.problems import make_system
+
+#: 65x the largest relative difference measured between two CPUs (1.5e-14, see above).
+SAMPLE_RTOL = 1e-12
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "presets_reference.json").read_text())
 
@@ -71,7 +84,7 @@ def _outcome(key: str) -> dict:
 
 
 @pytest.mark.parametrize("key", sorted(REFERENCE))
-def test_every_preset_reproduces_main_bit_for_bit(key):
+def test_every_preset_reproduces_main(key):
     expected = REFERENCE[key]
     if "/paradigms/" in key and "paradigms" not in get_registry().names("solver"):
         pytest.skip("the fpsolve-paradigms plugin is not installed")
@@ -79,7 +92,29 @@ def test_every_preset_reproduces_main_bit_for_bit(key):
     status = "MAX_ITERS" if expected["status"] == "STOPPED" else expected["status"]  # the one cap
     assert (got["iterations"], got["model_evals"], got["status"], got["window"]) == (
         expected["iterations"], expected["model_evals"], status, expected["window"])
-    assert got["sample"] == expected["sample"]
+    got_sample = [float.fromhex(v) for v in got["sample"]]
+    expected_sample = [float.fromhex(v) for v in expected["sample"]]
+    assert all(math.isclose(g, e, rel_tol=SAMPLE_RTOL, abs_tol=SAMPLE_RTOL)
+               for g, e in zip(got_sample, expected_sample, strict=True)), (got_sample, expected_sample)
+
+
+def test_the_sample_tolerance_tells_policies_apart():
+    """Two loop policies that give different samples differ by far more than ``SAMPLE_RTOL``.
+
+    The default and ``tol=1e-6`` runs of one solver in the reference are that case: where their
+    samples differ, the largest relative difference must be over 1000x the tolerance, or the
+    comparison above could not see a change of policy.
+    """
+    gaps = []
+    for key, outcome in REFERENCE.items():
+        if not key.endswith("/default") or key.replace("/default", "/tol") not in REFERENCE:
+            continue
+        a = [float.fromhex(v) for v in outcome["sample"]]
+        b = [float.fromhex(v) for v in REFERENCE[key.replace("/default", "/tol")]["sample"]]
+        if a != b:
+            gaps.append(max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)))
+    assert len(gaps) >= 10  # most solvers stop elsewhere at a tighter tolerance
+    assert min(gaps) > 1000 * SAMPLE_RTOL
 
 
 if __name__ == "__main__":  # re-record (see the module docstring)
