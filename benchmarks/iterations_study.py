@@ -761,6 +761,77 @@ class LatePriorNewton(QuasiNewton):
         return attrs.evolve(state, gamma=state.gamma * factor, prior=state.prior * factor)
 
 
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class SpeculativeNewton(QuasiNewton):
+    """Experiment (round 6): ``newton`` with speculative candidates at the low-noise states.
+
+    Newton's correction with another slope at the states with ``sigma < sigma_max`` changes only
+    those rows (the scan runs towards x_0), so the alternatives differ from newton's proposal on
+    the last few rows only. Each round evaluates every candidate there (in a real solver in the
+    same batched call as the round's own rows: ``(len(alternatives)) x late rows`` extra
+    evaluations per sample, counted in ``evals``) and each sample keeps the candidate whose
+    look-ahead is smallest: ``merit="lookahead"``, the max |change| newton's NEXT correction
+    (its secants updated with the candidate's evaluations, exactly the next round's step) would
+    make to x_0; ``"residual"``: the RMS of the candidate's first-order residuals on the late rows.
+    ``alternatives``: late slopes, ``"zero"`` (Picard's frozen outputs, right on the directions the
+    denoiser passes through), ``"prior"`` (``1 / sigma``, right where the predicted x_0 is held),
+    or a float ``c``: ``c`` times newton's blended slope."""
+
+    name = "newton_speculative"
+    sigma_max: float = 0.5
+    alternatives: tuple[Any, ...] = ("zero", "prior")
+    merit: str = "lookahead"
+
+    def init(self, system: Any) -> Any:
+        return (super().init(system), system)
+
+    def step(self, view: Any, state: Any) -> Any:
+        newton, system = state
+        proposal, updated = QuasiNewton.step(self, view, newton)
+        steps = system.num_steps
+        late = system.sigmas < self.sigma_max  # [T+1]
+        first_late = int(late.nonzero()[0])
+        if view.hi < steps or first_late <= view.lo:  # the late block is not all in the window
+            return proposal, (updated, system)
+        candidates = [proposal, *self.late_candidates(view, updated, late)]
+        samples = proposal.shape[1]
+        merits = []
+        for index, candidate in enumerate(candidates):
+            trajectory = view.trajectory.clone()
+            trajectory[view.lo:view.hi + 1] = candidate
+            outputs = view.outputs.clone()
+            lo = view.lo if self.merit == "lookahead" else first_late
+            outputs[lo - 1:steps] = system.evaluate(trajectory[lo - 1:steps], list(range(lo - 1, steps)))
+            if index:
+                EXTRA_EVALS[0] += (steps - first_late + 1) * samples
+            first_order = system.first_order_rhs(trajectory, outputs, lo, steps) - trajectory[lo:steps + 1]
+            if self.merit == "residual":
+                merits.append(first_order.pow(2).mean(dim=(0, 2)))
+                continue
+            look = attrs.evolve(view, states=trajectory[lo:steps + 1], first_order=first_order,
+                                trajectory=trajectory, outputs=outputs)
+            _, ahead = QuasiNewton.step(self, look, updated)  # the secants this candidate would give
+            correction = self._correction(look, ahead.gamma, ahead.state_coef, ahead.output_coef)
+            merits.append(correction[-1].abs().amax(dim=-1))
+        best = torch.stack(merits).argmin(dim=0)  # [N]
+        chosen = torch.stack(candidates)[best, :, torch.arange(samples)].transpose(0, 1)
+        return chosen, (updated, system)
+
+    def late_candidates(self, view: Any, newton: Any, late: torch.Tensor) -> list[torch.Tensor]:
+        """Newton's proposal with each alternative slope at the ``late`` states (``[T+1]`` bool)."""
+        gamma, candidates = newton.gamma, []
+        for alternative in self.alternatives:
+            if alternative == "zero":
+                slope = torch.zeros_like(gamma)
+            elif alternative == "prior":
+                slope = newton.prior.expand_as(gamma)
+            else:
+                slope = float(alternative) * gamma
+            candidates.append(view.states + self._correction(
+                view, torch.where(late[:, None], slope, gamma), newton.state_coef, newton.output_coef))
+        return candidates
+
+
 def _forecast(steps: int) -> StoppingRule:
     """The default's rule, ``x0_forecast`` at its defaults (pinned, whatever the preset is; since
     round 5 with its stall guard, which changed no stop of the runs recorded before it)."""
@@ -944,6 +1015,16 @@ for _probes in (8, 16, 32, 64):
     CONFIGS[f"ptan-p{_probes}"] = dict(solver=ProbedTangentNewton(probes=_probes), stopping=_forecast)
     CONFIGS[f"ptan-p{_probes}-prior"] = dict(solver=ProbedTangentNewton(probes=_probes, complement="prior"),
                                              stopping=_forecast)
+
+
+# round 6: speculative late-slope candidates (sigma < s), chosen per sample by look-ahead
+for _sigma in (0.5, 0.3, 0.15):
+    CONFIGS[f"spec-s{_sigma:g}"] = dict(solver=SpeculativeNewton(sigma_max=_sigma), stopping=_forecast)
+    CONFIGS[f"spec-s{_sigma:g}-res"] = dict(solver=SpeculativeNewton(sigma_max=_sigma, merit="residual"),
+                                           stopping=_forecast)
+    CONFIGS[f"spec-s{_sigma:g}-x"] = dict(  # two more: half and twice newton's blended slope
+        solver=SpeculativeNewton(sigma_max=_sigma, alternatives=("zero", "prior", 0.5, 2.0)),
+        stopping=_forecast)
 
 
 @attrs.define(eq=False)

@@ -1,4 +1,4 @@
-"""Issue 14, rounds 4-5: the exact-Newton diagnostic and the Jacobian-model experiments are right.
+"""Issue 14, rounds 4-6: the exact-Newton diagnostic and the Jacobian-model experiments are right.
 
 ``benchmarks/exact_newton.py`` claims a lower bound on the rounds of any quasi-Newton solver:
 exact Newton steps on the first-order equations with the model's true Jacobian-vector products.
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import attrs
 import pytest
 import torch
 
@@ -220,3 +221,52 @@ def test_nystrom_eigen_is_exact_within_its_probes_and_never_above_p(rank: int) -
     else:
         assert torch.linalg.eigvalsh(target - approx).min() > -1e-10
         assert gap > 1e-2
+
+
+def _first_view(system: fpsolve.TriangularSystem) -> WindowView:
+    """The first iteration's view of the whole window from the noise copy (every row, x_T to x_0)."""
+    steps = system.num_steps
+    trajectory = system.flat_noise[:1].expand_as(system.flat_noise).clone()
+    outputs = system.evaluate(trajectory[:steps], list(range(steps)))
+    first_order = system.first_order_rhs(trajectory, outputs, 1, steps) - trajectory[1:]
+    return WindowView(iteration=1, lo=1, hi=steps, states=trajectory[1:], rhs=trajectory[1:] + first_order,
+                      residual=first_order, first_order=first_order,
+                      age=torch.ones(steps, dtype=torch.long), trajectory=trajectory, outputs=outputs)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
+def test_speculative_candidates_differ_from_newton_only_at_the_low_noise_rows(sampler: str) -> None:
+    """Round 6's ``SpeculativeNewton`` counts its extra evaluations as the low-noise rows only
+    (``sigma < sigma_max``), because another slope there changes newton's correction only on
+    those rows: every candidate equals newton's proposal above the first low-noise row (exactly:
+    the same scan), every alternative differs from it below (so the check is not vacuous), and
+    each sample's chosen rows are one of the candidates. Without alternatives it is newton,
+    iterate for iterate (float64, exact equality)."""
+    study = _load("iterations_study")
+    system = _system(sampler)
+    sigma_max = float(system.sigmas[-3]) + 1e-9  # the last three states: rows T-1 and T move
+    late = system.sigmas < sigma_max
+    first_late = int(late.nonzero()[0])
+    view = _first_view(system)
+    newton = fpsolve.solvers.QuasiNewton()
+    # slopes off the prior (as after a few secants), so that no alternative is newton's own slope
+    generator = torch.Generator().manual_seed(4)
+    state = newton.init(system)
+    state = attrs.evolve(state, gamma=state.gamma * (0.5 + torch.rand(state.gamma.shape, generator=generator,
+                                                                       dtype=torch.float64)))
+    expected, _ = newton.step(view, state)
+    solver = study.SpeculativeNewton(sigma_max=sigma_max)
+    proposal, _ = solver.step(view, (state, system))
+    alternatives = solver.late_candidates(view, state, late)
+    assert len(alternatives) == 2
+    above, below = slice(0, first_late - view.lo), slice(first_late - view.lo, None)
+    for candidate in (proposal, *alternatives):
+        assert torch.equal(candidate[above], expected[above])
+    for alternative in alternatives:
+        assert float((alternative[below] - expected[below]).abs().max()) > 1e-3
+    for n in range(system.num_samples):
+        assert any(torch.equal(proposal[below, n], c[below, n]) for c in (expected, *alternatives))
+    plain = fpsolve.solve(system, study.SpeculativeNewton(sigma_max=sigma_max, alternatives=()))
+    reference = fpsolve.solve(system, newton)
+    assert plain.iterations == reference.iterations
+    assert torch.equal(plain.trajectory, reference.trajectory)
