@@ -795,15 +795,23 @@ class SpeculativeNewton(QuasiNewton):
             return proposal, (updated, system)
         candidates = [proposal, *self.late_candidates(view, updated, late)]
         samples = proposal.shape[1]
+        lo = view.lo if self.merit == "lookahead" else first_late
+        # the states above the late block are newton's in every candidate: evaluated once
+        shared = view.outputs.clone()
+        above = list(range(lo - 1, first_late - 1))
+        if above:
+            trajectory = view.trajectory.clone()
+            trajectory[view.lo:view.hi + 1] = proposal
+            shared[above] = system.evaluate(trajectory[above], above)
+        below = list(range(first_late - 1, steps))
         merits = []
         for index, candidate in enumerate(candidates):
             trajectory = view.trajectory.clone()
             trajectory[view.lo:view.hi + 1] = candidate
-            outputs = view.outputs.clone()
-            lo = view.lo if self.merit == "lookahead" else first_late
-            outputs[lo - 1:steps] = system.evaluate(trajectory[lo - 1:steps], list(range(lo - 1, steps)))
+            outputs = shared.clone()
+            outputs[below] = system.evaluate(trajectory[below], below)
             if index:
-                EXTRA_EVALS[0] += (steps - first_late + 1) * samples
+                EXTRA_EVALS[0] += len(below) * samples
             first_order = system.first_order_rhs(trajectory, outputs, lo, steps) - trajectory[lo:steps + 1]
             if self.merit == "residual":
                 merits.append(first_order.pow(2).mean(dim=(0, 2)))

@@ -24,6 +24,7 @@ import torch
 import fpsolve
 from fpsolve.registry import get_registry
 from fpsolve.solvers.base import WindowView
+from fpsolve.testing.checks import _window_view
 from fpsolve.testing.problems import linear_alphas_cumprod
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -224,14 +225,11 @@ def test_nystrom_eigen_is_exact_within_its_probes_and_never_above_p(rank: int) -
 
 
 def _first_view(system: fpsolve.TriangularSystem) -> WindowView:
-    """The first iteration's view of the whole window from the noise copy (every row, x_T to x_0)."""
+    """The first iteration's view of the whole window from the noise copy (every row, x_T to x_0),
+    built as the conformance kit builds its views."""
     steps = system.num_steps
     trajectory = system.flat_noise[:1].expand_as(system.flat_noise).clone()
-    outputs = system.evaluate(trajectory[:steps], list(range(steps)))
-    first_order = system.first_order_rhs(trajectory, outputs, 1, steps) - trajectory[1:]
-    return WindowView(iteration=1, lo=1, hi=steps, states=trajectory[1:], rhs=trajectory[1:] + first_order,
-                      residual=first_order, first_order=first_order,
-                      age=torch.ones(steps, dtype=torch.long), trajectory=trajectory, outputs=outputs)
+    return _window_view(system, trajectory, 1, steps, steps, 1, torch.ones(steps, dtype=torch.long))
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
