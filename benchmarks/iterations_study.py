@@ -38,7 +38,8 @@ import torch
 import fpsolve
 from fpsolve.api import resolve_method, resolve_stopping
 from fpsolve.bench.matrix import parse_sampler
-from fpsolve.initializers import Extrapolate
+from fpsolve.control import Controller
+from fpsolve.initializers import Extrapolate, InitialGuess, Initializer
 from fpsolve.models import EmpiricalDenoiser, load_reference
 from fpsolve.solvers import DiagonalNewton, QuasiNewton
 from fpsolve.solvers.newton import prior_slopes, secant_pairs
@@ -840,6 +841,114 @@ class SpeculativeNewton(QuasiNewton):
         return candidates
 
 
+#: The seed of the neighbouring batch (round 7): any seed the study's batches do not use.
+NEIGHBOUR_SEED = 4242
+
+
+def frozen_x0_guess(system: Any, x0: torch.Tensor) -> torch.Tensor:
+    """``[T+1, N, D]``: every row from ``x_T`` with the predicted x_0 held at ``x0`` (``[N, D]``):
+    the library's ``Extrapolate(steps=0, x0=x0)`` (the sampler run with the outputs a denoiser
+    predicting ``x0`` would give; eps and flow-velocity samplers)."""
+    return Extrapolate(steps=0, x0=x0).initialize(system).trajectory
+
+
+@attrs.define(frozen=True, eq=False, kw_only=True)
+class NeighbourStart(Initializer):
+    """Experiment (round 7, idea 5): a first guess from an earlier batch of the same model.
+
+    A neighbouring batch (``seed``, ``pool`` samples, the same sampler) is
+    solved sequentially, as a stream of batches would have solved the previous one (its cost is
+    not counted: it is the previous batch's output). ``mode``:
+
+    * ``"x0"``: the rows from ``x_T`` with x_0 held at the paired neighbour's sample
+      (:func:`frozen_x0_guess`);
+    * ``"mean"``: the same towards the mean of the ``pool`` neighbours' samples (the data mean as
+      the model draws it; the ``extrapolate`` initializer holds ``x_0 = 0``, and the digits'
+      background is -1);
+    * ``"trajectory"``: the paired neighbour's whole trajectory, moved by the difference of the
+      starting noises as the straight line would move it:
+      ``x_i^nb + (s_i / s_T) (x_T - x_T^nb)``;
+    * ``"zero"``: towards ``x_0 = 0`` (no neighbour): the ``extrapolate`` initializer's start
+      with ``steps=0`` on VP samplers, and its straight-line analogue for flow matching;
+    * ``"data"``: towards the mean of the digits training set (the models trained on it only;
+      no neighbour is solved), to tell the mean's own value from the neighbours' estimate of it."""
+
+    name = "neighbour"
+    mode: str = "x0"
+    pool: int = 16
+    seed: int = NEIGHBOUR_SEED
+
+    def initialize(self, system: Any) -> InitialGuess:
+        samples = system.num_samples
+        if self.mode == "zero":
+            return InitialGuess(frozen_x0_guess(system, torch.zeros_like(system.flat_noise[0])),
+                                valid_upto=system.num_steps)
+        if self.mode == "data":
+            from fpsolve.models import digits
+
+            mean = digits.load_digits_dataset().mean(dim=0).reshape(1, -1)
+            guess = frozen_x0_guess(system, mean.to(system.device, system.dtype).expand(samples, -1))
+            return InitialGuess(guess, valid_upto=system.num_steps)
+        neighbours = fpsolve.TriangularSystem(
+            sampler=system.sampler, denoiser=system.denoiser, shape=system.shape,
+            batch=max(samples, self.pool if self.mode == "mean" else samples),
+            generator=torch.Generator().manual_seed(self.seed), dtype=system.dtype)
+        solved = neighbours.sequential().states.reshape(system.num_steps + 1, neighbours.num_samples, -1)
+        solved = solved.to(system.device, system.dtype)[:, :samples] if self.mode != "mean" else solved
+        if self.mode == "mean":
+            guess = frozen_x0_guess(system, solved[-1].mean(dim=0, keepdim=True).expand(samples, -1))
+        elif self.mode == "x0":
+            guess = frozen_x0_guess(system, solved[-1])
+        else:
+            sigmas = system.sampler.state_sigmas().to(system.device, system.dtype)
+            shift = (system.flat_noise[0] - solved[0]) / sigmas[0]
+            guess = solved + sigmas[:, None, None] * shift
+        guess[0] = system.flat_noise[0]
+        return InitialGuess(guess, valid_upto=system.num_steps)
+
+
+class _GrowingWindow(int):
+    """The window of :class:`ScheduledWindow`: T as an int, but ``anchor + window`` (which the
+    driver computes once per iteration, for the window's last row) follows the schedule.
+
+    Study-only: the driver reads a controller's window once per solve, so a schedule that changes
+    it between iterations is measured through this hook rather than a change to the driver; the
+    test of it checks the windows the driver actually used (``Solution.residuals.windows``)."""
+
+    schedule: Any
+    calls: int
+
+    def __new__(cls, steps: int, schedule: Any) -> _GrowingWindow:
+        window = super().__new__(cls, steps)
+        window.schedule, window.calls = schedule, 0
+        return window
+
+    def __radd__(self, anchor: Any) -> Any:
+        self.calls += 1
+        return anchor + max(1, min(int(self), int(self.schedule(self.calls, int(self)))))
+
+
+@attrs.define(frozen=True)
+class ScheduledWindow(Controller):
+    """Experiment (round 7, idea 5: window schedules): a window that grows from ``first x T``
+    rows; ``growth="double"`` doubles it each iteration, ``"linear"`` adds ``first x T`` rows.
+    Rows enter the window as the driver fills them: a copy of the lowest state already solved,
+    so the rows ahead start from a state that has had some iterations instead of ``x_T``."""
+
+    first: float = 0.25
+    growth: str = "double"
+
+    def window_for(self, num_steps: int) -> int:
+        start = max(1, round(self.first * num_steps))
+
+        def width(iteration: int, steps: int) -> int:
+            if self.growth == "double":
+                return start * 2 ** (iteration - 1)
+            return start * iteration
+
+        return _GrowingWindow(num_steps, width)
+
+
 def _forecast(steps: int) -> StoppingRule:
     """The default's rule, ``x0_forecast`` at its defaults (pinned, whatever the preset is; since
     round 5 with its stall guard, which changed no stop of the runs recorded before it)."""
@@ -1035,6 +1144,22 @@ for _sigma in (0.5, 0.3, 0.15):
         stopping=_forecast)
 
 
+# round 7: a first guess from a neighbouring batch, and window schedules (both idea 5)
+for _mode in ("x0", "mean", "trajectory", "data", "zero"):
+    CONFIGS[f"default+nb-{_mode}"] = dict(initializer=NeighbourStart(mode=_mode), stopping=_forecast)
+# the same starts traced past every rule (as default/long-row5e-6), for --replay of the rules
+CONFIGS["data/long-row5e-6"] = dict(initializer=NeighbourStart(mode="data"),
+                                    stopping=_x0(atol=2e-3, tol=5e-6))
+CONFIGS["mean4/long-row5e-6"] = dict(initializer=NeighbourStart(mode="mean", pool=4),
+                                     stopping=_x0(atol=2e-3, tol=5e-6))
+for _pool in (2, 4, 64):  # how many earlier samples the mean needs
+    CONFIGS[f"default+nb-mean{_pool}"] = dict(initializer=NeighbourStart(mode="mean", pool=_pool),
+                                             stopping=_forecast)
+for _first, _growth in ((0.25, "double"), (0.5, "double"), (0.25, "linear"), (0.1, "double")):
+    CONFIGS[f"sched-{_first:g}-{_growth}"] = dict(window=ScheduledWindow(first=_first, growth=_growth),
+                                                 stopping=_forecast)
+
+
 @attrs.define(eq=False)
 class _Watch(StoppingRule):
     """Delegates to ``rule``; records, per iteration, the x_0 the driver would output now."""
@@ -1161,7 +1286,8 @@ REPLAY_RULES: dict[str, tuple[float, float | None, float, float | None]] = {
 
 #: The x0 rule's atol of the recorded configurations that ``--replay`` reads.
 RECORDED_ATOL = {"default/long": 2e-3, "default/long-row5e-6": 2e-3, "default/long-row1e-6": 2e-3,
-                 "default": 1.5e-2, "default/x0": 1.5e-2}
+                 "default": 1.5e-2, "default/x0": 1.5e-2,
+                 "data/long-row5e-6": 2e-3, "mean4/long-row5e-6": 2e-3}
 
 
 def replay_stop(change: list[float | None], atol: float, bound: float | None, trust: float,

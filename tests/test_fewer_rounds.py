@@ -156,6 +156,73 @@ def test_extrapolate_refuses_negative_steps():
         Extrapolate(steps=-1)
 
 
+class PointMassVelocity:
+    """The exact flow-matching velocity of data concentrated at ``center``: ``(x - c) / sigma``
+    at model time ``t = 1000 sigma`` (``x = (1 - sigma) c + sigma eps`` gives ``eps - c``)."""
+
+    def __init__(self, center: torch.Tensor):
+        self.center = center
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (x - self.center.to(x.dtype)) / (t.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) / 1000)
+
+
+def _flow_point_mass_system(sampler: str) -> fpsolve.TriangularSystem:
+    from fpsolve.testing.problems import problem_sampler
+
+    center = torch.linspace(-0.8, 0.7, 6, dtype=torch.float64)
+    return fpsolve.TriangularSystem(sampler=problem_sampler(sampler, 10), denoiser=PointMassVelocity(center),
+                                    shape=(6,), batch=2, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpm_solver", "flow_euler", "flow_dpm_solver"])
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_extrapolation_towards_the_data_is_exact_for_a_point_mass(kind, steps):
+    """Held at the point mass's centre (``steps=0, x0=c``) or at the model's own prediction after
+    exact steps, the extrapolation is the sequential trajectory of the point mass, for eps
+    samplers and flow-matching velocity samplers alike (float64 rounding only, bound 1e-12).
+    The same start towards ``x0 = 0`` is not (so the check is not vacuous)."""
+    flow = kind.startswith("flow")
+    system = _flow_point_mass_system(kind) if flow else _point_mass_system(kind)
+    center = system.denoiser.center
+    exact = _sequential(system).reshape(system.flat_noise.shape)
+    initializer = Extrapolate(steps=0, x0=center) if steps == 0 else Extrapolate(steps=steps)
+    guess = initializer.initialize(system)
+    assert guess.valid_upto == system.num_steps
+    torch.testing.assert_close(guess.trajectory, exact, rtol=0, atol=1e-12)
+    towards_zero = Extrapolate(steps=0).initialize(system).trajectory
+    assert float((towards_zero[-1] - exact[-1]).abs().max()) > 0.5
+
+
+def test_extrapolation_x0_per_sample_and_for_all_samples():
+    """``x0`` of the sample's shape is held for every sample; ``[N, *shape]`` one per sample; a
+    zero ``x0`` is the default start bit for bit."""
+    system = make_system("dpm_solver", steps=8, shape=(2, 3))
+    per_sample = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    both = Extrapolate(steps=0, x0=per_sample).initialize(system).trajectory
+    for n in range(2):
+        alone = Extrapolate(steps=0, x0=per_sample[n]).initialize(system).trajectory
+        assert torch.equal(alone[:, n], both[:, n])
+    assert not torch.equal(both[-1, 0], both[-1, 1])
+    zero = Extrapolate(steps=0, x0=torch.zeros(2, 3)).initialize(system).trajectory
+    assert torch.equal(zero, Extrapolate(steps=0).initialize(system).trajectory)
+    solution = fpsolve.solve(system, initializer=Extrapolate(steps=0, x0=per_sample[0]), tol=1e-12)
+    torch.testing.assert_close(solution.sample, _sequential(system)[-1], rtol=0, atol=1e-9)
+
+
+def test_extrapolate_refuses_a_bad_x0():
+    system = make_system("ddim", steps=6, shape=(4,))
+    with pytest.raises(InvalidOptionError, match="steps=0"):
+        Extrapolate(steps=2, x0=torch.zeros(4))
+    with pytest.raises(fpsolve.errors.ShapeError,
+                       match=r"x0 must have the sample's 4 elements.*got shape \[3\]"):
+        Extrapolate(steps=0, x0=torch.zeros(3)).initialize(system)
+    with pytest.raises(fpsolve.errors.ShapeError, match="x0 must be a tensor"):
+        Extrapolate(steps=0, x0=[0.0] * 4).initialize(system)
+    with pytest.raises(InvalidOptionError, match="finite"):
+        Extrapolate(steps=0, x0=torch.full((4,), float("nan"))).initialize(system)
+
+
 # -- newton's Jacobian prior ---------------------------------------------------------------------
 
 

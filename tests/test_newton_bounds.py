@@ -268,3 +268,92 @@ def test_speculative_candidates_differ_from_newton_only_at_the_low_noise_rows(sa
     reference = fpsolve.solve(system, newton)
     assert plain.iterations == reference.iterations
     assert torch.equal(plain.trajectory, reference.trajectory)
+
+
+CENTER = torch.linspace(-0.8, 0.7, 6, dtype=torch.float64)
+
+
+class PointMassModel:
+    """The exact model of data concentrated at ``CENTER``: every state predicts ``x_0 = CENTER``.
+    ``eps = (x - sqrt(abar) c) / sqrt(1 - abar)`` at a VP timestep, or the velocity
+    ``(x - c) / sigma`` at flow model time ``t = 1000 sigma``."""
+
+    def __init__(self, flow: bool):
+        self.flow = flow
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.flow:
+            return (x - CENTER.to(x.dtype)) / (t.to(x.dtype).view(-1, 1) / 1000)
+        abar = ABAR.to(x.dtype)[t].view(-1, 1)
+        return (x - abar.sqrt() * CENTER.to(x.dtype)) / (1 - abar).sqrt()
+
+
+def _round7_system(sampler: str, denoiser: object, seed: int) -> fpsolve.TriangularSystem:
+    if sampler == "flow_euler":
+        from fpsolve.testing.problems import problem_sampler
+
+        built = problem_sampler("flow_euler", 10)
+    else:
+        options = {"ddim": {}, "ddpm": {}, "dpm_solver": {"order": 2}}[sampler]
+        cls = get_registry().lookup("sampler", sampler).cls
+        built = cls(alphas_cumprod=ABAR, timesteps=TIMESTEPS, **options)
+    return fpsolve.TriangularSystem(sampler=built, denoiser=denoiser, shape=(6,), batch=2,
+                                    generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm_solver", "flow_euler"])
+def test_neighbour_starts_are_exact_where_the_neighbour_is_the_answer(sampler: str) -> None:
+    """Round 7's ``NeighbourStart`` (study script). Two exact cases, float64: (1) holding x_0 at
+    the point mass's centre is the sequential trajectory of the point mass (``frozen_x0_guess``,
+    the sampler's own steps on VP samplers, the straight line for flow Euler; rounding only,
+    bound 1e-12), and the mean of its neighbours' samples is that centre, so ``mode="mean"``
+    gives it too; (2) a neighbour with the system's own noise makes ``mode="trajectory"`` the
+    sequential trajectory bit for bit (the shift is zero), while another neighbour moves every
+    row but ``x_T``, which stays the system's own (so neither case holds by accident)."""
+    study = _load("iterations_study")
+    flow = sampler == "flow_euler"
+    point = _round7_system(sampler, PointMassModel(flow), seed=3)
+    exact = fpsolve.solve(point, "sequential").trajectory.reshape(point.flat_noise.shape)
+    held = study.frozen_x0_guess(point, CENTER.expand(2, -1))
+    assert (held - exact).abs().max() < 1e-12
+    mean = study.NeighbourStart(mode="mean", pool=3).initialize(point).trajectory
+    assert (mean - exact).abs().max() < 1e-12
+
+    # a model whose x_0 depends on the noise (Gaussian data; for flow the kit's smooth velocity)
+    if flow:
+        from fpsolve.testing.problems import problem_denoiser
+
+        model = problem_denoiser(point.sampler, 6, seed=2)
+    else:
+        model = GaussianEps()
+    smooth = _round7_system(sampler, model, seed=7)
+    sequential = fpsolve.solve(smooth, "sequential").trajectory.reshape(smooth.flat_noise.shape)
+    own = study.NeighbourStart(mode="trajectory", seed=7).initialize(smooth)
+    assert own.valid_upto == smooth.num_steps and own.anchor == 0
+    assert torch.equal(own.trajectory, sequential)
+    other = study.NeighbourStart(mode="trajectory", seed=8).initialize(smooth).trajectory
+    assert torch.equal(other[0], smooth.flat_noise[0])
+    # every later row moves: least at the first (DDIM: 3e-4, the shift is nearly exact at high noise)
+    assert float((other[1:] - sequential[1:]).abs().amax(dim=(1, 2)).min()) > 1e-5
+
+
+@pytest.mark.parametrize(("first", "growth"), [(0.25, "double"), (0.2, "linear")])
+def test_scheduled_window_is_the_window_the_driver_uses(first: float, growth: str) -> None:
+    """Round 7's ``ScheduledWindow`` (study script) reaches the driver through a hook (the
+    driver reads a controller's window once per solve): the windows recorded by the driver must
+    be ``lo = anchor + 1``, ``hi = min(anchor + width_k, T)`` with ``width_k`` the schedule's
+    (``first T``, doubled or added each iteration), and the solve still reaches the sequential
+    sample (float64: the error of tol 1e-12 rows, measured 2e-14, bound 1e-9)."""
+    study = _load("iterations_study")
+    system = _system("ddim")
+    steps = system.num_steps
+    solution = fpsolve.solve(system, window=study.ScheduledWindow(first=first, growth=growth),
+                             tol=1e-12)
+    start = round(first * steps)
+    anchors = (0, *solution.residuals.anchors)
+    for k, (lo, hi) in enumerate(solution.residuals.windows, start=1):
+        width = start * 2 ** (k - 1) if growth == "double" else start * k
+        assert (lo, hi) == (anchors[k - 1] + 1, min(anchors[k - 1] + width, steps))
+    assert solution.residuals.windows[0][1] < steps  # the schedule is not the full window
+    exact = fpsolve.solve(system, "sequential").sample
+    assert (solution.sample - exact).abs().max() < 1e-9
